@@ -1,0 +1,208 @@
+//! Tenant configuration: finding the files, reading and validating them
+//! (every problem, with its position), and the typed model the rest of the
+//! program works from. No network and no database here.
+
+mod document;
+mod files;
+mod problem;
+mod secret_source;
+mod stages;
+mod tenant;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use problem::{Problem, Severity};
+pub use secret_source::{Environment, SOURCE_KEYS};
+pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
+pub use tenant::{DEFAULT_STAGE_RESYNC, DEFAULT_TOKEN_REFRESH_MARGIN, SCHEMA};
+
+use crate::model::{AmoDomain, EntityType, Webhook};
+use crate::secret::Secret;
+
+pub const DEFAULT_DATABASE_URL_TEMPLATE: &str = "postgresql://postgres@localhost:5432/openclaw_{slug}";
+
+/// One tenant, as its file describes it, validated.
+#[derive(Clone, Debug)]
+pub struct TenantConfig {
+    pub slug: String,
+    pub file: PathBuf,
+    pub database_url: Secret,
+    pub schedule: Schedule,
+    pub amocrm: Option<AmoCrmConfig>,
+    pub bitrix24: Option<Bitrix24Config>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub stage_resync: CronExpr,
+    pub token_refresh_margin: Duration,
+}
+
+/// A cron expression as written, and in the 6-field form the scheduler takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CronExpr {
+    pub source: String,
+    pub with_seconds: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct AmoCrmConfig {
+    pub subdomain: String,
+    pub domain: AmoDomain,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub redirect_uri: Option<String>,
+    pub authorization_code: Option<Secret>,
+    pub long_lived_token: Option<Secret>,
+    pub base_url: Option<url::Url>,
+    pub test_pipeline_id: Option<i64>,
+    pub stages: StageMapping<AmoStageRef>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Bitrix24Config {
+    pub webhook: Webhook,
+    pub entity_type: EntityType,
+    pub test_category_id: Option<i64>,
+    pub stages: StageMapping<Bitrix24StageRef>,
+}
+
+/// What loading needs besides the files.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub database_url_template: Secret,
+    pub env: Environment,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { database_url_template: Secret::new(DEFAULT_DATABASE_URL_TEMPLATE), env: Environment::process() }
+    }
+}
+
+/// The outcome for one file: its tenant if valid, and its problems.
+#[derive(Debug)]
+pub struct FileReport {
+    pub path: PathBuf,
+    pub slug: Option<String>,
+    /// Where the file sets `tenant.slug`, if it does.
+    pub slug_position: Option<(usize, usize)>,
+    pub tenant: Option<TenantConfig>,
+    pub problems: Vec<Problem>,
+}
+
+/// Every file under `--config`, and problems that belong to no single file.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub files: Vec<FileReport>,
+    pub problems: Vec<Problem>,
+}
+
+impl FileReport {
+    /// The tenant's slug, or the file's name when the slug is unknown.
+    pub fn name(&self) -> String {
+        self.slug.clone().unwrap_or_else(|| {
+            self.path.file_stem().map_or_else(|| self.path.display().to_string(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+}
+
+impl Loaded {
+    pub fn tenants(&self) -> impl Iterator<Item = &TenantConfig> {
+        self.files.iter().filter_map(|f| f.tenant.as_ref())
+    }
+
+    /// Every problem, the general ones first, then file by file.
+    pub fn all_problems(&self) -> impl Iterator<Item = &Problem> {
+        self.problems.iter().chain(self.files.iter().flat_map(|f| f.problems.iter()))
+    }
+
+    pub fn is_valid(&self) -> bool {
+        !self.all_problems().any(Problem::is_error)
+    }
+}
+
+/// Loads `--config`: a file, or every `*.toml` directly inside a directory.
+/// Never fails as a whole: what cannot be read is reported as a problem.
+pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
+    let mut loaded = Loaded::default();
+    let paths = match files::discover(path) {
+        Ok(paths) => paths,
+        Err(problem) => {
+            loaded.problems.push(problem);
+            return loaded;
+        }
+    };
+    if paths.is_empty() {
+        loaded.problems.push(Problem {
+            severity: Severity::Warning,
+            file: path.to_path_buf(),
+            position: None,
+            message: "no tenant files (*.toml) found".into(),
+        });
+    }
+    for file in paths {
+        let report = match files::read(&file) {
+            Ok(text) => parse_file(&file, &text, options),
+            Err(problem) => {
+                FileReport { path: file, slug: None, slug_position: None, tenant: None, problems: vec![problem] }
+            }
+        };
+        loaded.files.push(report);
+    }
+    reject_duplicate_slugs(&mut loaded.files);
+    loaded
+}
+
+/// Reads one tenant file's text. Never panics, whatever the input.
+pub fn parse_file(path: &Path, text: &str, options: &LoadOptions) -> FileReport {
+    let mut problems = problem::Problems::new(path, text);
+    let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
+    let (slug, tenant) = if syntax_errors.is_empty() {
+        tenant::read_tenant(path, &doc, options, &mut problems)
+    } else {
+        // A recovered document is a guess; checking it would report
+        // problems the user did not make.
+        for e in syntax_errors {
+            problems.error(e.span(), format!("TOML syntax: {}", e.message()));
+        }
+        (None, None)
+    };
+    let mut problems = problems.list;
+    // In reading order; problems without a position (the file as a whole) last.
+    problems.sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
+    let slug_position = slug.as_ref().and_then(|(_, span)| span.as_ref()).map(|s| problem::position(text, s.start));
+    FileReport { path: path.to_path_buf(), slug: slug.map(|(s, _)| s), slug_position, tenant, problems }
+}
+
+fn reject_duplicate_slugs(files: &mut [FileReport]) {
+    let others: Vec<Vec<String>> = files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| {
+            files
+                .iter()
+                .enumerate()
+                .filter(|(j, other)| *j != i && file.slug.is_some() && other.slug == file.slug)
+                .map(|(_, other)| other.path.display().to_string())
+                .collect()
+        })
+        .collect();
+    for (file, others) in files.iter_mut().zip(others) {
+        if others.is_empty() {
+            continue;
+        }
+        file.tenant = None;
+        file.problems.push(Problem {
+            severity: Severity::Error,
+            file: file.path.clone(),
+            position: file.slug_position,
+            message: format!(
+                "slug `{}` is also used by {}; each tenant needs a file of its own",
+                file.slug.as_deref().unwrap_or_default(),
+                others.join(", ")
+            ),
+        });
+    }
+}

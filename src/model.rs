@@ -1,0 +1,230 @@
+//! Domain types shared by configuration, the CRM clients and the database:
+//! which CRM, which AmoCRM domain, which Bitrix24 entity, and the parsed
+//! Bitrix24 webhook. No I/O here.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::secret::Secret;
+
+/// The two CRMs, as named in `crm_connect_status.crm` and in the events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Crm {
+    AmoCrm,
+    Bitrix24,
+}
+
+impl Crm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Crm::AmoCrm => "amocrm",
+            Crm::Bitrix24 => "bitrix24",
+        }
+    }
+}
+
+impl fmt::Display for Crm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The public AmoCRM / Kommo domains an account can live on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmoDomain {
+    AmocrmRu,
+    AmocrmCom,
+    KommoCom,
+}
+
+impl AmoDomain {
+    pub const ALL: [AmoDomain; 3] = [AmoDomain::AmocrmRu, AmoDomain::AmocrmCom, AmoDomain::KommoCom];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AmoDomain::AmocrmRu => "amocrm.ru",
+            AmoDomain::AmocrmCom => "amocrm.com",
+            AmoDomain::KommoCom => "kommo.com",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AmoDomain> {
+        AmoDomain::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+/// What a Bitrix24 tenant tracks: deals (with categories) or leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntityType {
+    Deal,
+    Lead,
+}
+
+impl EntityType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityType::Deal => "deal",
+            EntityType::Lead => "lead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EntityType> {
+        match s {
+            "deal" => Some(EntityType::Deal),
+            "lead" => Some(EntityType::Lead),
+            _ => None,
+        }
+    }
+}
+
+/// A Bitrix24 inbound webhook, `https://HOST/rest/USER_ID/CODE/`, kept whole:
+/// the runbook dropped the user id, without which no call works.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Webhook {
+    scheme: String,
+    /// Host name, with `:port` only when the URL names one.
+    host: String,
+    /// Positive, and fits the contract's `integer` column.
+    user_id: i32,
+    code: Secret,
+}
+
+/// Why a webhook URL was refused. Never carries the code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    #[error("is not a URL")]
+    NotUrl,
+    #[error("must use https (plain http is accepted only for loopback hosts)")]
+    Scheme,
+    #[error("has no host")]
+    NoHost,
+    #[error("must not carry a user name, password, query or fragment")]
+    Extras,
+    #[error("must have the shape https://HOST/rest/USER_ID/CODE/")]
+    Shape,
+    #[error("has no user id: the shape is https://HOST/rest/USER_ID/CODE/")]
+    NoUserId,
+    #[error("has a user id that is not a positive number")]
+    BadUserId,
+    #[error("has a code with characters other than letters and digits")]
+    BadCode,
+}
+
+impl Webhook {
+    pub fn parse(input: &str) -> Result<Webhook, WebhookError> {
+        let url = url::Url::parse(input.trim()).map_err(|_| WebhookError::NotUrl)?;
+        let host = url.host_str().ok_or(WebhookError::NoHost)?;
+        match url.scheme() {
+            "https" => {}
+            "http" if is_loopback(host) => {}
+            _ => return Err(WebhookError::Scheme),
+        }
+        if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
+            return Err(WebhookError::Extras);
+        }
+        let mut segments: Vec<&str> = url.path_segments().ok_or(WebhookError::Shape)?.collect();
+        if segments.last() == Some(&"") {
+            segments.pop();
+        }
+        let (user, code) = match segments.as_slice() {
+            ["rest", user, code] => (*user, *code),
+            ["rest", _] => return Err(WebhookError::NoUserId),
+            _ => return Err(WebhookError::Shape),
+        };
+        let user_id: i32 = user.parse().map_err(|_| {
+            if user.chars().all(|c| c.is_ascii_alphanumeric()) && !user.chars().all(|c| c.is_ascii_digit()) {
+                // `/rest/abc123/` with nothing after it is the runbook's form without the user id.
+                WebhookError::NoUserId
+            } else {
+                WebhookError::BadUserId
+            }
+        })?;
+        if user_id <= 0 {
+            return Err(WebhookError::BadUserId);
+        }
+        if code.is_empty() || !code.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(WebhookError::BadCode);
+        }
+        let host = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        Ok(Webhook { scheme: url.scheme().to_string(), host, user_id, code: Secret::new(code) })
+    }
+
+    /// `acme.bitrix24.ru`, or `127.0.0.1:18081` when the URL names a port.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn user_id(&self) -> i32 {
+        self.user_id
+    }
+
+    pub fn code(&self) -> &Secret {
+        &self.code
+    }
+
+    /// The URL of a REST method, e.g. `…/rest/1/CODE/scope`. A secret: it
+    /// contains the code.
+    pub fn method_url(&self, method: &str) -> Secret {
+        Secret::new(format!("{}://{}/rest/{}/{}/{}", self.scheme, self.host, self.user_id, self.code.expose(), method))
+    }
+}
+
+/// Prints `https://acme.bitrix24.ru/rest/1/***/`.
+impl fmt::Display for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}/rest/{}/***/", self.scheme, self.host, self.user_id)
+    }
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Webhook({self})")
+    }
+}
+
+/// Loopback hosts, the only ones allowed plain http (the sandboxes in tests).
+pub fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<(&str, i32, &str), WebhookError>) {
+        let got = Webhook::parse(input).map(|w| (w.host().to_string(), w.user_id(), w.code().expose().to_string()));
+        let expected = expected.map(|(h, u, c)| (h.to_string(), u, c.to_string()));
+        assert_eq!(got, expected, "{input}");
+    }
+
+    #[test]
+    fn webhook_urls() {
+        check("https://acme.bitrix24.ru/rest/1/abc123def456/", Ok(("acme.bitrix24.ru", 1, "abc123def456")));
+        check("https://acme.bitrix24.ru/rest/17/abc", Ok(("acme.bitrix24.ru", 17, "abc")));
+        check("http://127.0.0.1:8080/rest/1/abc/", Ok(("127.0.0.1:8080", 1, "abc")));
+        check("https://crm.example.com:8443/rest/3/x1/", Ok(("crm.example.com:8443", 3, "x1")));
+        check("https://acme.bitrix24.ru/rest/abc123def456/", Err(WebhookError::NoUserId));
+        check("http://acme.bitrix24.ru/rest/1/abc/", Err(WebhookError::Scheme));
+        check("https://acme.bitrix24.ru/rest/0/abc/", Err(WebhookError::BadUserId));
+        check("https://acme.bitrix24.ru/rest/-1/abc/", Err(WebhookError::BadUserId));
+        check("https://acme.bitrix24.ru/rest/4294967296/abc/", Err(WebhookError::BadUserId));
+        check("https://acme.bitrix24.ru/rest/1/abc/profile", Err(WebhookError::Shape));
+        check("https://acme.bitrix24.ru/api/1/abc/", Err(WebhookError::Shape));
+        check("https://acme.bitrix24.ru/rest/1/ab-c/", Err(WebhookError::BadCode));
+        check("https://acme.bitrix24.ru/rest/1/abc/?x=1", Err(WebhookError::Extras));
+        check("acme.bitrix24.ru/rest/1/abc/", Err(WebhookError::NotUrl));
+        check("", Err(WebhookError::NotUrl));
+    }
+
+    #[test]
+    fn a_webhook_prints_without_its_code() {
+        let w = Webhook::parse("https://acme.bitrix24.ru/rest/1/abc123def456/").unwrap();
+        assert_eq!(w.to_string(), "https://acme.bitrix24.ru/rest/1/***/");
+        assert!(!format!("{w:?}").contains("abc123"));
+        assert_eq!(w.method_url("scope").expose(), "https://acme.bitrix24.ru/rest/1/abc123def456/scope");
+    }
+}
