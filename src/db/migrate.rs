@@ -1,0 +1,25 @@
+//! Applies the embedded migrations (`migrations/*.sql`) to a tenant database,
+//! serialised across processes by a PostgreSQL advisory lock: refinery takes
+//! none, and two daemons may start on one database at the same moment.
+
+use super::{DbError, TenantDb, queries};
+
+refinery::embed_migrations!("migrations");
+
+/// The history table; prefixed like every internal table of ours.
+const HISTORY_TABLE: &str = "crm_connect_schema_history";
+
+pub async fn migrate(db: &TenantDb) -> Result<(), DbError> {
+    let mut client = db.client().await?;
+    queries::lock_migrations(&**client).await.map_err(|e| db.query_error("taking the migration lock", e))?;
+    let outcome = migrations::runner().set_migration_table_name(HISTORY_TABLE).run_async(&mut **client).await;
+    let unlocked = queries::unlock_migrations(&**client).await;
+    if outcome.is_err() || unlocked.is_err() {
+        // A session lock lives as long as its connection: never hand this
+        // one back to the pool.
+        drop(deadpool_postgres::Object::take(client));
+    }
+    outcome.map_err(|e| DbError::Migrate { target: db.target().to_string(), reason: e.to_string() })?;
+    unlocked.map_err(|e| db.query_error("releasing the migration lock", e))?;
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! Tenant pools: at most two connections while busy, none once idle.
+
+use std::time::{Duration, Instant};
+
+use crm_connect::apply::apply_tenant;
+use crm_connect::config::{LoadOptions, parse_file};
+use crm_connect::db::{PoolSettings, Pools};
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+
+use crate::support::{connect, postgres};
+
+async fn server_side_connections(admin: &Client, database: &str) -> i64 {
+    admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = $1", &[&database]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn a_tenant_never_holds_more_than_two_connections_and_none_once_idle() {
+    let db = postgres::fresh_database().await;
+    let text = format!("[tenant]\nslug = \"busy\"\ndatabase_url = \"{}\"\n", db.url);
+    let tenant = parse_file("busy.toml".as_ref(), &text, &LoadOptions::default()).tenant.expect("valid");
+    let pools = Pools::new(PoolSettings { idle_timeout: Duration::from_millis(300), ..PoolSettings::default() });
+
+    let mut runs = JoinSet::new();
+    for _ in 0..8 {
+        let (pools, tenant) = (pools.clone(), tenant.clone());
+        runs.spawn(async move { apply_tenant(&pools, &tenant).await });
+    }
+    let mut most = 0;
+    while !runs.is_empty() {
+        most = most.max(pools.open_connections());
+        tokio::select! {
+            Some(done) = runs.join_next() => done.unwrap().unwrap_or_else(|e| panic!("{e}")).changed_columns.len(),
+            _ = tokio::task::yield_now() => 0,
+        };
+    }
+    assert!((1..=2).contains(&most), "{most} connections were open at once");
+
+    let admin = connect(&postgres::admin_url().await).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pools.open_connections() > 0 || server_side_connections(&admin, &db.name).await > 0 {
+        assert!(Instant::now() < deadline, "idle connections were not closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,178 @@
+//! `crm-connect validate`: every problem of every file, with its position.
+
+use crate::support::{crm_connect, write};
+
+const VALID_AMOCRM: &str = r#"
+[amocrm]
+subdomain = "acme"
+client_id = "id"
+client_secret = "s"
+redirect_uri = "https://example.com/oauth"
+authorization_code = "code"
+"#;
+
+#[tokio::test]
+async fn every_problem_of_every_file_is_reported_with_its_position_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "syntax.toml", "[tenant]\nslug = \"syntax\"\n\n[amocrm\nsubdomain = \"x\"\n");
+    write(
+        dir.path(),
+        "amo.toml",
+        r#"[amocrm]
+subdomain = "acme"
+domain = "amocrm.org"
+clinet_id = "x"
+client_id = "y"
+client_secret = { env = "MISSING_X" }
+redirect_uri = "https://example.com/oauth"
+authorization_code = "abc"
+
+[amocrm.stages]
+success = [142, { pipeline = "Продажи", stage = "Успешно" }]
+fail = [143, { pipeline = " продажи", stage = "УСПЕШНО" }]
+
+[schedule]
+stage_resync = "61 * * * *"
+"#,
+    );
+    write(dir.path(), "b24.toml", "[bitrix24]\nwebhook_url = \"https://acme.bitrix24.ru/rest/abc123def456/\"\n");
+    write(
+        dir.path(),
+        "one.toml",
+        "[tenant]\nslug = \"same\"\n[bitrix24]\nwebhook_url = \"https://a.bitrix24.ru/rest/1/a1/\"\n",
+    );
+    write(
+        dir.path(),
+        "two.toml",
+        "[tenant]\nslug = \"same\"\n[bitrix24]\nwebhook_url = \"https://b.bitrix24.ru/rest/1/b1/\"\n",
+    );
+
+    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
+
+    assert_eq!(run.code, 1, "{run:?}");
+    let at = |file: &str, rest: &str| format!("{}:{rest}", dir.path().join(file).display());
+    let expected = [
+        at("syntax.toml", "4:8: error: TOML syntax"),
+        at("amo.toml", "4:1: error: unknown key `amocrm.clinet_id`, did you mean `client_id`?"),
+        at("amo.toml", "3:10: error: `amocrm.domain` \"amocrm.org\" is not one of amocrm.ru, amocrm.com, kommo.com"),
+        at("amo.toml", "6:17: error: `amocrm.client_secret`: environment variable MISSING_X is not set"),
+        at("amo.toml", "12:14: error: stage \" продажи\" / \"УСПЕШНО\" is in both"),
+        at("amo.toml", "15:16: error: `schedule.stage_resync` \"61 * * * *\" is not a valid cron expression"),
+        at("b24.toml", "2:15: error: `bitrix24.webhook_url` has no user id"),
+        at("one.toml", "2:8: error: slug `same` is also used by"),
+        at("two.toml", "2:8: error: slug `same` is also used by"),
+    ];
+    for line in expected {
+        assert!(run.stdout.lines().any(|l| l.starts_with(&line)), "missing {line:?} in:\n{}", run.stdout);
+    }
+    assert!(run.stdout.contains("5 file(s), 0 valid, 5 invalid"), "{}", run.stdout);
+    assert!(!run.output().contains("panicked") && !run.output().contains("backtrace"), "{run:?}");
+}
+
+#[tokio::test]
+async fn a_valid_directory_exits_0_and_warnings_do_not_fail_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "acme.toml", VALID_AMOCRM);
+    write(dir.path(), "empty.toml", "");
+    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("empty.toml: warning: the tenant has neither [amocrm] nor [bitrix24]"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("2 file(s), 2 valid, 0 invalid: 0 error(s), 1 warning(s)"), "{}", run.stdout);
+}
+
+#[tokio::test]
+async fn only_toml_files_directly_inside_count_and_symlinks_are_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = write(elsewhere.path(), "real.toml", VALID_AMOCRM);
+    std::os::unix::fs::symlink(&target, dir.path().join("linked.toml")).unwrap();
+    // Not tenants: hidden, editor leftovers, other extensions, the `..data`
+    // farm of a Kubernetes ConfigMap, and sub-directories.
+    for name in [".hidden.toml", "acme.toml.swp", "acme.toml~", "acme.tmp", "notes.txt"] {
+        write(dir.path(), name, "this is not toml [");
+    }
+    std::fs::create_dir(dir.path().join("..2026_11_26")).unwrap();
+    write(&dir.path().join("..2026_11_26"), "x.toml", "not toml [");
+    std::os::unix::fs::symlink(dir.path().join("..2026_11_26"), dir.path().join("..data")).unwrap();
+    std::fs::create_dir(dir.path().join("sub.toml")).unwrap();
+
+    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("1 file(s), 1 valid"), "{}", run.stdout);
+}
+
+#[tokio::test]
+async fn secrets_come_from_env_file_and_credential_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = tempfile::tempdir().unwrap();
+    write(credentials.path(), "amo-secret", "from-credential\n");
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    write(&dir.path().join("secrets"), "hook", "https://acme.bitrix24.ru/rest/1/abc/\n");
+    write(
+        dir.path(),
+        "acme.toml",
+        r#"[tenant]
+database_url = { env = "ACME_DB" }
+[amocrm]
+subdomain = "acme"
+client_id = "id"
+client_secret = { credential = "amo-secret" }
+redirect_uri = "https://example.com/oauth"
+authorization_code = { env = "ACME_CODE" }
+[bitrix24]
+webhook_url = { file = "secrets/hook" }
+"#,
+    );
+    let config = dir.path().to_str().unwrap();
+    let ok = crm_connect(
+        &["validate", "--config", config],
+        &[
+            ("ACME_DB", "postgresql://u@localhost/acme"),
+            ("ACME_CODE", "def"),
+            ("CREDENTIALS_DIRECTORY", credentials.path().to_str().unwrap()),
+        ],
+    )
+    .await;
+    assert_eq!(ok.code, 0, "{ok:?}");
+
+    std::fs::remove_file(dir.path().join("secrets/hook")).unwrap();
+    let broken = crm_connect(&["validate", "--config", config], &[("ACME_DB", "postgresql://u@localhost/acme")]).await;
+    assert_eq!(broken.code, 1, "{broken:?}");
+    for expected in [
+        "6:17: error: `amocrm.client_secret`: credential amo-secret needs CREDENTIALS_DIRECTORY",
+        "8:22: error: `amocrm.authorization_code`: environment variable ACME_CODE is not set",
+        "10:15: error: `bitrix24.webhook_url`: cannot read file",
+    ] {
+        assert!(broken.stdout.contains(expected), "missing {expected:?} in:\n{}", broken.stdout);
+    }
+}
+
+#[tokio::test]
+async fn a_missing_config_path_is_an_error_not_a_crash() {
+    let run = crm_connect(&["validate", "--config", "/nonexistent/crm-connect"], &[]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("/nonexistent/crm-connect: error: cannot read"), "{}", run.stdout);
+}
+
+#[test]
+fn no_input_makes_validation_panic() {
+    // Every prefix of the example and of a few malformed files: truncated
+    // strings, tables and inline tables must give problems, never a panic.
+    let example = include_str!("../../crm.example.toml");
+    let options = crm_connect::config::LoadOptions::default();
+    let samples =
+        [example, "a = [1, {x = ", "[amocrm]\nstages = 5\n[amocrm.stages]\nqualified = [[]]", "\u{feff}[t]\0"];
+    let mut checked = 0;
+    for sample in samples {
+        for (end, _) in sample.char_indices() {
+            let report = crm_connect::config::parse_file(std::path::Path::new("f.toml"), &sample[..end], &options);
+            let _ = report.problems.len();
+            checked += 1;
+        }
+    }
+    assert!(checked > 1000, "checked only {checked} inputs");
+}
