@@ -58,8 +58,56 @@ pub enum LogFormat {
 pub enum Command {
     /// Check every tenant file offline; exit 0 if valid (warnings allowed), 1 if not
     Validate,
-    /// Reconcile every tenant once, then exit; 1 if any tenant failed
+    /// Reconcile every tenant once (config, tokens, stages), then exit; 1 if any tenant failed
     Sync(SyncArgs),
+    /// Per tenant and CRM: state, token expiry, last stage sync, stage count, last error
+    Status(StatusArgs),
+    /// The synced stages of a tenant with their ids and flags, to help write a mapping
+    Stages(TenantArg),
+    /// Create one test lead (AmoCRM) or deal (Bitrix24) named "Тест crm-connect"; prints its id
+    TestLead(TestLeadArgs),
+    /// Exchange an AmoCRM authorization code given here, so that it never passes through Git
+    Authorize(AuthorizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this tenant
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TenantArg {
+    #[arg(long)]
+    pub tenant: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CrmArg {
+    Amocrm,
+    Bitrix24,
+}
+
+#[derive(Debug, Args)]
+pub struct TestLeadArgs {
+    #[arg(long)]
+    pub tenant: String,
+    /// Needed when the tenant uses both CRMs
+    #[arg(long, value_enum)]
+    pub crm: Option<CrmArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuthorizeArgs {
+    #[arg(long)]
+    pub tenant: String,
+    /// The one-time code from the AmoCRM integration (valid 20 minutes)
+    #[arg(long, value_parser = parse_secret, hide_env_values = true)]
+    pub code: Secret,
 }
 
 #[derive(Debug, Args)]

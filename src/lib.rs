@@ -1,24 +1,32 @@
 //! crm-connect keeps the AmoCRM and Bitrix24 connections of many tenants
 //! alive from declarative TOML files. Modules in reading order:
 
-/// Applying one tenant: migrate, write what changed, record it.
-pub mod apply;
-/// The command line.
-pub mod cli;
-/// One module per subcommand.
-pub mod commands;
-/// Tenant files: discovery, validation with positions, the typed model.
-pub mod config;
-/// Tenant databases: pools, migrations, every SQL statement.
-pub mod db;
-/// Log output that never carries a secret.
-pub mod logging;
-/// Domain types: CRMs, domains, entity types, the Bitrix24 webhook.
-pub mod model;
-/// Desired versus stored `config` columns: a plan of changes, no I/O.
-pub mod reconcile;
 /// The redacting type every secret travels in.
 pub mod secret;
+/// Domain types: CRMs, domains, entity types, the Bitrix24 webhook, tokens, stages.
+pub mod model;
+/// Tenant files: discovery, validation with positions, the typed model.
+pub mod config;
+/// Desired versus stored state (config columns, stages, flags): plans, no I/O.
+pub mod reconcile;
+/// Tenant databases: pools, migrations, every SQL statement.
+pub mod db;
+/// The AmoCRM and Bitrix24 clients and their shared HTTP layer.
+pub mod crm;
+/// What every tenant operation needs: pools, HTTP, pending tokens.
+pub mod context;
+/// AmoCRM tokens: one exchange per code, refreshes under the row lock.
+pub mod tokens;
+/// Applying one tenant: migrate, write what changed, connect, sync stages.
+pub mod apply;
+/// The AmoCRM and Bitrix24 emulators used by the tests and `demo`.
+pub mod sandbox;
+/// The command line.
+pub mod cli;
+/// Log output that never carries a secret.
+pub mod logging;
+/// One module per subcommand.
+pub mod commands;
 
 use std::process::ExitCode;
 
@@ -29,5 +37,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     match &cli.command {
         Command::Validate => commands::validate::run(&cli.global),
         Command::Sync(args) => commands::sync::run(&cli.global, args).await,
+        Command::Status(args) => commands::status::run(&cli.global, args).await,
+        Command::Stages(args) => commands::stages::run(&cli.global, args).await,
+        Command::TestLead(args) => commands::test_lead::run(&cli.global, args).await,
+        Command::Authorize(args) => commands::authorize::run(&cli.global, args).await,
     }
 }

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use chrono::{DateTime, Utc};
+
 use crate::secret::Secret;
 
 /// The two CRMs, as named in `crm_connect_status.crm` and in the events.
@@ -189,6 +191,55 @@ impl fmt::Debug for Webhook {
 pub fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost") || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An AmoCRM token set as stored in `config`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    pub access: Secret,
+    /// `None` for a long-lived token, which cannot be refreshed.
+    pub refresh: Option<Secret>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A connection's state, as `crm_connect_status.state` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrmState {
+    Connected,
+    NeedsAuthorization,
+    Error,
+    Unmanaged,
+}
+
+impl CrmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrmState::Connected => "connected",
+            CrmState::NeedsAuthorization => "needs_authorization",
+            CrmState::Error => "error",
+            CrmState::Unmanaged => "unmanaged",
+        }
+    }
+}
+
+/// One status of one AmoCRM pipeline, as the API lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AmoStage {
+    pub pipeline_id: i64,
+    pub pipeline_name: String,
+    pub pipeline_is_main: bool,
+    pub status_id: i64,
+    pub status_name: String,
+    pub status_sort: i32,
+    pub status_type: i32,
+}
+
+/// The funnel flags downstream jobs read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageFlags {
+    pub qualified: bool,
+    pub success: bool,
+    pub fail: bool,
 }
 
 #[cfg(test)]

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::apply::apply_tenant;
+use crate::apply::{Applied, apply_tenant};
 use crate::cli::{GlobalArgs, SyncArgs};
-use crate::config;
-use crate::db::{PoolSettings, Pools};
+use crate::config::{self, TenantConfig};
+use crate::context::Context;
+use crate::db::PoolSettings;
+use crate::tokens;
 
 pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     let loaded = config::load(&global.config, &super::load_options(global));
@@ -37,14 +39,14 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let pools = Pools::new(PoolSettings::default());
+    let ctx = Context::new(PoolSettings::default());
     let permits = Arc::new(Semaphore::new(global.concurrency.get()));
     let mut tasks = JoinSet::new();
     for tenant in tenants {
-        let (pools, permits) = (pools.clone(), permits.clone());
+        let (ctx, permits) = (ctx.clone(), permits.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let outcome = apply_tenant(&pools, &tenant).await;
+            let outcome = sync_one(&ctx, &tenant).await;
             (tenant.slug, outcome)
         });
     }
@@ -61,10 +63,23 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     results.sort_by(|a, b| a.0.cmp(&b.0));
     for (slug, outcome) in results {
         match outcome {
-            Ok(applied) if applied.changed_columns.is_empty() => println!("{slug}: ok, nothing to change"),
             Ok(applied) => {
-                let names: Vec<&str> = applied.changed_columns.iter().map(|c| c.name()).collect();
-                println!("{slug}: ok, updated {}", names.join(", "));
+                if applied.changed_columns.is_empty() {
+                    println!("{slug}: ok, nothing to change");
+                } else {
+                    let names: Vec<&str> = applied.changed_columns.iter().map(|c| c.name()).collect();
+                    println!("{slug}: ok, updated {}", names.join(", "));
+                }
+                for (crm, outcome) in &applied.crms {
+                    match outcome {
+                        Ok(report) => {
+                            let changed = if report.stages_changed { "stages changed" } else { "stages unchanged" };
+                            println!("{slug}: {crm} connected, {} stages, {changed}", report.stage_count);
+                        }
+                        Err(failure) => println!("{slug}: {crm} {}: {}", failure.state.as_str(), failure.message),
+                    }
+                }
+                failed |= applied.failed();
             }
             Err(e) => {
                 tracing::error!(tenant = %slug, error = %e, "sync failed");
@@ -74,4 +89,23 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
         }
     }
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+/// One tenant, within the sync's deadline; a token pair that could not be
+/// stored is retried until the deadline rather than lost with the process.
+async fn sync_one(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, String> {
+    let deadline = ctx.retry.deadline;
+    let started = tokio::time::Instant::now();
+    let applied = match tokio::time::timeout(deadline, apply_tenant(ctx, tenant)).await {
+        Ok(applied) => applied.map_err(|e| e.to_string())?,
+        Err(_) => return Err(format!("gave up after {}s", deadline.as_secs())),
+    };
+    if ctx.pending.contains(&tenant.slug) {
+        let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
+        let left = deadline.saturating_sub(started.elapsed()).max(std::time::Duration::from_secs(30));
+        tokens::store_pending_until(ctx, &tenant.slug, &db, left)
+            .await
+            .map_err(|e| format!("refreshed tokens could not be stored and are lost: {e}"))?;
+    }
+    Ok(applied)
 }

@@ -2,10 +2,13 @@
 //! the only names spliced into SQL are column names from the closed
 //! [`ConfigColumn`] set.
 
+use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
-use crate::reconcile::{ColumnValue, ConfigColumn, CurrentColumns};
+use crate::model::{AmoStage, Crm, CrmState, StageFlags, Tokens};
+use crate::reconcile::{ColumnValue, ConfigColumn, CurrentColumns, StoredStage};
+use crate::secret::Secret;
 
 /// The advisory lock key that serialises migrations ("crm-conn" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6372_6d2d_636f_6e6e;
@@ -77,6 +80,258 @@ pub async fn insert_event(
 ) -> Result<(), tokio_postgres::Error> {
     client
         .execute("INSERT INTO crm_connect_events (crm, kind, detail) VALUES ($1, $2, $3)", &[&crm, &kind, detail])
+        .await
+        .map(drop)
+}
+
+/// The AmoCRM token columns of the `config` row.
+#[derive(Clone, Debug, Default)]
+pub struct StoredTokens {
+    pub access: Option<Secret>,
+    pub refresh: Option<Secret>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub code_sha256: Option<String>,
+}
+
+const TOKEN_COLUMNS: &str =
+    "amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at, amocrm_auth_code_sha256";
+
+fn stored_tokens(row: &tokio_postgres::Row) -> StoredTokens {
+    StoredTokens {
+        access: row.get::<_, Option<String>>(0).map(Secret::new),
+        refresh: row.get::<_, Option<String>>(1).map(Secret::new),
+        expires_at: row.get(2),
+        code_sha256: row.get(3),
+    }
+}
+
+pub async fn read_tokens(client: &impl GenericClient) -> Result<StoredTokens, tokio_postgres::Error> {
+    let row = client.query_one(&format!("SELECT {TOKEN_COLUMNS} FROM config WHERE id = 1"), &[]).await?;
+    Ok(stored_tokens(&row))
+}
+
+/// Reads the tokens and holds the `config` row lock until the transaction
+/// ends: every token write happens under it, in every process.
+pub async fn lock_tokens(tx: &impl GenericClient) -> Result<StoredTokens, tokio_postgres::Error> {
+    let row = tx.query_one(&format!("SELECT {TOKEN_COLUMNS} FROM config WHERE id = 1 FOR UPDATE"), &[]).await?;
+    Ok(stored_tokens(&row))
+}
+
+/// Stores a token set; with `code_sha256`, also the hash of the code it came from.
+pub async fn write_tokens(
+    client: &impl GenericClient,
+    tokens: &Tokens,
+    code_sha256: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE config SET amocrm_access_token = $1, amocrm_refresh_token = $2, amocrm_token_expires_at = $3,
+                 amocrm_auth_code_sha256 = COALESCE($4, amocrm_auth_code_sha256)
+             WHERE id = 1",
+            &[&tokens.access.expose(), &tokens.refresh.as_ref().map(|r| r.expose()), &tokens.expires_at, &code_sha256],
+        )
+        .await
+        .map(drop)
+}
+
+/// Forgets the AmoCRM tokens (the account or integration changed).
+pub async fn clear_tokens(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE config SET amocrm_access_token = NULL, amocrm_refresh_token = NULL, amocrm_token_expires_at = NULL
+             WHERE id = 1",
+            &[],
+        )
+        .await
+        .map(drop)
+}
+
+/// Records that a code was sent (and rejected), so that it is never sent again.
+pub async fn write_code_hash(client: &impl GenericClient, code_sha256: &str) -> Result<(), tokio_postgres::Error> {
+    client.execute("UPDATE config SET amocrm_auth_code_sha256 = $1 WHERE id = 1", &[&code_sha256]).await.map(drop)
+}
+
+/// One status row change. `error` is recorded with its time; `success`
+/// stamps `last_success_at`; `stage_count` stamps `stages_synced_at`.
+#[derive(Clone, Debug)]
+pub struct StatusUpdate<'a> {
+    pub crm: Crm,
+    pub state: CrmState,
+    pub error: Option<&'a str>,
+    pub success: bool,
+    pub stage_count: Option<i32>,
+}
+
+pub async fn write_status(client: &impl GenericClient, update: &StatusUpdate<'_>) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO crm_connect_status AS s
+                 (crm, state, last_success_at, last_error, last_error_at, stages_synced_at, stage_count, updated_at)
+             VALUES ($1, $2, CASE WHEN $3 THEN clock_timestamp() END, $4::text,
+                     CASE WHEN $4::text IS NOT NULL THEN clock_timestamp() END,
+                     CASE WHEN $5::integer IS NOT NULL THEN clock_timestamp() END, $5::integer, clock_timestamp())
+             ON CONFLICT (crm) DO UPDATE SET
+                 state = EXCLUDED.state,
+                 last_success_at = COALESCE(EXCLUDED.last_success_at, s.last_success_at),
+                 last_error = COALESCE(EXCLUDED.last_error, s.last_error),
+                 last_error_at = COALESCE(EXCLUDED.last_error_at, s.last_error_at),
+                 stages_synced_at = COALESCE(EXCLUDED.stages_synced_at, s.stages_synced_at),
+                 stage_count = COALESCE(EXCLUDED.stage_count, s.stage_count),
+                 updated_at = EXCLUDED.updated_at",
+            &[&update.crm.as_str(), &update.state.as_str(), &update.success, &update.error, &update.stage_count],
+        )
+        .await
+        .map(drop)
+}
+
+pub async fn read_state(client: &impl GenericClient, crm: Crm) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client.query_opt("SELECT state FROM crm_connect_status WHERE crm = $1", &[&crm.as_str()]).await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// A status row as `crm-connect status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StatusRow {
+    pub crm: String,
+    pub state: String,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub stages_synced_at: Option<DateTime<Utc>>,
+    pub stage_count: Option<i32>,
+}
+
+pub async fn read_statuses(client: &impl GenericClient) -> Result<Vec<StatusRow>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT crm, state, last_success_at, last_error, last_error_at, stages_synced_at, stage_count
+             FROM crm_connect_status ORDER BY crm",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StatusRow {
+            crm: r.get(0),
+            state: r.get(1),
+            last_success_at: r.get(2),
+            last_error: r.get(3),
+            last_error_at: r.get(4),
+            stages_synced_at: r.get(5),
+            stage_count: r.get(6),
+        })
+        .collect())
+}
+
+/// Serialises stage syncs of one CRM in one database until the transaction ends.
+pub async fn lock_stage_sync(tx: &impl GenericClient, crm: Crm) -> Result<(), tokio_postgres::Error> {
+    let key: i64 = match crm {
+        Crm::AmoCrm => 0x6372_6d2d_7374_6731,
+        Crm::Bitrix24 => 0x6372_6d2d_7374_6732,
+    };
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key]).await.map(drop)
+}
+
+fn flags_of(row: &tokio_postgres::Row, first: usize) -> StageFlags {
+    StageFlags { qualified: row.get(first), success: row.get(first + 1), fail: row.get(first + 2) }
+}
+
+pub async fn read_amocrm_stages(
+    client: &impl GenericClient,
+) -> Result<Vec<StoredStage<AmoStage>>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT pipeline_id, pipeline_name, pipeline_is_main, status_id, status_name, status_sort, status_type,
+                    is_qualified_stage, is_success_stage, is_fail_stage, removed_at IS NOT NULL
+             FROM amocrm_pipeline_stages ORDER BY pipeline_id, status_sort, status_id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StoredStage {
+            row: AmoStage {
+                pipeline_id: r.get(0),
+                pipeline_name: r.get(1),
+                pipeline_is_main: r.get(2),
+                status_id: r.get(3),
+                status_name: r.get(4),
+                status_sort: r.get(5),
+                status_type: r.get(6),
+            },
+            flags: flags_of(r, 7),
+            removed: r.get(10),
+        })
+        .collect())
+}
+
+/// Inserts or updates the given rows in one statement, clearing `removed_at`.
+pub async fn upsert_amocrm_stages(
+    client: &impl GenericClient,
+    stages: &[(AmoStage, StageFlags)],
+) -> Result<(), tokio_postgres::Error> {
+    if stages.is_empty() {
+        return Ok(());
+    }
+    let col = |f: fn(&(AmoStage, StageFlags)) -> i64| stages.iter().map(f).collect::<Vec<i64>>();
+    let pipeline_ids = col(|(s, _)| s.pipeline_id);
+    let status_ids = col(|(s, _)| s.status_id);
+    let pipeline_names: Vec<&str> = stages.iter().map(|(s, _)| s.pipeline_name.as_str()).collect();
+    let status_names: Vec<&str> = stages.iter().map(|(s, _)| s.status_name.as_str()).collect();
+    let mains: Vec<bool> = stages.iter().map(|(s, _)| s.pipeline_is_main).collect();
+    let sorts: Vec<i32> = stages.iter().map(|(s, _)| s.status_sort).collect();
+    let types: Vec<i32> = stages.iter().map(|(s, _)| s.status_type).collect();
+    let qualified: Vec<bool> = stages.iter().map(|(_, f)| f.qualified).collect();
+    let success: Vec<bool> = stages.iter().map(|(_, f)| f.success).collect();
+    let fail: Vec<bool> = stages.iter().map(|(_, f)| f.fail).collect();
+    client
+        .execute(
+            "INSERT INTO amocrm_pipeline_stages
+                 (pipeline_id, pipeline_name, pipeline_is_main, status_id, status_name, status_sort, status_type,
+                  is_qualified_stage, is_success_stage, is_fail_stage, synced_at, removed_at)
+             SELECT p, pn, m, s, sn, so, t, q, su, f, now(), NULL
+             FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::bigint[], $5::text[], $6::integer[],
+                         $7::integer[], $8::boolean[], $9::boolean[], $10::boolean[])
+                  AS u(p, pn, m, s, sn, so, t, q, su, f)
+             ON CONFLICT (pipeline_id, status_id) DO UPDATE SET
+                 pipeline_name = EXCLUDED.pipeline_name, pipeline_is_main = EXCLUDED.pipeline_is_main,
+                 status_name = EXCLUDED.status_name, status_sort = EXCLUDED.status_sort,
+                 status_type = EXCLUDED.status_type, is_qualified_stage = EXCLUDED.is_qualified_stage,
+                 is_success_stage = EXCLUDED.is_success_stage, is_fail_stage = EXCLUDED.is_fail_stage,
+                 synced_at = now(), removed_at = NULL",
+            &[
+                &pipeline_ids,
+                &pipeline_names,
+                &mains,
+                &status_ids,
+                &status_names,
+                &sorts,
+                &types,
+                &qualified,
+                &success,
+                &fail,
+            ],
+        )
+        .await
+        .map(drop)
+}
+
+pub async fn mark_amocrm_stages_removed(
+    client: &impl GenericClient,
+    keys: &[(i64, i64)],
+) -> Result<(), tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let pipelines: Vec<i64> = keys.iter().map(|k| k.0).collect();
+    let statuses: Vec<i64> = keys.iter().map(|k| k.1).collect();
+    client
+        .execute(
+            "UPDATE amocrm_pipeline_stages AS s SET removed_at = now(), synced_at = now()
+             FROM unnest($1::bigint[], $2::bigint[]) AS k(p, st)
+             WHERE s.pipeline_id = k.p AND s.status_id = k.st AND s.removed_at IS NULL",
+            &[&pipelines, &statuses],
+        )
         .await
         .map(drop)
 }

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use crm_connect::apply::apply_tenant;
 use crm_connect::config::{LoadOptions, parse_file};
-use crm_connect::db::{PoolSettings, Pools};
+use crm_connect::context::Context;
+use crm_connect::db::PoolSettings;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
@@ -19,12 +20,13 @@ async fn a_tenant_never_holds_more_than_two_connections_and_none_once_idle() {
     let db = postgres::fresh_database().await;
     let text = format!("[tenant]\nslug = \"busy\"\ndatabase_url = \"{}\"\n", db.url);
     let tenant = parse_file("busy.toml".as_ref(), &text, &LoadOptions::default()).tenant.expect("valid");
-    let pools = Pools::new(PoolSettings { idle_timeout: Duration::from_millis(300), ..PoolSettings::default() });
+    let ctx = Context::new(PoolSettings { idle_timeout: Duration::from_millis(300), ..PoolSettings::default() });
+    let pools = ctx.pools.clone();
 
     let mut runs = JoinSet::new();
     for _ in 0..8 {
-        let (pools, tenant) = (pools.clone(), tenant.clone());
-        runs.spawn(async move { apply_tenant(&pools, &tenant).await });
+        let (ctx, tenant) = (ctx.clone(), tenant.clone());
+        runs.spawn(async move { apply_tenant(&ctx, &tenant).await });
     }
     let mut most = 0;
     while !runs.is_empty() {

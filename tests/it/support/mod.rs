@@ -56,3 +56,39 @@ pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     std::fs::write(&path, text).expect("the test can write its files");
     path
 }
+
+/// A tenant file using the AmoCRM sandbox: `extra` is appended inside
+/// `[amocrm]` (e.g. an authorization code) and may open further tables.
+pub fn amocrm_tenant(database_url: &str, sandbox: &crm_connect::sandbox::amocrm::AmoSandbox, extra: &str) -> String {
+    let c = sandbox.config();
+    format!(
+        "[tenant]\ndatabase_url = \"{database_url}\"\n\n[amocrm]\nsubdomain = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nredirect_uri = \"{}\"\nbase_url = \"{}\"\n{extra}\n",
+        c.subdomain,
+        c.client_id,
+        c.client_secret,
+        c.redirect_uri,
+        sandbox.base_url()
+    )
+}
+
+/// A context whose CRM retries are quick, for tests that inject faults.
+pub fn fast_context() -> crm_connect::context::Context {
+    let mut ctx = crm_connect::context::Context::new(crm_connect::db::PoolSettings::default());
+    ctx.retry = crm_connect::crm::RetryPolicy {
+        deadline: std::time::Duration::from_secs(30),
+        min_delay: std::time::Duration::from_millis(20),
+        max_delay: std::time::Duration::from_millis(300),
+    };
+    ctx
+}
+
+/// Parses a tenant file's text (the file need not exist).
+pub fn tenant(slug: &str, text: &str) -> crm_connect::config::TenantConfig {
+    let report = crm_connect::config::parse_file(
+        std::path::Path::new(&format!("/tenants/{slug}.toml")),
+        text,
+        &crm_connect::config::LoadOptions::default(),
+    );
+    let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+    report.tenant.unwrap_or_else(|| panic!("invalid test tenant: {problems:#?}"))
+}

@@ -1,6 +1,5 @@
-//! Desired versus actual: what a tenant's file says the `config` row should
-//! hold, compared with what it holds, as a list of column changes. Pure: no
-//! I/O, so running it twice on the same inputs plans the same (or nothing).
+//! The `config` columns a reconcile writes without calling a CRM: what the
+//! tenant's file says they should hold, compared with what they hold.
 
 use std::collections::HashMap;
 
@@ -113,6 +112,15 @@ pub fn config_changes(
     current: &CurrentColumns,
 ) -> Vec<(ConfigColumn, ColumnValue)> {
     desired.into_iter().filter(|(column, value)| current.get(column).and_then(Option::as_ref) != Some(value)).collect()
+}
+
+/// Whether `changes` move the AmoCRM subdomain or client id away from a
+/// stored value: stored tokens then belong to another account or integration.
+pub fn amocrm_account_changed(changes: &[(ConfigColumn, ColumnValue)], current: &CurrentColumns) -> bool {
+    changes.iter().any(|(column, _)| {
+        matches!(column, ConfigColumn::AmocrmSubdomain | ConfigColumn::AmocrmClientId)
+            && current.get(column).is_some_and(Option::is_some)
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,46 @@
+//! `crm-connect authorize --tenant SLUG --code CODE`: exchanges an AmoCRM
+//! authorization code given on the command line, exactly as a code in the
+//! tenant's file would be (sent at most once), and stores the tokens.
+
+use std::process::ExitCode;
+
+use crate::cli::{AuthorizeArgs, GlobalArgs};
+use crate::context::Context;
+use crate::db::{self, PoolSettings};
+use crate::tokens::{self, Obtained};
+
+pub async fn run(global: &GlobalArgs, args: &AuthorizeArgs) -> ExitCode {
+    match authorize(global, args).await {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("crm-connect: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn authorize(global: &GlobalArgs, args: &AuthorizeArgs) -> Result<String, String> {
+    let tenant = super::load_tenant(global, &args.tenant)?;
+    let amo = tenant.amocrm.as_ref().ok_or("the tenant has no [amocrm] table")?;
+    if amo.long_lived_token.is_some() {
+        return Err("the tenant uses `amocrm.long_lived_token`; remove it to use the code flow".into());
+    }
+    let ctx = Context::new(PoolSettings::default());
+    let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
+    db::migrate(&db).await.map_err(|e| e.to_string())?;
+    let obtained = tokens::obtain(&ctx, &tenant.slug, &db, amo, Some(&args.code)).await.map_err(|e| e.to_string())?;
+    if ctx.pending.contains(&tenant.slug) {
+        tokens::store_pending_until(&ctx, &tenant.slug, &db, ctx.retry.deadline).await.map_err(|e| e.to_string())?;
+    }
+    match obtained {
+        Obtained::Exchanged => Ok(format!("{}: authorized, tokens stored", tenant.slug)),
+        Obtained::CodeAlreadySent => {
+            Err("this code was sent before; a code is used at most once: get a new one".into())
+        }
+        Obtained::CodeRejected(reason) => Err(format!("AmoCRM rejected the code: {reason}")),
+        other => Err(format!("unexpected outcome: {other:?}")),
+    }
+}

@@ -1,0 +1,89 @@
+//! `crm-connect stages --tenant SLUG`: the synced pipelines and stages with
+//! their ids and flags, read from the tenant's database.
+
+use std::process::ExitCode;
+
+use crate::cli::{GlobalArgs, TenantArg};
+use crate::db::{self, PoolSettings, Pools, queries};
+
+pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
+    let tenant = match super::load_tenant(global, &args.tenant) {
+        Ok(tenant) => tenant,
+        Err(message) => {
+            eprintln!("crm-connect: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pools = Pools::new(PoolSettings::default());
+    let result = async {
+        let db = pools.get(&tenant.slug, &tenant.database_url)?;
+        db::migrate(&db).await?;
+        let client = db.client().await?;
+        queries::read_amocrm_stages(&**client).await.map_err(|e| db.query_error("reading stages", e))
+    }
+    .await;
+    let amocrm = match result {
+        Ok(stages) => stages,
+        Err(e) => {
+            eprintln!("crm-connect: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if tenant.amocrm.is_some() || !amocrm.is_empty() {
+        println!("AmoCRM");
+        let rows: Vec<[String; 5]> = amocrm
+            .iter()
+            .map(|s| {
+                let main = if s.row.pipeline_is_main { " (main)" } else { "" };
+                [
+                    format!("{}{main}", s.row.pipeline_name),
+                    s.row.pipeline_id.to_string(),
+                    s.row.status_name.clone(),
+                    s.row.status_id.to_string(),
+                    flags(s.flags, s.removed),
+                ]
+            })
+            .collect();
+        print_columns(&["PIPELINE", "PIPELINE ID", "STAGE", "STATUS ID", "FLAGS"], &rows);
+        if amocrm.is_empty() {
+            println!("(no stages synced yet: run `crm-connect sync --tenant {}`)", tenant.slug);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn flags(flags: crate::model::StageFlags, removed: bool) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    if flags.qualified {
+        out.push("qualified");
+    }
+    if flags.success {
+        out.push("success");
+    }
+    if flags.fail {
+        out.push("fail");
+    }
+    if removed {
+        out.push("(removed)");
+    }
+    if out.is_empty() { "-".into() } else { out.join(" ") }
+}
+
+/// Left-aligned columns, padded by character count (Cyrillic names align).
+pub(crate) fn print_columns<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> =
+            cells.iter().zip(widths).map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count()))).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

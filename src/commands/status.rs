@@ -1,0 +1,138 @@
+//! `crm-connect status`: per tenant and CRM, what the tenant's database says
+//! (state, token expiry, last stage sync, stage count, last error).
+
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::cli::{GlobalArgs, StatusArgs};
+use crate::config;
+use crate::db::{PoolSettings, Pools, queries};
+
+#[derive(Serialize)]
+struct Line {
+    tenant: String,
+    crm: String,
+    state: String,
+    token_expires_at: Option<DateTime<Utc>>,
+    stages_synced_at: Option<DateTime<Utc>>,
+    stage_count: Option<i32>,
+    last_success_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    last_error_at: Option<DateTime<Utc>>,
+}
+
+impl Line {
+    fn new(tenant: &str, crm: &str, state: &str) -> Line {
+        Line {
+            tenant: tenant.into(),
+            crm: crm.into(),
+            state: state.into(),
+            token_expires_at: None,
+            stages_synced_at: None,
+            stage_count: None,
+            last_success_at: None,
+            last_error: None,
+            last_error_at: None,
+        }
+    }
+}
+
+pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
+    let loaded = config::load(&global.config, &super::load_options(global));
+    let pools = Pools::new(PoolSettings::default());
+    let mut lines = Vec::new();
+    for file in loaded.files.iter().filter(|f| args.tenant.is_none() || f.slug == args.tenant) {
+        let name = file.name();
+        let Some(tenant) = &file.tenant else {
+            let mut line = Line::new(&name, "-", "invalid_config");
+            line.last_error = file.problems.iter().find(|p| p.is_error()).map(|p| p.to_string());
+            lines.push(line);
+            continue;
+        };
+        let mut crms = Vec::new();
+        if tenant.amocrm.is_some() {
+            crms.push("amocrm");
+        }
+        if tenant.bitrix24.is_some() {
+            crms.push("bitrix24");
+        }
+        match read(&pools, tenant).await {
+            Ok((rows, expires)) => {
+                for crm in crms {
+                    let mut line = Line::new(&name, crm, "not_synced");
+                    if let Some(row) = rows.iter().find(|r| r.crm == crm) {
+                        line.state = row.state.clone();
+                        line.stages_synced_at = row.stages_synced_at;
+                        line.stage_count = row.stage_count;
+                        line.last_success_at = row.last_success_at;
+                        line.last_error = row.last_error.clone();
+                        line.last_error_at = row.last_error_at;
+                    }
+                    if crm == "amocrm" {
+                        line.token_expires_at = expires;
+                    }
+                    lines.push(line);
+                }
+            }
+            Err(e) => {
+                for crm in crms {
+                    let mut line = Line::new(&name, crm, "unknown");
+                    line.last_error = Some(e.clone());
+                    lines.push(line);
+                }
+            }
+        }
+    }
+    if args.json {
+        match serde_json::to_string_pretty(&lines) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("crm-connect: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print_table(&lines);
+    }
+    ExitCode::SUCCESS
+}
+
+/// The status rows and the AmoCRM token expiry; the tables may not exist yet.
+async fn read(
+    pools: &Pools,
+    tenant: &config::TenantConfig,
+) -> Result<(Vec<queries::StatusRow>, Option<DateTime<Utc>>), String> {
+    let db = pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
+    let client = db.client().await.map_err(|e| e.to_string())?;
+    let rows = match queries::read_statuses(&**client).await {
+        Ok(rows) => rows,
+        // Never synced: the tables are not there yet.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok((Vec::new(), None)),
+        Err(e) => return Err(db.query_error("reading status", e).to_string()),
+    };
+    let expires = queries::read_tokens(&**client).await.map(|t| t.expires_at).unwrap_or_default();
+    Ok((rows, expires))
+}
+
+fn print_table(lines: &[Line]) {
+    let time = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+    let rows: Vec<[String; 6]> = lines
+        .iter()
+        .map(|l| {
+            [
+                l.tenant.clone(),
+                l.crm.clone(),
+                l.state.clone(),
+                time(l.token_expires_at),
+                match (l.stages_synced_at, l.stage_count) {
+                    (Some(at), Some(n)) => format!("{n} at {}", time(Some(at))),
+                    _ => "-".into(),
+                },
+                l.last_error.as_ref().map_or("-".into(), |e| format!("{} ({})", e, time(l.last_error_at))),
+            ]
+        })
+        .collect();
+    super::stages::print_columns(&["TENANT", "CRM", "STATE", "TOKEN EXPIRES", "STAGES", "LAST ERROR"], &rows);
+}

@@ -1,0 +1,61 @@
+//! `crm-connect test-lead`: one test lead "Тест crm-connect" in the tenant's
+//! test pipeline, as the runbook's last step did; prints its id.
+
+use std::process::ExitCode;
+
+use crate::cli::{CrmArg, GlobalArgs, TestLeadArgs};
+use crate::context::Context;
+use crate::crm::CrmError;
+use crate::crm::amocrm::AmoClient;
+use crate::db::{self, PoolSettings};
+use crate::tokens;
+
+pub const TEST_LEAD_NAME: &str = "Тест crm-connect";
+
+pub async fn run(global: &GlobalArgs, args: &TestLeadArgs) -> ExitCode {
+    match create(global, args).await {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("crm-connect: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn create(global: &GlobalArgs, args: &TestLeadArgs) -> Result<String, String> {
+    let tenant = super::load_tenant(global, &args.tenant)?;
+    let crm = match (args.crm, &tenant.amocrm, &tenant.bitrix24) {
+        (Some(crm), _, _) => crm,
+        (None, Some(_), None) => CrmArg::Amocrm,
+        (None, None, Some(_)) => CrmArg::Bitrix24,
+        (None, Some(_), Some(_)) => return Err("the tenant uses both CRMs: choose one with --crm".into()),
+        (None, None, None) => return Err("the tenant configures no CRM".into()),
+    };
+    if crm == CrmArg::Bitrix24 {
+        return Err("test leads in Bitrix24 are not supported yet".into());
+    }
+    let amo = tenant.amocrm.as_ref().ok_or("the tenant has no [amocrm] table")?;
+    let pipeline_id =
+        amo.test_pipeline_id.ok_or("set `amocrm.test_pipeline_id` to the pipeline the test lead goes to")?;
+    let ctx = Context::new(PoolSettings::default());
+    let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
+    db::migrate(&db).await.map_err(|e| e.to_string())?;
+    let margin = tenant.schedule.token_refresh_margin;
+    let mut tokens =
+        tokens::refresh_if_due(&ctx, &tenant.slug, &db, amo, margin, None).await.map_err(|e| e.to_string())?;
+    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let id = match api.create_lead(&tokens.access, TEST_LEAD_NAME, pipeline_id).await {
+        Err(CrmError::Unauthorized { .. }) => {
+            tokens = tokens::refresh_if_due(&ctx, &tenant.slug, &db, amo, margin, Some(&tokens.access))
+                .await
+                .map_err(|e| e.to_string())?;
+            api.create_lead(&tokens.access, TEST_LEAD_NAME, pipeline_id).await
+        }
+        other => other,
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(format!("created AmoCRM lead {id} \"{TEST_LEAD_NAME}\" in pipeline {pipeline_id}"))
+}

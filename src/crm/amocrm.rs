@@ -1,0 +1,307 @@
+//! The AmoCRM (Kommo) API v4 client: the OAuth token endpoint, the account
+//! check, pipelines with their statuses, and test leads. Wire formats are
+//! private here; callers get model types. At most 7 requests per second per
+//! account leave this process (see `http`).
+
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::http::{RawResponse, RetryPolicy, retrying};
+use super::{CrmError, Http};
+use crate::config::AmoCrmConfig;
+use crate::model::{AmoStage, Tokens};
+use crate::secret::Secret;
+
+/// Following `_links.next` stops here; AmoCRM documents at most 50 pipelines.
+const MAX_PAGES: usize = 100;
+
+/// The integration's credentials, needed by every token request.
+pub struct Credentials<'a> {
+    pub client_id: &'a str,
+    pub client_secret: &'a Secret,
+    pub redirect_uri: &'a str,
+}
+
+impl<'a> Credentials<'a> {
+    pub fn of(config: &'a AmoCrmConfig) -> Result<Credentials<'a>, CrmError> {
+        match (&config.client_id, &config.client_secret, &config.redirect_uri) {
+            (Some(client_id), Some(client_secret), Some(redirect_uri)) => {
+                Ok(Credentials { client_id, client_secret, redirect_uri })
+            }
+            _ => Err(CrmError::Config("client_id, client_secret and redirect_uri are needed to obtain tokens".into())),
+        }
+    }
+}
+
+/// The account an access token belongs to.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Account {
+    pub id: i64,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub subdomain: String,
+}
+
+pub struct AmoClient<'h> {
+    http: &'h Http,
+    base: String,
+    /// Rate-limit key: one budget per account host.
+    account: String,
+    retry: RetryPolicy,
+}
+
+impl<'h> AmoClient<'h> {
+    pub fn new(http: &'h Http, config: &AmoCrmConfig) -> AmoClient<'h> {
+        let base = match &config.base_url {
+            Some(url) => url.as_str().trim_end_matches('/').to_string(),
+            None => format!("https://{}.{}", config.subdomain, config.domain.as_str()),
+        };
+        let account = base.split("://").nth(1).unwrap_or(&base).to_string();
+        AmoClient { http, base, account, retry: RetryPolicy::default() }
+    }
+
+    /// Shortens the retry deadline (a one-shot command wants an answer).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// `https://acme.amocrm.ru`: the account's API host, for messages.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Exchanges a one-time authorization code for tokens.
+    pub async fn exchange_code(&self, credentials: &Credentials<'_>, code: &Secret) -> Result<Tokens, CrmError> {
+        self.token_request(credentials, "authorization_code", "code", code).await
+    }
+
+    /// Trades a refresh token for a new pair; the old refresh token dies.
+    pub async fn refresh(&self, credentials: &Credentials<'_>, refresh_token: &Secret) -> Result<Tokens, CrmError> {
+        self.token_request(credentials, "refresh_token", "refresh_token", refresh_token).await
+    }
+
+    async fn token_request(
+        &self,
+        credentials: &Credentials<'_>,
+        grant_type: &str,
+        grant_key: &str,
+        grant: &Secret,
+    ) -> Result<Tokens, CrmError> {
+        let url = format!("{}/oauth2/access_token", self.base);
+        let body = json!({
+            "client_id": credentials.client_id,
+            "client_secret": credentials.client_secret.expose(),
+            "grant_type": grant_type,
+            grant_key: grant.expose(),
+            "redirect_uri": credentials.redirect_uri,
+        });
+        // A token request holds the `config` row lock while it runs: retry
+        // it for less long than an API call.
+        let policy = RetryPolicy { deadline: self.retry.deadline.min(Duration::from_secs(60)), ..self.retry };
+        let response = retrying(policy, || async {
+            let response = self.http.send_amocrm(&self.account, self.http.client().post(&url).json(&body)).await?;
+            match response.status {
+                200..=299 => Ok(response),
+                // Any 4xx: this grant is dead; sending it again cannot help.
+                400..=499 if response.status != 429 => {
+                    Err(CrmError::GrantRejected { status: response.status, reason: response.summary() })
+                }
+                _ => Err(status_error(&response)),
+            }
+        })
+        .await?;
+        let wire: TokenResponse = response.json()?;
+        if wire.access_token.is_empty() || wire.expires_in <= 0 {
+            return Err(CrmError::Malformed("the token response has no access token or no positive expires_in".into()));
+        }
+        Ok(Tokens {
+            access: Secret::new(wire.access_token),
+            refresh: wire.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
+            expires_at: Utc::now() + chrono::Duration::seconds(wire.expires_in),
+        })
+    }
+
+    pub async fn account(&self, access: &Secret) -> Result<Account, CrmError> {
+        let response = self.get(&format!("{}/api/v4/account", self.base), access).await?;
+        response.json()
+    }
+
+    /// Every status of every pipeline, following `_links.next` if present.
+    pub async fn pipelines(&self, access: &Secret) -> Result<Vec<AmoStage>, CrmError> {
+        let mut stages = Vec::new();
+        let mut url = format!("{}/api/v4/leads/pipelines", self.base);
+        for _ in 0..MAX_PAGES {
+            let response = self.get(&url, access).await?;
+            if response.status == 204 {
+                break;
+            }
+            let page: PipelinesPage = response.json()?;
+            for pipeline in page.embedded.pipelines {
+                for status in pipeline.embedded.statuses {
+                    stages.push(AmoStage {
+                        pipeline_id: pipeline.id,
+                        pipeline_name: pipeline.name.clone(),
+                        pipeline_is_main: pipeline.is_main,
+                        status_id: status.id,
+                        status_name: status.name,
+                        status_sort: status.sort,
+                        status_type: status.status_type,
+                    });
+                }
+            }
+            match page.links.and_then(|l| l.next).map(|n| n.href) {
+                // The token goes only to the account's own host.
+                Some(next) if next.starts_with(&format!("{}/", self.base)) => url = next,
+                Some(_) => return Err(CrmError::Malformed("`_links.next` points to another host".into())),
+                None => return Ok(stages),
+            }
+        }
+        Ok(stages)
+    }
+
+    /// Creates one lead and returns its id.
+    pub async fn create_lead(&self, access: &Secret, name: &str, pipeline_id: i64) -> Result<i64, CrmError> {
+        let url = format!("{}/api/v4/leads", self.base);
+        let body = json!([{ "name": name, "pipeline_id": pipeline_id }]);
+        // Not retried: a lost answer must not create a second lead.
+        let response = self
+            .http
+            .send_amocrm(&self.account, self.http.client().post(&url).bearer_auth(access.expose()).json(&body))
+            .await?;
+        let response = check_api(response)?;
+        let created: LeadsCreated = response.json()?;
+        created
+            .embedded
+            .leads
+            .first()
+            .map(|l| l.id)
+            .ok_or_else(|| CrmError::Malformed("the answer lists no created lead".into()))
+    }
+
+    async fn get(&self, url: &str, access: &Secret) -> Result<RawResponse, CrmError> {
+        retrying(self.retry, || async {
+            let request = self.http.client().get(url).bearer_auth(access.expose());
+            check_api(self.http.send_amocrm(&self.account, request).await?)
+        })
+        .await
+    }
+}
+
+fn check_api(response: RawResponse) -> Result<RawResponse, CrmError> {
+    match response.status {
+        200..=299 => Ok(response),
+        401 => Err(CrmError::Unauthorized { reason: response.summary() }),
+        _ => Err(status_error(&response)),
+    }
+}
+
+/// 429 and 5xx are worth another try; 403 means the account or address is
+/// blocked, where more requests only make it worse.
+fn status_error(response: &RawResponse) -> CrmError {
+    let transient = response.status == 429 || response.status >= 500;
+    CrmError::Status { status: response.status, reason: response.summary(), transient }
+}
+
+/// The `exp` claim of a JWT access token (a long-lived token's expiry).
+pub fn jwt_expiry(token: &str) -> Option<DateTime<Utc>> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_i64().or_else(|| claims.get("exp")?.as_f64().map(|f| f as i64))?;
+    Utc.timestamp_opt(exp, 0).single()
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in: i64,
+}
+
+#[derive(Deserialize)]
+struct PipelinesPage {
+    #[serde(rename = "_embedded")]
+    embedded: PipelinesEmbedded,
+    #[serde(rename = "_links")]
+    links: Option<Links>,
+}
+
+#[derive(Deserialize)]
+struct PipelinesEmbedded {
+    pipelines: Vec<Pipeline>,
+}
+
+#[derive(Deserialize)]
+struct Pipeline {
+    id: i64,
+    name: String,
+    #[serde(default)]
+    is_main: bool,
+    #[serde(rename = "_embedded")]
+    embedded: StatusesEmbedded,
+}
+
+#[derive(Deserialize)]
+struct StatusesEmbedded {
+    statuses: Vec<Status>,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    id: i64,
+    name: String,
+    #[serde(default)]
+    sort: i32,
+    #[serde(rename = "type", default)]
+    status_type: i32,
+}
+
+#[derive(Deserialize)]
+struct Links {
+    next: Option<Link>,
+}
+
+#[derive(Deserialize)]
+struct Link {
+    href: String,
+}
+
+#[derive(Deserialize)]
+struct LeadsCreated {
+    #[serde(rename = "_embedded")]
+    embedded: LeadsEmbedded,
+}
+
+#[derive(Deserialize)]
+struct LeadsEmbedded {
+    leads: Vec<CreatedLead>,
+}
+
+#[derive(Deserialize)]
+struct CreatedLead {
+    id: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_expiry_of_a_jwt_is_its_exp_claim() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(r#"{"exp":1893456000,"api_domain":"api-b.amocrm.ru"}"#)
+        );
+        assert_eq!(jwt_expiry(&token), Utc.timestamp_opt(1893456000, 0).single());
+        assert_eq!(jwt_expiry("not-a-jwt"), None);
+        assert_eq!(jwt_expiry(&format!("x.{}.y", b64("{}"))), None);
+    }
+}

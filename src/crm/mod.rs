@@ -1,0 +1,41 @@
+//! The CRM clients: one module per CRM, and the shared HTTP layer (rate
+//! limits, retries, bounded bodies, error bodies read whatever their shape).
+//! Wire formats stay private to the CRM modules; they return model types.
+
+pub mod amocrm;
+mod http;
+
+pub use http::{Http, RetryPolicy};
+
+/// Why a CRM call failed. Messages never hold a token, a client secret or a
+/// webhook URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CrmError {
+    #[error("network error: {0}")]
+    Network(String),
+    #[error("HTTP {status}: {reason}")]
+    Status { status: u16, reason: String, transient: bool },
+    /// The token endpoint answered 4xx: this code or refresh token is dead.
+    #[error("authorization rejected (HTTP {status}): {reason}")]
+    GrantRejected { status: u16, reason: String },
+    /// The API refused the access token.
+    #[error("access token rejected (HTTP 401): {reason}")]
+    Unauthorized { reason: String },
+    #[error("unexpected response: {0}")]
+    Malformed(String),
+    #[error("response larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("{0}")]
+    Config(String),
+}
+
+impl CrmError {
+    /// Worth retrying with backoff: network errors, timeouts, 5xx, 429.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CrmError::Network(_) => true,
+            CrmError::Status { transient, .. } => *transient,
+            _ => false,
+        }
+    }
+}

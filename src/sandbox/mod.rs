@@ -1,0 +1,316 @@
+//! In-process emulators of the CRM APIs ("sandboxes") for tests and the demo,
+//! and the HTTP plumbing they share: a loopback server whose connections can
+//! be dropped on purpose, and the pipeline in front of each CRM's handler
+//! (request log, injected faults, rate limit).
+
+pub mod amocrm;
+pub mod faults;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::serve::{IncomingStream, Listener};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use faults::{Fault, Faults, RecordedRequest, RequestLog, TOO_MANY_REQUESTS_PAGE};
+
+/// Request bodies above this are refused; no CRM call comes near it.
+const BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// A sandbox's state stays usable after a panicking test thread poisoned it.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A CRM's own answer to a request that got past faults and the rate limit.
+/// Synchronous, so no lock is ever held across an await.
+pub(crate) type Handler = dyn Fn(&RecordedRequest) -> Response + Send + Sync;
+
+/// A response with a body and, unless empty, a content type.
+pub(crate) fn respond(status: u16, content_type: &str, body: impl Into<Body>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, body.into()).into_response();
+    if let Ok(value) = HeaderValue::from_str(content_type)
+        && !content_type.is_empty()
+    {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// Requests per second over a sliding one-second window; over the limit a
+/// request is refused and counted as a violation. Refused requests do not
+/// occupy the window, so a client that backs off recovers after a second.
+#[derive(Debug)]
+struct RateLimit {
+    per_sec: u32,
+    admitted: Mutex<VecDeque<Instant>>,
+    violations: AtomicUsize,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32) -> RateLimit {
+        RateLimit { per_sec, admitted: Mutex::new(VecDeque::new()), violations: AtomicUsize::new(0) }
+    }
+
+    fn admit(&self) -> bool {
+        if self.per_sec == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut admitted = lock(&self.admitted);
+        while admitted.front().is_some_and(|first| now.duration_since(*first) >= Duration::from_secs(1)) {
+            admitted.pop_front();
+        }
+        if admitted.len() >= self.per_sec as usize {
+            self.violations.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        admitted.push_back(now);
+        true
+    }
+}
+
+/// What stands between the network and a CRM handler.
+#[derive(Debug)]
+pub(crate) struct Front {
+    pub(crate) faults: Faults,
+    pub(crate) log: RequestLog,
+    rate: RateLimit,
+}
+
+impl Front {
+    /// `rate_limit_per_sec` 0 turns the limit off.
+    pub(crate) fn new(rate_limit_per_sec: u32) -> Front {
+        Front { faults: Faults::default(), log: RequestLog::default(), rate: RateLimit::new(rate_limit_per_sec) }
+    }
+
+    pub(crate) fn violations(&self) -> usize {
+        self.rate.violations.load(Ordering::Relaxed)
+    }
+
+    async fn answer(&self, request: Request, connection: &Connection, handler: &Handler) -> Response {
+        let (mut recorded, readable) = read_request(request).await;
+        let (status, response) = if readable {
+            self.answer_readable(&recorded, connection, handler).await
+        } else {
+            (400, respond(400, "", Body::empty()))
+        };
+        recorded.status = status;
+        self.log.record(recorded);
+        response
+    }
+
+    /// Injected faults come first and, apart from a delay, replace the
+    /// normal answer without touching the rate limit or the CRM state.
+    async fn answer_readable(
+        &self,
+        request: &RecordedRequest,
+        connection: &Connection,
+        handler: &Handler,
+    ) -> (u16, Response) {
+        match self.faults.take(&request.path) {
+            None => self.admit_then(request, handler),
+            Some(Fault::Delay(pause)) => {
+                tokio::time::sleep(pause).await;
+                self.admit_then(request, handler)
+            }
+            Some(Fault::Status { status, content_type, body }) => (status, respond(status, content_type, body)),
+            Some(Fault::TruncatedBody) => (200, respond(200, "application/json", Fault::truncated_body())),
+            Some(Fault::DropConnection) => {
+                connection.drop_now();
+                (0, respond(500, "", Body::empty()))
+            }
+        }
+    }
+
+    fn admit_then(&self, request: &RecordedRequest, handler: &Handler) -> (u16, Response) {
+        let response =
+            if self.rate.admit() { handler(request) } else { respond(429, "text/html", TOO_MANY_REQUESTS_PAGE) };
+        (response.status().as_u16(), response)
+    }
+}
+
+/// The request in loggable form, and whether its body could be read.
+async fn read_request(request: Request) -> (RecordedRequest, bool) {
+    let at = Instant::now();
+    let (parts, body) = request.into_parts();
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect();
+    let body = to_bytes(body, BODY_LIMIT).await;
+    let readable = body.is_ok();
+    let recorded = RecordedRequest {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        headers,
+        body: body.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default(),
+        status: 0,
+        at,
+    };
+    (recorded, readable)
+}
+
+/// One accepted connection's kill switch, shared by its stream and the
+/// requests it carries.
+#[derive(Clone, Debug, Default)]
+struct Connection {
+    dropped: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// From now on the stream reads end-of-file and refuses writes, so the
+    /// server closes it without sending what the handler answered.
+    fn drop_now(&self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+
+    fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+impl Connected<IncomingStream<'_, DroppableListener>> for Connection {
+    fn connect_info(stream: IncomingStream<'_, DroppableListener>) -> Self {
+        stream.io().connection.clone()
+    }
+}
+
+struct DroppableStream {
+    inner: TcpStream,
+    connection: Connection,
+}
+
+fn aborted() -> io::Error {
+    io::Error::from(io::ErrorKind::ConnectionAborted)
+}
+
+impl AsyncRead for DroppableStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.connection.is_dropped() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for DroppableStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.connection.is_dropped() {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.connection.is_dropped() {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+struct DroppableListener {
+    inner: TcpListener,
+}
+
+impl Listener for DroppableListener {
+    type Io = DroppableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((inner, peer)) => return (DroppableStream { inner, connection: Connection::default() }, peer),
+                // Out of file descriptors and the like: give the system a moment.
+                Err(error) => {
+                    tracing::warn!(%error, "sandbox accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A loopback port reserved before serving, so a sandbox can put its own
+/// absolute URL into the state its handler answers from.
+pub(crate) struct Bound {
+    listener: TcpListener,
+    base_url: String,
+}
+
+impl Bound {
+    pub(crate) async fn loopback() -> io::Result<Bound> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let base_url = format!("http://{}", listener.local_addr()?);
+        Ok(Bound { listener, base_url })
+    }
+
+    pub(crate) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Serves every path through `front` and then `handler` until the
+    /// returned `Server` is dropped.
+    pub(crate) fn serve(self, front: Arc<Front>, handler: Arc<Handler>) -> Server {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let app = Router::new()
+            .fallback(entry)
+            .with_state(App { front, handler })
+            .into_make_service_with_connect_info::<Connection>();
+        let listener = DroppableListener { inner: self.listener };
+        tokio::spawn(async move {
+            let shutdown = async {
+                // A dropped sender means the sandbox is gone: stop as well.
+                let _ = stopped.await;
+            };
+            if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::warn!(%error, "sandbox server stopped");
+            }
+        });
+        Server { _stop: stop }
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    front: Arc<Front>,
+    handler: Arc<Handler>,
+}
+
+async fn entry(State(app): State<App>, ConnectInfo(connection): ConnectInfo<Connection>, request: Request) -> Response {
+    app.front.answer(request, &connection, app.handler.as_ref()).await
+}
+
+/// A running sandbox server; dropping it shuts the server down.
+pub(crate) struct Server {
+    _stop: oneshot::Sender<()>,
+}

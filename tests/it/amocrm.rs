@@ -1,0 +1,417 @@
+//! AmoCRM end to end against the sandbox and a real PostgreSQL: one code
+//! exchange, rotation-safe refreshes, stage sync with flags, and faults.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use crm_connect::apply::apply_tenant;
+use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
+use crm_connect::sandbox::faults::Fault;
+use crm_connect::tokens::{self, sha256_hex};
+use tokio_postgres::Client;
+
+use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, postgres::fresh_database, tenant, write};
+
+const QUALIFIED_BY_NAME: &str =
+    "[amocrm.stages]\nqualified = [{ pipeline = \"продажи\", stage = \"КВАЛИФИЦИРОВАН\" }]\n";
+
+async fn sandbox() -> AmoSandbox {
+    AmoSandbox::start(AmoSandboxConfig::default()).await.expect("the sandbox starts")
+}
+
+/// (pipeline, status id, name, qualified, success, fail, removed) of every stored stage.
+async fn stages(client: &Client) -> Vec<(String, i64, String, bool, bool, bool, bool)> {
+    client
+        .query(
+            "SELECT pipeline_name, status_id, status_name, is_qualified_stage, is_success_stage, is_fail_stage,
+                    removed_at IS NOT NULL
+             FROM amocrm_pipeline_stages ORDER BY pipeline_id, status_sort, status_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6)))
+        .collect()
+}
+
+async fn config_xmin(c: &Client) -> String {
+    c.query_one("SELECT xmin::text FROM config", &[]).await.unwrap().get(0)
+}
+
+async fn stage_xmins(c: &Client) -> Vec<String> {
+    c.query("SELECT xmin::text FROM amocrm_pipeline_stages ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn stored_access_token(client: &Client) -> String {
+    client.query_one("SELECT amocrm_access_token FROM config", &[]).await.unwrap().get(0)
+}
+
+async fn status(client: &Client) -> (String, Option<String>) {
+    let row =
+        client.query_one("SELECT state, last_error FROM crm_connect_status WHERE crm = 'amocrm'", &[]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn sync_exchanges_a_fresh_code_once_and_stores_tokens_and_every_stage() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let code = amo.issue_code();
+    write(
+        dir.path(),
+        "acme.toml",
+        &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{code}\"\n{QUALIFIED_BY_NAME}")),
+    );
+    let config = dir.path().to_str().unwrap();
+
+    let first = crm_connect(&["sync", "--config", config], &[]).await;
+    assert_eq!(first.code, 0, "{first:?}");
+    assert!(first.stdout.contains("acme: amocrm connected, 12 stages, stages changed"), "{}", first.stdout);
+
+    let client = connect(&db.url).await;
+    let row = client
+        .query_one(
+            "SELECT amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at, amocrm_auth_code_sha256
+             FROM config",
+            &[],
+        )
+        .await
+        .unwrap();
+    let access: String = row.get(0);
+    assert!(amo.is_access_token_valid(&access));
+    assert!(!row.get::<_, String>(1).is_empty());
+    let expires: chrono::DateTime<Utc> = row.get(2);
+    let expected = Utc::now() + chrono::Duration::seconds(86_400);
+    assert!((expires - expected).num_seconds().abs() < 120, "expiry {expires}, expected about {expected}");
+    assert_eq!(row.get::<_, String>(3), sha256_hex(&crm_connect::secret::Secret::new(code.clone())));
+
+    let stored = stages(&client).await;
+    assert_eq!(stored.len(), 12, "{stored:#?}");
+    for pipeline in ["Воронка", "Продажи"] {
+        let of =
+            |id: i64| stored.iter().find(|s| s.0 == pipeline && s.1 == id).unwrap_or_else(|| panic!("{pipeline} {id}"));
+        assert_eq!((of(142).4, of(142).5), (true, false), "142 is success in {pipeline}");
+        assert_eq!((of(143).4, of(143).5), (false, true), "143 is fail in {pipeline}");
+    }
+    let qualified: Vec<_> = stored.iter().filter(|s| s.3).map(|s| (s.0.as_str(), s.2.as_str())).collect();
+    assert_eq!(qualified, [("Продажи", "Квалифицирован")]);
+    assert_eq!(status(&client).await.0, "connected");
+
+    let (config_before, stages_before) = (config_xmin(&client).await, stage_xmins(&client).await);
+    let events_before: i64 = client.query_one("SELECT count(*) FROM crm_connect_events", &[]).await.unwrap().get(0);
+
+    let second = crm_connect(&["sync", "--config", config], &[]).await;
+    assert_eq!(second.code, 0, "{second:?}");
+    assert!(second.stdout.contains("acme: amocrm connected, 12 stages, stages unchanged"), "{}", second.stdout);
+    assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
+    assert_eq!(config_xmin(&client).await, config_before, "the second sync wrote config");
+    assert_eq!(stage_xmins(&client).await, stages_before, "the second sync wrote stages");
+    let events_after: i64 = client.query_one("SELECT count(*) FROM crm_connect_events", &[]).await.unwrap().get(0);
+    assert_eq!(events_after, events_before);
+    assert_eq!(amo.violations(), 0);
+}
+
+#[tokio::test]
+async fn two_processes_refreshing_one_tenant_at_once_make_exactly_one_refresh() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
+    let tenant = tenant("acme", &text);
+    let amo_config = tenant.amocrm.clone().unwrap();
+    apply_tenant(&fast_context(), &tenant).await.unwrap();
+    let client = connect(&db.url).await;
+
+    for round in 1..=3 {
+        client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
+        // Separate contexts have separate pools: two sessions, as two daemons.
+        let (a, b) = (fast_context(), fast_context());
+        let dba = a.pools.get("acme", &tenant.database_url).unwrap();
+        let dbb = b.pools.get("acme", &tenant.database_url).unwrap();
+        let margin = Duration::from_secs(3600);
+        let (ra, rb) = tokio::join!(
+            tokens::refresh_if_due(&a, "acme", &dba, &amo_config, margin, None),
+            tokens::refresh_if_due(&b, "acme", &dbb, &amo_config, margin, None),
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.access, rb.access, "both end with the same pair");
+        assert_eq!(amo.token_stats().refreshed, round);
+        assert_eq!(amo.token_stats().refresh_rejected, 0);
+        assert_eq!(stored_access_token(&client).await, ra.access.expose());
+    }
+}
+
+#[tokio::test]
+async fn two_sync_commands_at_once_send_the_code_once() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "acme.toml",
+        &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code())),
+    );
+    let config = dir.path().to_str().unwrap();
+    let args = ["sync", "--config", config];
+    let (a, b) = tokio::join!(crm_connect(&args, &[]), crm_connect(&args, &[]));
+    assert_eq!((a.code, b.code), (0, 0), "{a:?}\n{b:?}");
+    assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
+}
+
+#[tokio::test]
+async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
+    let tenant = tenant("acme", &text);
+    let amo_config = tenant.amocrm.clone().unwrap();
+    let ctx = fast_context();
+    apply_tenant(&ctx, &tenant).await.unwrap();
+    let admin = connect(&crate::support::postgres::admin_url().await).await;
+    let client = connect(&db.url).await;
+    client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
+    drop(client);
+
+    // The token endpoint answers late; meanwhile the database goes away.
+    amo.faults().inject("/oauth2/access_token", Fault::Delay(Duration::from_millis(1500)), 1);
+    let tenant_db = ctx.pools.get("acme", &tenant.database_url).unwrap();
+    let refresh = {
+        let (ctx, amo_config, tenant_db) = (ctx.clone(), amo_config.clone(), tenant_db.clone());
+        tokio::spawn(async move {
+            tokens::refresh_if_due(&ctx, "acme", &tenant_db, &amo_config, Duration::from_secs(3600), None).await
+        })
+    };
+    // The refresh holds the row lock while the CRM answers: its session sits
+    // "idle in transaction" on the server, which is when the database goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = 'idle in transaction'",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the refresh never took the row lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let name = db.name.as_str();
+    admin.execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false"), &[]).await.unwrap();
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&name]).await.unwrap();
+
+    let new = refresh.await.unwrap().expect("the refreshed pair is usable even though it is not stored");
+    assert!(ctx.pending.contains("acme"), "the pair is kept in memory");
+    assert!(amo.is_access_token_valid(new.access.expose()));
+
+    // No second refresh while the pair waits: the next attempt only tries to store it.
+    let again = tokens::refresh_if_due(&ctx, "acme", &tenant_db, &amo_config, Duration::from_secs(3600), None).await;
+    assert!(again.is_err(), "the database is still down");
+    assert_eq!(amo.token_stats().refreshed, 1);
+
+    admin.execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"), &[]).await.unwrap();
+    tokens::store_pending_until(&ctx, "acme", &tenant_db, Duration::from_secs(20)).await.unwrap();
+    assert!(!ctx.pending.contains("acme"));
+    let client = connect(&db.url).await;
+    assert_eq!(stored_access_token(&client).await, new.access.expose());
+    assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, refreshed: 1, ..TokenStats::default() });
+}
+
+#[tokio::test]
+async fn storms_of_429_and_5xx_end_in_completed_syncs_without_a_rate_limit_violation() {
+    let amo = sandbox().await;
+    let ctx = fast_context();
+    let mut tenants = Vec::new();
+    for i in 0..6 {
+        let db = fresh_database().await;
+        let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
+        tenants.push(tenant(&format!("t{i}"), &text));
+    }
+    amo.faults().inject("/api/v4/leads/pipelines", Fault::server_error(), 4);
+    amo.faults().inject("/api/v4/leads/pipelines", Fault::too_many_requests(), 3);
+    amo.faults().inject("/api/v4/account", Fault::DropConnection, 2);
+    amo.faults().inject("/oauth2/access_token", Fault::server_error(), 2);
+    let mut runs = tokio::task::JoinSet::new();
+    for tenant in tenants {
+        let ctx = ctx.clone();
+        runs.spawn(async move { apply_tenant(&ctx, &tenant).await });
+    }
+    while let Some(done) = runs.join_next().await {
+        let applied = done.unwrap().unwrap();
+        assert!(!applied.failed(), "{:?}", applied.crms);
+    }
+    assert_eq!(amo.violations(), 0, "the sandbox saw more than 7 requests in a second");
+    assert_eq!(amo.token_stats().exchanged, 6);
+}
+
+#[tokio::test]
+async fn an_unknown_stage_reference_keeps_the_flags_and_names_the_closest_stage() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let code = format!("authorization_code = \"{}\"\n", amo.issue_code());
+    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, &format!("{code}{QUALIFIED_BY_NAME}")));
+    let config = dir.path().to_str().unwrap();
+    assert_eq!(crm_connect(&["sync", "--config", config], &[]).await.code, 0);
+    let client = connect(&db.url).await;
+    let before = stages(&client).await;
+
+    let typo =
+        "[amocrm.stages]\nqualified = [{ pipeline = \"Продажи\", stage = \"Квалифицированный\" }]\nsuccess = [142]\n";
+    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, &format!("{code}{typo}")));
+    let run = crm_connect(&["sync", "--config", config], &[]).await;
+
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(stages(&client).await, before, "flags must stay as they were");
+    let (state, error) = status(&client).await;
+    assert_eq!(state, "error");
+    let error = error.unwrap();
+    assert!(error.contains("\"Продажи\" / \"Квалифицированный\" matches no stage"), "{error}");
+    assert!(error.contains("closest: \"Продажи\" / \"Квалифицирован\""), "{error}");
+    let events: i64 = client
+        .query_one("SELECT count(*) FROM crm_connect_events WHERE kind = 'mapping_error'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 1);
+    assert!(run.stdout.contains("matches no stage"), "{}", run.stdout);
+}
+
+#[tokio::test]
+async fn a_rejected_code_is_recorded_and_never_sent_again() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, "authorization_code = \"never-issued\""));
+    let config = dir.path().to_str().unwrap();
+    let first = crm_connect(&["sync", "--config", config], &[]).await;
+    assert_eq!(first.code, 1, "{first:?}");
+    let rejected = "acme: amocrm needs_authorization: the authorization code was rejected";
+    assert!(first.stdout.contains(rejected), "{}", first.stdout);
+    let second = crm_connect(&["sync", "--config", config], &[]).await;
+    assert_eq!(second.code, 1, "{second:?}");
+    assert!(second.stdout.contains("was already sent once"), "{}", second.stdout);
+    assert_eq!(amo.token_stats(), TokenStats { exchange_rejected: 1, ..TokenStats::default() });
+    let client = connect(&db.url).await;
+    assert_eq!(status(&client).await.0, "needs_authorization");
+}
+
+#[tokio::test]
+async fn an_access_token_refused_by_the_api_is_refreshed_once_and_the_call_retried() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
+    let tenant = tenant("acme", &text);
+    let ctx = fast_context();
+    apply_tenant(&ctx, &tenant).await.unwrap();
+    // The CRM's clock passes the access token's expiry; ours does not know.
+    amo.advance_clock(Duration::from_secs(2 * 86_400));
+    let applied = apply_tenant(&ctx, &tenant).await.unwrap();
+    assert!(!applied.failed(), "{:?}", applied.crms);
+    assert_eq!(amo.token_stats().refreshed, 1);
+    let unauthorized = amo.requests().iter().filter(|r| r.status == 401).count();
+    assert_eq!(unauthorized, 1);
+}
+
+#[tokio::test]
+async fn a_rejected_refresh_leaves_needs_authorization_and_keeps_the_tokens() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
+    let tenant = tenant("acme", &text);
+    let ctx = fast_context();
+    apply_tenant(&ctx, &tenant).await.unwrap();
+    let client = connect(&db.url).await;
+    let before = stored_access_token(&client).await;
+    amo.revoke_all_tokens();
+    client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
+
+    let applied = apply_tenant(&ctx, &tenant).await.unwrap();
+    assert!(applied.failed());
+    assert_eq!(status(&client).await.0, "needs_authorization");
+    assert_eq!(stored_access_token(&client).await, before, "stored tokens are never dropped");
+    // No further attempts until a new code or token arrives.
+    apply_tenant(&ctx, &tenant).await.unwrap();
+    assert_eq!(amo.token_stats().refresh_rejected, 1);
+}
+
+#[tokio::test]
+async fn a_long_lived_token_is_stored_with_the_expiry_of_its_jwt() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let token = amo.issue_long_lived_token(Duration::from_secs(365 * 86_400));
+    let c = amo.config();
+    let text = format!(
+        "[tenant]\ndatabase_url = \"{}\"\n[amocrm]\nsubdomain = \"{}\"\nbase_url = \"{}\"\nlong_lived_token = \"{token}\"\n",
+        db.url,
+        c.subdomain,
+        amo.base_url()
+    );
+    let applied = apply_tenant(&fast_context(), &tenant("acme", &text)).await.unwrap();
+    assert!(!applied.failed(), "{:?}", applied.crms);
+    let client = connect(&db.url).await;
+    let row = client
+        .query_one("SELECT amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at FROM config", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), token);
+    assert_eq!(row.get::<_, Option<String>>(1), None);
+    let expires: chrono::DateTime<Utc> = row.get(2);
+    assert_eq!(Some(expires), crm_connect::crm::amocrm::jwt_expiry(&token));
+    assert_eq!(amo.token_stats(), TokenStats::default(), "no token request for a long-lived token");
+}
+
+#[tokio::test]
+async fn authorize_test_lead_status_and_stages_work_from_the_command_line() {
+    let amo = sandbox().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = AmoSandbox::default_pipelines()[1].id;
+    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, &format!("test_pipeline_id = {pipeline}")));
+    let config = dir.path().to_str().unwrap();
+    let code = amo.issue_code();
+
+    let authorize = crm_connect(&["authorize", "--config", config, "--tenant", "acme", "--code", &code], &[]).await;
+    assert_eq!(authorize.code, 0, "{authorize:?}");
+    assert!(!authorize.output().contains(&code));
+    let again = crm_connect(&["authorize", "--config", config, "--tenant", "acme", "--code", &code], &[]).await;
+    assert_eq!(again.code, 1, "{again:?}");
+    assert_eq!(amo.token_stats().exchanged, 1, "a code is sent once");
+
+    let lead = crm_connect(&["test-lead", "--config", config, "--tenant", "acme", "--crm", "amocrm"], &[]).await;
+    assert_eq!(lead.code, 0, "{lead:?}");
+    let leads = amo.leads();
+    assert_eq!(leads.len(), 1);
+    assert_eq!((leads[0].name.as_str(), leads[0].pipeline_id), ("Тест crm-connect", pipeline));
+    assert!(lead.stdout.contains(&leads[0].id.to_string()), "{}", lead.stdout);
+
+    assert_eq!(crm_connect(&["sync", "--config", config], &[]).await.code, 0);
+    let status = crm_connect(&["status", "--config", config, "--json"], &[]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    let json: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(json[0]["tenant"], "acme");
+    assert_eq!(json[0]["state"], "connected");
+    assert_eq!(json[0]["stage_count"], 12);
+    assert!(json[0]["token_expires_at"].is_string());
+    let table = crm_connect(&["status", "--config", config], &[]).await;
+    assert!(table.stdout.contains("acme") && table.stdout.contains("connected"), "{}", table.stdout);
+
+    let stages = crm_connect(&["stages", "--config", config, "--tenant", "acme"], &[]).await;
+    assert_eq!(stages.code, 0, "{stages:?}");
+    assert!(stages.stdout.contains("Квалифицирован"), "{}", stages.stdout);
+    assert!(stages.stdout.lines().any(|l| l.contains("142") && l.contains("success")), "{}", stages.stdout);
+
+    for run in [&authorize, &lead, &status, &table, &stages] {
+        let access = stored_access_token(&connect(&db.url).await).await;
+        assert!(!run.output().contains(&access) && !run.output().contains(&amo.config().client_secret));
+    }
+}
