@@ -256,8 +256,7 @@ struct AuthCode {
     used: bool,
 }
 
-/// A pipeline as served: the unsorted status id is fixed when the pipelines
-/// are set, so it stays the same across requests.
+/// A pipeline as served, with the statuses the sandbox adds.
 struct ServedPipeline {
     pipeline: SandboxPipeline,
     statuses: Vec<SandboxStatus>,
@@ -305,17 +304,17 @@ fn secs(duration: Duration) -> i64 {
     i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
 }
 
-/// Adds the unsorted status (ids after every status id in use) and 142/143.
+/// Adds the unsorted status and 142/143. The unsorted status's id follows
+/// from its pipeline's id alone, so that, as in AmoCRM, it stays the same
+/// when other pipelines come and go.
 fn served_pipelines(pipelines: Vec<SandboxPipeline>) -> Vec<ServedPipeline> {
-    let highest = pipelines.iter().flat_map(|p| &p.statuses).map(|s| s.id).max().unwrap_or(0);
-    let mut next_id = highest.max(LOST_STATUS_ID).saturating_add(1);
     pipelines
         .into_iter()
         .map(|pipeline| {
             let mut statuses = Vec::new();
             if !pipeline.statuses.iter().any(|s| s.status_type == UNSORTED_TYPE) {
-                statuses.push(status(next_id, "Неразобранное", 10, UNSORTED_TYPE));
-                next_id = next_id.saturating_add(1);
+                let id = pipeline.id.saturating_mul(10).saturating_add(1);
+                statuses.push(status(id, "Неразобранное", 10, UNSORTED_TYPE));
             }
             statuses.extend(pipeline.statuses.iter().cloned());
             for (id, name, sort) in

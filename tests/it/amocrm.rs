@@ -415,3 +415,40 @@ async fn authorize_test_lead_status_and_stages_work_from_the_command_line() {
         assert!(!run.output().contains(&access) && !run.output().contains(&amo.config().client_secret));
     }
 }
+
+#[tokio::test]
+async fn vanished_stages_get_removed_at_and_lose_it_when_they_return_across_pages() {
+    let config = AmoSandboxConfig { pipelines_page_size: Some(1), ..AmoSandboxConfig::default() };
+    let amo = AmoSandbox::start(config).await.unwrap();
+    let db = fresh_database().await;
+    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
+    let tenant = tenant("acme", &text);
+    let ctx = fast_context();
+    apply_tenant(&ctx, &tenant).await.unwrap();
+    let client = connect(&db.url).await;
+    assert_eq!(stages(&client).await.len(), 12, "both pages were read");
+
+    let mut pipelines = AmoSandbox::default_pipelines();
+    let sales = pipelines.remove(1);
+    pipelines[0].statuses[0].name = "Первый контакт 🤝 «новый»".into();
+    amo.set_pipelines(pipelines);
+    apply_tenant(&ctx, &tenant).await.unwrap();
+    let now = stages(&client).await;
+    assert_eq!(now.iter().filter(|s| s.6).count(), 6, "the sales pipeline's rows are marked removed, not deleted");
+    assert!(now.iter().filter(|s| s.0 == "Продажи").all(|s| s.6));
+    assert!(now.iter().any(|s| s.2 == "Первый контакт 🤝 «новый»" && !s.6), "renamed byte-exact");
+
+    let mut pipelines = AmoSandbox::default_pipelines();
+    pipelines[1] = sales;
+    amo.set_pipelines(pipelines);
+    apply_tenant(&ctx, &tenant).await.unwrap();
+    assert_eq!(stages(&client).await.iter().filter(|s| s.6).count(), 0, "returning stages lose removed_at");
+    let kinds: Vec<String> = client
+        .query("SELECT kind FROM crm_connect_events WHERE kind = 'stages_changed' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kinds.len(), 3);
+}
