@@ -56,7 +56,7 @@ impl AmoDomain {
 }
 
 /// What a Bitrix24 tenant tracks: deals (with categories) or leads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EntityType {
     Deal,
     Lead,
@@ -232,6 +232,47 @@ pub struct AmoStage {
     pub status_name: String,
     pub status_sort: i32,
     pub status_type: i32,
+}
+
+/// A Bitrix24 stage's meaning: `EXTRA.SEMANTICS`, or `SEMANTICS` S/F
+/// (apology counts as failure).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Semantics {
+    Process,
+    Success,
+    Failure,
+}
+
+impl Semantics {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Semantics::Process => "process",
+            Semantics::Success => "success",
+            Semantics::Failure => "failure",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Semantics> {
+        match s {
+            "process" => Some(Semantics::Process),
+            "success" => Some(Semantics::Success),
+            "failure" => Some(Semantics::Failure),
+            _ => None,
+        }
+    }
+}
+
+/// One stage of one Bitrix24 deal category (0 is the default pipeline), or
+/// one lead status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct B24Stage {
+    pub entity_type: EntityType,
+    pub category_id: i32,
+    pub category_name: String,
+    pub status_id: String,
+    pub status_name: String,
+    pub status_sort: i32,
+    pub semantics: Semantics,
 }
 
 /// The funnel flags downstream jobs read.

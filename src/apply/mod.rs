@@ -3,6 +3,8 @@
 //! and its stages synced. The I/O side of [`crate::reconcile`].
 
 pub mod amocrm;
+pub mod bitrix24;
+mod stages;
 
 use std::collections::BTreeMap;
 
@@ -10,14 +12,73 @@ use serde_json::json;
 
 use crate::config::TenantConfig;
 use crate::context::Context;
+use crate::crm::CrmError;
+use crate::db::queries::StatusUpdate;
 use crate::db::{self, DbError, TenantDb, queries};
-use crate::model::Crm;
+use crate::model::{Crm, CrmState};
 use crate::reconcile::{self, ConfigColumn};
-
-pub use amocrm::{Failure, Report};
+use crate::tokens::{Obtained, TokenError};
 
 /// The outcome of one CRM of one tenant.
 pub type CrmOutcome = Result<Report, Failure>;
+
+/// What a successful CRM step did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// AmoCRM: how tokens were obtained this time.
+    pub obtained: Option<Obtained>,
+    pub stage_count: usize,
+    pub stages_changed: bool,
+    /// Bitrix24: the portal's new host, when it redirected there.
+    pub moved_to: Option<String>,
+}
+
+/// Why a CRM step failed, and the state that leaves the connection in.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub state: CrmState,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn error(message: impl Into<String>) -> Failure {
+        Failure { state: CrmState::Error, message: message.into() }
+    }
+}
+
+impl From<TokenError> for Failure {
+    fn from(e: TokenError) -> Self {
+        let state = match e {
+            TokenError::NeedsAuthorization(_) => CrmState::NeedsAuthorization,
+            _ => CrmState::Error,
+        };
+        Failure { state, message: e.to_string() }
+    }
+}
+
+impl From<CrmError> for Failure {
+    fn from(e: CrmError) -> Self {
+        Failure::error(e.to_string())
+    }
+}
+
+impl From<DbError> for Failure {
+    fn from(e: DbError) -> Self {
+        Failure::error(e.to_string())
+    }
+}
+
+/// Records a failed CRM step in its status row (best effort: the database
+/// may be what failed) and in the log.
+async fn record_failure(crm: Crm, slug: &str, db: &TenantDb, outcome: &CrmOutcome) {
+    let Err(failure) = outcome else { return };
+    let update =
+        StatusUpdate { crm, state: failure.state, error: Some(&failure.message), success: false, stage_count: None };
+    if let Ok(client) = db.client().await {
+        let _ = queries::write_status(&**client, &update).await;
+    }
+    tracing::error!(tenant = slug, crm = crm.as_str(), error = %failure.message, "{crm} failed");
+}
 
 /// What applying a tenant did.
 #[derive(Debug, Default)]
@@ -56,6 +117,10 @@ pub async fn apply_tenant(ctx: &Context, tenant: &TenantConfig) -> Result<Applie
     let mut crms = Vec::new();
     if let Some(amo) = &tenant.amocrm {
         crms.push((Crm::AmoCrm, amocrm::apply(ctx, tenant, amo, &db).await));
+    }
+    if let Some(b24) = &tenant.bitrix24 {
+        let webhook_changed = changed_columns.iter().any(|c| c.is_bitrix24_webhook());
+        crms.push((Crm::Bitrix24, bitrix24::apply(ctx, tenant, b24, &db, webhook_changed).await));
     }
     Ok(Applied { changed_columns, crms })
 }

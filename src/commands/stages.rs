@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use crate::cli::{GlobalArgs, TenantArg};
 use crate::db::{self, PoolSettings, Pools, queries};
+use crate::model::EntityType;
 
 pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
     let tenant = match super::load_tenant(global, &args.tenant) {
@@ -19,10 +20,14 @@ pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
         let db = pools.get(&tenant.slug, &tenant.database_url)?;
         db::migrate(&db).await?;
         let client = db.client().await?;
-        queries::read_amocrm_stages(&**client).await.map_err(|e| db.query_error("reading stages", e))
+        let amocrm = queries::read_amocrm_stages(&**client).await.map_err(|e| db.query_error("reading stages", e))?;
+        let entity = tenant.bitrix24.as_ref().map_or(EntityType::Deal, |b| b.entity_type);
+        let bitrix24 =
+            queries::read_bitrix24_stages(&**client, entity).await.map_err(|e| db.query_error("reading stages", e))?;
+        Ok::<_, db::DbError>((amocrm, bitrix24))
     }
     .await;
-    let amocrm = match result {
+    let (amocrm, bitrix24) = match result {
         Ok(stages) => stages,
         Err(e) => {
             eprintln!("crm-connect: {e}");
@@ -46,6 +51,25 @@ pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
             .collect();
         print_columns(&["PIPELINE", "PIPELINE ID", "STAGE", "STATUS ID", "FLAGS"], &rows);
         if amocrm.is_empty() {
+            println!("(no stages synced yet: run `crm-connect sync --tenant {}`)", tenant.slug);
+        }
+    }
+    if tenant.bitrix24.is_some() || !bitrix24.is_empty() {
+        println!("\nBitrix24");
+        let rows: Vec<[String; 5]> = bitrix24
+            .iter()
+            .map(|s| {
+                [
+                    s.row.category_name.clone(),
+                    s.row.category_id.to_string(),
+                    s.row.status_name.clone(),
+                    s.row.status_id.clone(),
+                    format!("{} {}", s.row.semantics.as_str(), flags(s.flags, s.removed)),
+                ]
+            })
+            .collect();
+        print_columns(&["CATEGORY", "CATEGORY ID", "STAGE", "STATUS_ID", "SEMANTICS FLAGS"], &rows);
+        if bitrix24.is_empty() {
             println!("(no stages synced yet: run `crm-connect sync --tenant {}`)", tenant.slug);
         }
     }

@@ -75,6 +75,9 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
                         Ok(report) => {
                             let changed = if report.stages_changed { "stages changed" } else { "stages unchanged" };
                             println!("{slug}: {crm} connected, {} stages, {changed}", report.stage_count);
+                            if let Some(to) = &report.moved_to {
+                                println!("{slug}: {crm} portal moved to {to}: update webhook_url");
+                            }
                         }
                         Err(failure) => println!("{slug}: {crm} {}: {}", failure.state.as_str(), failure.message),
                     }

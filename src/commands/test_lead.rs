@@ -1,5 +1,6 @@
-//! `crm-connect test-lead`: one test lead "Тест crm-connect" in the tenant's
-//! test pipeline, as the runbook's last step did; prints its id.
+//! `crm-connect test-lead`: one test lead (AmoCRM) or deal or lead
+//! (Bitrix24) named "Тест crm-connect" in the tenant's test pipeline, as the
+//! runbook's last steps did; prints its id.
 
 use std::process::ExitCode;
 
@@ -7,7 +8,9 @@ use crate::cli::{CrmArg, GlobalArgs, TestLeadArgs};
 use crate::context::Context;
 use crate::crm::CrmError;
 use crate::crm::amocrm::AmoClient;
+use crate::crm::bitrix24::B24Client;
 use crate::db::{self, PoolSettings};
+use crate::model::EntityType;
 use crate::tokens;
 
 pub const TEST_LEAD_NAME: &str = "Тест crm-connect";
@@ -35,7 +38,20 @@ async fn create(global: &GlobalArgs, args: &TestLeadArgs) -> Result<String, Stri
         (None, None, None) => return Err("the tenant configures no CRM".into()),
     };
     if crm == CrmArg::Bitrix24 {
-        return Err("test leads in Bitrix24 are not supported yet".into());
+        let b24 = tenant.bitrix24.as_ref().ok_or("the tenant has no [bitrix24] table")?;
+        let ctx = Context::new(PoolSettings::default());
+        let api = B24Client::new(&ctx.http, &b24.webhook).with_retry(ctx.retry);
+        return match b24.entity_type {
+            EntityType::Deal => {
+                let category = b24.test_category_id.unwrap_or(0);
+                let id = api.add_deal(TEST_LEAD_NAME, category).await.map_err(|e| e.to_string())?;
+                Ok(format!("created Bitrix24 deal {id} \"{TEST_LEAD_NAME}\" in category {category}"))
+            }
+            EntityType::Lead => {
+                let id = api.add_lead(TEST_LEAD_NAME).await.map_err(|e| e.to_string())?;
+                Ok(format!("created Bitrix24 lead {id} \"{TEST_LEAD_NAME}\""))
+            }
+        };
     }
     let amo = tenant.amocrm.as_ref().ok_or("the tenant has no [amocrm] table")?;
     let pipeline_id =

@@ -4,8 +4,10 @@
 //! whether they are JSON, HTML or empty. URLs are never part of an error:
 //! a Bitrix24 URL holds the webhook code.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -21,6 +23,8 @@ pub const MAX_BODY_BYTES: usize = 8 << 20;
 pub struct RawResponse {
     pub status: u16,
     pub content_type: String,
+    /// The `Location` header of a redirect.
+    pub location: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -45,7 +49,10 @@ impl RawResponse {
 #[derive(Clone)]
 pub struct Http {
     client: reqwest::Client,
-    amocrm: std::sync::Arc<DefaultKeyedRateLimiter<String>>,
+    amocrm: Arc<DefaultKeyedRateLimiter<String>>,
+    bitrix24: Arc<DefaultKeyedRateLimiter<String>>,
+    /// Bitrix24 methods out of time budget, by portal and method, until when.
+    paused: Arc<Mutex<HashMap<(String, String), Instant>>>,
 }
 
 /// How long one call may keep retrying before it reports its last error.
@@ -83,11 +90,44 @@ impl Http {
         let amocrm_quota = Quota::with_period(Duration::from_millis(1000 / 6 + 1))
             .expect("non-zero period")
             .allow_burst(NonZeroU32::MIN);
-        Http { client, amocrm: std::sync::Arc::new(DefaultKeyedRateLimiter::keyed(amocrm_quota)) }
+        // A Bitrix24 portal drains 2 requests/s from a bucket of 50, shared
+        // by every application on the portal: stay at 2/s with a burst well
+        // under the bucket, so others keep room too.
+        let bitrix24_quota =
+            Quota::per_second(NonZeroU32::new(2).expect("2 > 0")).allow_burst(NonZeroU32::new(10).expect("10 > 0"));
+        Http {
+            client,
+            amocrm: Arc::new(DefaultKeyedRateLimiter::keyed(amocrm_quota)),
+            bitrix24: Arc::new(DefaultKeyedRateLimiter::keyed(bitrix24_quota)),
+            paused: Arc::default(),
+        }
     }
 
     pub fn client(&self) -> &reqwest::Client {
         &self.client
+    }
+
+    /// Waits until the portal's method is out of its pause and the portal's
+    /// bucket has room, then sends.
+    pub async fn send_bitrix24(
+        &self,
+        portal: &str,
+        method: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<RawResponse, CrmError> {
+        let key = (portal.to_string(), method.to_string());
+        let until = self.paused.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+        if let Some(until) = until {
+            tokio::time::sleep_until(until.into()).await;
+        }
+        self.bitrix24.until_key_ready(&key.0).await;
+        send(request).await
+    }
+
+    /// Pauses a Bitrix24 method of a portal (`OPERATION_TIME_LIMIT`).
+    pub fn pause_bitrix24_method(&self, portal: &str, method: &str, for_: Duration) {
+        let until = Instant::now() + for_;
+        self.paused.lock().unwrap_or_else(|p| p.into_inner()).insert((portal.into(), method.into()), until);
     }
 
     /// Waits for the AmoCRM account's budget, then sends.
@@ -113,6 +153,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<RawResponse, CrmError>
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(String::from);
     if response.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(CrmError::TooLarge { limit: MAX_BODY_BYTES });
     }
@@ -123,7 +164,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<RawResponse, CrmError>
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(RawResponse { status, content_type, body })
+    Ok(RawResponse { status, content_type, location, body })
 }
 
 fn network_error(e: reqwest::Error) -> CrmError {

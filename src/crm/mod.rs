@@ -3,6 +3,7 @@
 //! Wire formats stay private to the CRM modules; they return model types.
 
 pub mod amocrm;
+pub mod bitrix24;
 mod http;
 
 pub use http::{Http, RetryPolicy};
@@ -25,6 +26,9 @@ pub enum CrmError {
     Malformed(String),
     #[error("response larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// A Bitrix24 error code and its description.
+    #[error("{code}: {description}")]
+    Api { code: String, description: String, transient: bool },
     #[error("{0}")]
     Config(String),
 }
@@ -34,7 +38,7 @@ impl CrmError {
     pub fn is_transient(&self) -> bool {
         match self {
             CrmError::Network(_) => true,
-            CrmError::Status { transient, .. } => *transient,
+            CrmError::Status { transient, .. } | CrmError::Api { transient, .. } => *transient,
             _ => false,
         }
     }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
-use crate::model::{AmoStage, Crm, CrmState, StageFlags, Tokens};
+use crate::model::{AmoStage, B24Stage, Crm, CrmState, EntityType, Semantics, StageFlags, Tokens};
 use crate::reconcile::{ColumnValue, ConfigColumn, CurrentColumns, StoredStage};
 use crate::secret::Secret;
 
@@ -334,4 +334,116 @@ pub async fn mark_amocrm_stages_removed(
         )
         .await
         .map(drop)
+}
+
+pub async fn read_bitrix24_stages(
+    client: &impl GenericClient,
+    entity_type: EntityType,
+) -> Result<Vec<StoredStage<B24Stage>>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT category_id, category_name, status_id, status_name, status_sort, semantics,
+                    is_qualified_stage, is_success_stage, is_fail_stage, removed_at IS NOT NULL
+             FROM bitrix24_pipeline_stages WHERE entity_type = $1 ORDER BY category_id, status_sort, status_id",
+            &[&entity_type.as_str()],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StoredStage {
+            row: B24Stage {
+                entity_type,
+                category_id: r.get(0),
+                category_name: r.get(1),
+                status_id: r.get(2),
+                status_name: r.get(3),
+                status_sort: r.get(4),
+                semantics: r.get::<_, Option<&str>>(5).and_then(Semantics::parse).unwrap_or(Semantics::Process),
+            },
+            flags: flags_of(r, 6),
+            removed: r.get(9),
+        })
+        .collect())
+}
+
+/// Inserts or updates the given rows in one statement, clearing `removed_at`.
+pub async fn upsert_bitrix24_stages(
+    client: &impl GenericClient,
+    stages: &[(B24Stage, StageFlags)],
+) -> Result<(), tokio_postgres::Error> {
+    if stages.is_empty() {
+        return Ok(());
+    }
+    let entity_types: Vec<&str> = stages.iter().map(|(s, _)| s.entity_type.as_str()).collect();
+    let category_ids: Vec<i32> = stages.iter().map(|(s, _)| s.category_id).collect();
+    let category_names: Vec<&str> = stages.iter().map(|(s, _)| s.category_name.as_str()).collect();
+    let status_ids: Vec<&str> = stages.iter().map(|(s, _)| s.status_id.as_str()).collect();
+    let status_names: Vec<&str> = stages.iter().map(|(s, _)| s.status_name.as_str()).collect();
+    let sorts: Vec<i32> = stages.iter().map(|(s, _)| s.status_sort).collect();
+    let semantics: Vec<&str> = stages.iter().map(|(s, _)| s.semantics.as_str()).collect();
+    let qualified: Vec<bool> = stages.iter().map(|(_, f)| f.qualified).collect();
+    let success: Vec<bool> = stages.iter().map(|(_, f)| f.success).collect();
+    let fail: Vec<bool> = stages.iter().map(|(_, f)| f.fail).collect();
+    client
+        .execute(
+            "INSERT INTO bitrix24_pipeline_stages
+                 (entity_type, category_id, category_name, status_id, status_name, status_sort, semantics,
+                  is_qualified_stage, is_success_stage, is_fail_stage, synced_at, removed_at)
+             SELECT e, c, cn, s, sn, so, se, q, su, f, now(), NULL
+             FROM unnest($1::text[], $2::integer[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[],
+                         $8::boolean[], $9::boolean[], $10::boolean[])
+                  AS u(e, c, cn, s, sn, so, se, q, su, f)
+             ON CONFLICT (entity_type, category_id, status_id) DO UPDATE SET
+                 category_name = EXCLUDED.category_name, status_name = EXCLUDED.status_name,
+                 status_sort = EXCLUDED.status_sort, semantics = EXCLUDED.semantics,
+                 is_qualified_stage = EXCLUDED.is_qualified_stage, is_success_stage = EXCLUDED.is_success_stage,
+                 is_fail_stage = EXCLUDED.is_fail_stage, synced_at = now(), removed_at = NULL",
+            &[
+                &entity_types,
+                &category_ids,
+                &category_names,
+                &status_ids,
+                &status_names,
+                &sorts,
+                &semantics,
+                &qualified,
+                &success,
+                &fail,
+            ],
+        )
+        .await
+        .map(drop)
+}
+
+pub async fn mark_bitrix24_stages_removed(
+    client: &impl GenericClient,
+    keys: &[(EntityType, i32, String)],
+) -> Result<(), tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let entity_types: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let category_ids: Vec<i32> = keys.iter().map(|k| k.1).collect();
+    let status_ids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    client
+        .execute(
+            "UPDATE bitrix24_pipeline_stages AS s SET removed_at = now(), synced_at = now()
+             FROM unnest($1::text[], $2::integer[], $3::text[]) AS k(e, c, st)
+             WHERE s.entity_type = k.e AND s.category_id = k.c AND s.status_id = k.st AND s.removed_at IS NULL",
+            &[&entity_types, &category_ids, &status_ids],
+        )
+        .await
+        .map(drop)
+}
+
+/// Stamps `bitrix24_connected_at` (a webhook verified for the first time,
+/// or a changed one).
+pub async fn mark_bitrix24_connected(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    client.execute("UPDATE config SET bitrix24_connected_at = now() WHERE id = 1", &[]).await.map(drop)
+}
+
+pub async fn bitrix24_connected_at(
+    client: &impl GenericClient,
+) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
+    Ok(client.query_one("SELECT bitrix24_connected_at FROM config WHERE id = 1", &[]).await?.get(0))
 }

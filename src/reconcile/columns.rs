@@ -56,6 +56,11 @@ impl ConfigColumn {
         }
     }
 
+    /// Part of the Bitrix24 webhook: a change means a new connection.
+    pub fn is_bitrix24_webhook(self) -> bool {
+        matches!(self, ConfigColumn::Bitrix24Domain | ConfigColumn::Bitrix24AccessToken | ConfigColumn::Bitrix24UserId)
+    }
+
     pub fn is_integer(self) -> bool {
         self == ConfigColumn::Bitrix24UserId
     }

@@ -5,7 +5,7 @@
 use std::fmt::Display;
 
 use crate::config::{AmoStageRef, Bitrix24StageRef, StageMapping, normalize_name};
-use crate::model::{AmoStage, StageFlags};
+use crate::model::{AmoStage, B24Stage, Semantics, StageFlags};
 
 /// What the mapping needs to know of a stage.
 pub trait StageMatch<R> {
@@ -148,6 +148,38 @@ impl StageMatch<AmoStageRef> for AmoStage {
             self.status_id.to_string()
         } else {
             format!("{} / {}", normalize_name(&self.pipeline_name), normalize_name(&self.status_name))
+        }
+    }
+}
+
+impl StageMatch<Bitrix24StageRef> for B24Stage {
+    fn matches(&self, reference: &Bitrix24StageRef) -> bool {
+        match reference {
+            Bitrix24StageRef::StatusId(id) => &self.status_id == id,
+            Bitrix24StageRef::Named { category, stage } => {
+                normalize_name(&self.category_name) == normalize_name(category)
+                    && normalize_name(&self.status_name) == normalize_name(stage)
+            }
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{:?} / {:?} ({})", self.category_name, self.status_name, self.status_id)
+    }
+
+    fn default_success(&self) -> bool {
+        self.semantics == Semantics::Success
+    }
+
+    fn default_fail(&self) -> bool {
+        self.semantics == Semantics::Failure
+    }
+
+    fn similarity_key(&self, by_id: bool) -> String {
+        if by_id {
+            self.status_id.clone()
+        } else {
+            format!("{} / {}", normalize_name(&self.category_name), normalize_name(&self.status_name))
         }
     }
 }

@@ -107,6 +107,18 @@ impl StageRow for crate::model::AmoStage {
     }
 }
 
+impl StageRow for crate::model::B24Stage {
+    type Key = (crate::model::EntityType, i32, String);
+
+    fn key(&self) -> Self::Key {
+        (self.entity_type, self.category_id, self.status_id.clone())
+    }
+
+    fn label(&self) -> String {
+        format!("{:?} / {:?} ({})", self.category_name, self.status_name, self.status_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

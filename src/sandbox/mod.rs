@@ -4,6 +4,7 @@
 //! (request log, injected faults, rate limit).
 
 pub mod amocrm;
+pub mod bitrix24;
 pub mod faults;
 
 use std::collections::VecDeque;
@@ -40,6 +41,10 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Synchronous, so no lock is ever held across an await.
 pub(crate) type Handler = dyn Fn(&RecordedRequest) -> Response + Send + Sync;
 
+/// A listener's answer ahead of the rate limit (a redirect, say), or `None`
+/// to let the request through to the limit and the handler.
+pub(crate) type Gate = dyn Fn(&RecordedRequest) -> Option<Response> + Send + Sync;
+
 /// A response with a body and, unless empty, a content type.
 pub(crate) fn respond(status: u16, content_type: &str, body: impl Into<Body>) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -52,36 +57,80 @@ pub(crate) fn respond(status: u16, content_type: &str, body: impl Into<Body>) ->
     response
 }
 
-/// Requests per second over a sliding one-second window; over the limit a
-/// request is refused and counted as a violation. Refused requests do not
-/// occupy the window, so a client that backs off recovers after a second.
+/// How a sandbox meters the requests that got past the injected faults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Limit {
+    /// At most `per_sec` requests over any sliding second; 0 is no limit.
+    Window { per_sec: u32 },
+    /// A bucket holding up to `capacity` requests that empties at
+    /// `drain_per_sec`; a capacity of 0 is no limit.
+    LeakyBucket { capacity: u32, drain_per_sec: f64 },
+}
+
+/// A limit with what it remembers between requests.
+#[derive(Debug)]
+enum Meter {
+    Window { per_sec: u32, admitted: VecDeque<Instant> },
+    Bucket { capacity: u32, drain_per_sec: f64, level: f64, at: Instant },
+}
+
+impl Meter {
+    fn new(limit: Limit) -> Meter {
+        match limit {
+            Limit::Window { per_sec } => Meter::Window { per_sec, admitted: VecDeque::new() },
+            Limit::LeakyBucket { capacity, drain_per_sec } => {
+                // A nonsensical rate (negative, NaN) never drains rather than misbehaving.
+                let drain_per_sec = if drain_per_sec.is_finite() { drain_per_sec.max(0.0) } else { 0.0 };
+                Meter::Bucket { capacity, drain_per_sec, level: 0.0, at: Instant::now() }
+            }
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> bool {
+        match self {
+            Meter::Window { per_sec: 0, .. } | Meter::Bucket { capacity: 0, .. } => true,
+            Meter::Window { per_sec, admitted } => {
+                while admitted.front().is_some_and(|first| now.duration_since(*first) >= Duration::from_secs(1)) {
+                    admitted.pop_front();
+                }
+                let room = admitted.len() < *per_sec as usize;
+                if room {
+                    admitted.push_back(now);
+                }
+                room
+            }
+            Meter::Bucket { capacity, drain_per_sec, level, at } => {
+                *level = (*level - now.duration_since(*at).as_secs_f64() * *drain_per_sec).max(0.0);
+                *at = now;
+                let room = *level + 1.0 <= f64::from(*capacity);
+                if room {
+                    *level += 1.0;
+                }
+                room
+            }
+        }
+    }
+}
+
+/// Applies a `Limit` in real time. A refused request is counted as a
+/// violation and occupies nothing, so a client that backs off recovers.
 #[derive(Debug)]
 struct RateLimit {
-    per_sec: u32,
-    admitted: Mutex<VecDeque<Instant>>,
+    meter: Mutex<Meter>,
     violations: AtomicUsize,
 }
 
 impl RateLimit {
-    fn new(per_sec: u32) -> RateLimit {
-        RateLimit { per_sec, admitted: Mutex::new(VecDeque::new()), violations: AtomicUsize::new(0) }
+    fn new(limit: Limit) -> RateLimit {
+        RateLimit { meter: Mutex::new(Meter::new(limit)), violations: AtomicUsize::new(0) }
     }
 
     fn admit(&self) -> bool {
-        if self.per_sec == 0 {
-            return true;
-        }
-        let now = Instant::now();
-        let mut admitted = lock(&self.admitted);
-        while admitted.front().is_some_and(|first| now.duration_since(*first) >= Duration::from_secs(1)) {
-            admitted.pop_front();
-        }
-        if admitted.len() >= self.per_sec as usize {
+        let admitted = lock(&self.meter).admit(Instant::now());
+        if !admitted {
             self.violations.fetch_add(1, Ordering::Relaxed);
-            return false;
         }
-        admitted.push_back(now);
-        true
+        admitted
     }
 }
 
@@ -91,22 +140,29 @@ pub(crate) struct Front {
     pub(crate) faults: Faults,
     pub(crate) log: RequestLog,
     rate: RateLimit,
+    /// The CRM's answer to a request over its limit.
+    refusal: fn() -> Response,
 }
 
 impl Front {
-    /// `rate_limit_per_sec` 0 turns the limit off.
+    /// A sliding-window limit refused with an HTML 429; `rate_limit_per_sec`
+    /// 0 turns the limit off.
     pub(crate) fn new(rate_limit_per_sec: u32) -> Front {
-        Front { faults: Faults::default(), log: RequestLog::default(), rate: RateLimit::new(rate_limit_per_sec) }
+        Front::limited(Limit::Window { per_sec: rate_limit_per_sec }, too_many_requests)
+    }
+
+    pub(crate) fn limited(limit: Limit, refusal: fn() -> Response) -> Front {
+        Front { faults: Faults::default(), log: RequestLog::default(), rate: RateLimit::new(limit), refusal }
     }
 
     pub(crate) fn violations(&self) -> usize {
         self.rate.violations.load(Ordering::Relaxed)
     }
 
-    async fn answer(&self, request: Request, connection: &Connection, handler: &Handler) -> Response {
+    async fn answer(&self, request: Request, connection: &Connection, serving: &Serving) -> Response {
         let (mut recorded, readable) = read_request(request).await;
         let (status, response) = if readable {
-            self.answer_readable(&recorded, connection, handler).await
+            self.answer_readable(&recorded, connection, serving).await
         } else {
             (400, respond(400, "", Body::empty()))
         };
@@ -121,13 +177,13 @@ impl Front {
         &self,
         request: &RecordedRequest,
         connection: &Connection,
-        handler: &Handler,
+        serving: &Serving,
     ) -> (u16, Response) {
         match self.faults.take(&request.path) {
-            None => self.admit_then(request, handler),
+            None => self.admit_then(request, serving),
             Some(Fault::Delay(pause)) => {
                 tokio::time::sleep(pause).await;
-                self.admit_then(request, handler)
+                self.admit_then(request, serving)
             }
             Some(Fault::Status { status, content_type, body }) => (status, respond(status, content_type, body)),
             Some(Fault::TruncatedBody) => (200, respond(200, "application/json", Fault::truncated_body())),
@@ -138,11 +194,21 @@ impl Front {
         }
     }
 
-    fn admit_then(&self, request: &RecordedRequest, handler: &Handler) -> (u16, Response) {
-        let response =
-            if self.rate.admit() { handler(request) } else { respond(429, "text/html", TOO_MANY_REQUESTS_PAGE) };
+    /// A listener's gate answers before the rate limit, as a front server
+    /// would, so its answers cost the client nothing.
+    fn admit_then(&self, request: &RecordedRequest, serving: &Serving) -> (u16, Response) {
+        let gated = serving.gate.as_ref().and_then(|gate| gate(request));
+        let response = match gated {
+            Some(response) => response,
+            None if self.rate.admit() => (serving.handler)(request),
+            None => (self.refusal)(),
+        };
         (response.status().as_u16(), response)
     }
+}
+
+fn too_many_requests() -> Response {
+    respond(429, "text/html", TOO_MANY_REQUESTS_PAGE)
 }
 
 /// The request in loggable form, and whether its body could be read.
@@ -281,10 +347,16 @@ impl Bound {
     /// Serves every path through `front` and then `handler` until the
     /// returned `Server` is dropped.
     pub(crate) fn serve(self, front: Arc<Front>, handler: Arc<Handler>) -> Server {
+        self.serve_gated(front, None, handler)
+    }
+
+    /// Like `serve`, with `gate` between the injected faults and the rate
+    /// limit. Listeners sharing a `Front` share its log, faults and limit.
+    pub(crate) fn serve_gated(self, front: Arc<Front>, gate: Option<Arc<Gate>>, handler: Arc<Handler>) -> Server {
         let (stop, stopped) = oneshot::channel::<()>();
         let app = Router::new()
             .fallback(entry)
-            .with_state(App { front, handler })
+            .with_state(App { front, serving: Arc::new(Serving { gate, handler }) })
             .into_make_service_with_connect_info::<Connection>();
         let listener = DroppableListener { inner: self.listener };
         tokio::spawn(async move {
@@ -303,11 +375,17 @@ impl Bound {
 #[derive(Clone)]
 struct App {
     front: Arc<Front>,
+    serving: Arc<Serving>,
+}
+
+/// What one listener answers with once faults are out of the way.
+struct Serving {
+    gate: Option<Arc<Gate>>,
     handler: Arc<Handler>,
 }
 
 async fn entry(State(app): State<App>, ConnectInfo(connection): ConnectInfo<Connection>, request: Request) -> Response {
-    app.front.answer(request, &connection, app.handler.as_ref()).await
+    app.front.answer(request, &connection, &app.serving).await
 }
 
 /// A running sandbox server; dropping it shuts the server down.

@@ -1,10 +1,12 @@
 //! The integration tests: one binary, one module per area.
 
 mod amocrm;
+mod bitrix24;
 mod example;
 mod migrations;
 mod pools;
 mod sandbox_amocrm;
+mod sandbox_bitrix24;
 mod support;
 mod support_selftest;
 mod sync;

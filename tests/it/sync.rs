@@ -3,6 +3,7 @@
 //! secret reaches any output.
 
 use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 
 use crate::support::{connect, crm_connect, postgres::fresh_database, write};
 
@@ -20,8 +21,15 @@ async fn sandbox() -> AmoSandbox {
     AmoSandbox::start(config).await.unwrap()
 }
 
-fn both_crms(database_url: &str, amo: &AmoSandbox, code: &str) -> String {
+async fn portal() -> B24Sandbox {
+    B24Sandbox::start(B24SandboxConfig { user_id: 17, code: WEBHOOK_CODE.into(), ..B24SandboxConfig::default() })
+        .await
+        .unwrap()
+}
+
+fn both_crms(database_url: &str, amo: &AmoSandbox, code: &str, portal: &B24Sandbox) -> String {
     let base_url = amo.base_url();
+    let webhook_url = portal.webhook_url();
     format!(
         r#"[tenant]
 database_url = "{database_url}"
@@ -36,7 +44,7 @@ authorization_code = "{code}"
 base_url = "{base_url}"
 
 [bitrix24]
-webhook_url = "https://acme.bitrix24.ru/rest/17/{WEBHOOK_CODE}/"
+webhook_url = "{webhook_url}"
 entity_type = "lead"
 "#
     )
@@ -52,8 +60,9 @@ fn with_password(url: &str) -> String {
 async fn sync_writes_the_config_columns_and_a_second_sync_writes_nothing() {
     let db = fresh_database().await;
     let amo = sandbox().await;
+    let portal = portal().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &both_crms(&with_password(&db.url), &amo, &amo.issue_code()));
+    write(dir.path(), "acme.toml", &both_crms(&with_password(&db.url), &amo, &amo.issue_code(), &portal));
     let config = dir.path().to_str().unwrap();
     let env = [("ACME_CLIENT_SECRET", CLIENT_SECRET)];
 
@@ -76,7 +85,7 @@ async fn sync_writes_the_config_columns_and_a_second_sync_writes_nothing() {
     assert_eq!(row.get::<_, String>(1), "kommo.com");
     assert_eq!(row.get::<_, String>(2), "client-1");
     assert_eq!(row.get::<_, String>(3), CLIENT_SECRET);
-    assert_eq!(row.get::<_, String>(4), "acme.bitrix24.ru");
+    assert_eq!(row.get::<_, String>(4), portal.base_url().trim_start_matches("http://"));
     assert_eq!(row.get::<_, String>(5), WEBHOOK_CODE);
     assert_eq!(row.get::<_, i32>(6), 17);
     assert_eq!(row.get::<_, String>(7), "lead");
@@ -105,15 +114,11 @@ async fn sync_writes_the_config_columns_and_a_second_sync_writes_nothing() {
 #[tokio::test]
 async fn an_invalid_file_and_an_unreachable_database_fail_their_tenants_only() {
     let good = fresh_database().await;
+    let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "good.toml",
-        &format!(
-            "[tenant]\ndatabase_url = \"{}\"\n[bitrix24]\nwebhook_url = \"https://g.bitrix24.ru/rest/1/g1/\"\n",
-            good.url
-        ),
-    );
+    let text =
+        format!("[tenant]\ndatabase_url = \"{}\"\n[bitrix24]\nwebhook_url = \"{}\"\n", good.url, portal.webhook_url());
+    write(dir.path(), "good.toml", &text);
     write(dir.path(), "broken.toml", "[bitrix24\n");
     // Port 1 on loopback: nothing listens there.
     write(
@@ -130,7 +135,7 @@ async fn an_invalid_file_and_an_unreachable_database_fail_their_tenants_only() {
     assert!(run.stdout.contains("good: ok, updated bitrix24_domain"), "{}", run.stdout);
     let client = connect(&good.url).await;
     let domain: String = client.query_one("SELECT bitrix24_domain FROM config", &[]).await.unwrap().get(0);
-    assert_eq!(domain, "g.bitrix24.ru");
+    assert_eq!(domain, portal.base_url().trim_start_matches("http://"));
 }
 
 #[tokio::test]
@@ -138,8 +143,9 @@ async fn no_secret_appears_in_any_output_even_at_trace_level() {
     let db = fresh_database().await;
     let amo = sandbox().await;
     let code = amo.issue_code();
+    let portal = portal().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &both_crms(&with_password(&db.url), &amo, &code));
+    write(dir.path(), "acme.toml", &both_crms(&with_password(&db.url), &amo, &code, &portal));
     // An invalid file whose secrets are still resolved while it is checked.
     write(
         dir.path(),

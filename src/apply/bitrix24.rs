@@ -1,0 +1,72 @@
+//! The Bitrix24 part of a reconcile: the webhook verified (`scope` must hold
+//! `crm`, `profile` must be the URL's user), `bitrix24_connected_at` stamped
+//! for a new or changed webhook, every category's stages synced with their
+//! flags — two round trips in all — and the outcome recorded.
+
+use serde_json::json;
+
+use crate::config::{Bitrix24Config, TenantConfig};
+use crate::context::Context;
+use crate::crm::bitrix24::B24Client;
+use crate::db::{TenantDb, queries};
+use crate::model::Crm;
+
+use super::{CrmOutcome, Failure, Report, stages};
+
+pub async fn apply(
+    ctx: &Context,
+    tenant: &TenantConfig,
+    b24: &Bitrix24Config,
+    db: &TenantDb,
+    webhook_changed: bool,
+) -> CrmOutcome {
+    let outcome = connect_and_sync(ctx, b24, db, webhook_changed).await;
+    super::record_failure(Crm::Bitrix24, &tenant.slug, db, &outcome).await;
+    outcome
+}
+
+async fn connect_and_sync(
+    ctx: &Context,
+    b24: &Bitrix24Config,
+    db: &TenantDb,
+    webhook_changed: bool,
+) -> Result<Report, Failure> {
+    let api = B24Client::new(&ctx.http, &b24.webhook).with_retry(ctx.retry);
+    let (grant, fetched) = api.stages(b24.entity_type, true).await?;
+    if let Some(grant) = &grant {
+        if !grant.scopes.iter().any(|s| s == "crm") {
+            let granted = if grant.scopes.is_empty() { "none".to_string() } else { grant.scopes.join(", ") };
+            return Err(Failure::error(format!(
+                "the webhook {} lacks the `crm` scope (granted: {granted}); add it in Bitrix24 under Developer resources",
+                b24.webhook
+            )));
+        }
+        if let Some(id) = grant.profile_id.as_deref().filter(|id| *id != b24.webhook.user_id().to_string()) {
+            return Err(Failure::error(format!(
+                "the webhook {} belongs to user {id}, not to the user in its URL",
+                b24.webhook
+            )));
+        }
+    }
+    let moved_to = api.moved_to();
+    {
+        let client = db.client().await?;
+        let connected_at =
+            queries::bitrix24_connected_at(&**client).await.map_err(|e| db.query_error("reading config", e))?;
+        if webhook_changed || connected_at.is_none() {
+            queries::mark_bitrix24_connected(&**client).await.map_err(|e| db.query_error("updating config", e))?;
+            let detail = json!({ "webhook": b24.webhook.to_string() });
+            queries::insert_event(&**client, Some("bitrix24"), "webhook_verified", &detail)
+                .await
+                .map_err(|e| db.query_error("recording an event", e))?;
+        }
+        if let Some(to) = &moved_to {
+            let detail = json!({ "from": b24.webhook.host(), "to": to });
+            queries::insert_event(&**client, Some("bitrix24"), "portal_moved", &detail)
+                .await
+                .map_err(|e| db.query_error("recording an event", e))?;
+        }
+    }
+    let (stage_count, stages_changed) = stages::sync_stages(db, b24.entity_type, &b24.stages, fetched).await?;
+    Ok(Report { obtained: None, stage_count, stages_changed, moved_to })
+}
