@@ -22,7 +22,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct GlobalArgs {
     /// A tenant file, or a directory of them (every *.toml directly inside)
     #[arg(long, global = true, env = "CRM_CONNECT_CONFIG", default_value = "/etc/crm-connect/tenants")]
@@ -38,6 +38,10 @@ pub struct GlobalArgs {
         value_parser = parse_secret,
     )]
     pub database_url_template: Secret,
+
+    /// Serve /healthz, /metrics and the AmoCRM OAuth callback on this address (e.g. 127.0.0.1:9187)
+    #[arg(long, global = true, env = "CRM_CONNECT_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
 
     /// Log line format on stderr
     #[arg(long, global = true, env = "CRM_CONNECT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -56,6 +60,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The daemon: reconcile every tenant, then keep tokens fresh, stages synced and files watched
+    Run,
+    /// A throwaway PostgreSQL, both CRM sandboxes and two demo tenants under the daemon
+    Demo(DemoArgs),
     /// Check every tenant file offline; exit 0 if valid (warnings allowed), 1 if not
     Validate,
     /// Reconcile every tenant once (config, tokens, stages), then exit; 1 if any tenant failed
@@ -68,6 +76,15 @@ pub enum Command {
     TestLead(TestLeadArgs),
     /// Exchange an AmoCRM authorization code given here, so that it never passes through Git
     Authorize(AuthorizeArgs),
+    /// Print the AmoCRM authorisation URL with a single-use state, for the daemon's OAuth callback
+    AuthUrl(TenantArg),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Print the status once both demo tenants are connected, then clean up and exit
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +132,9 @@ pub struct SyncArgs {
     /// Only this tenant
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Read the CRMs and databases and print the changes a sync would make, writing nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {

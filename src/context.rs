@@ -1,8 +1,11 @@
 //! Everything a tenant operation needs, passed explicitly: the database
 //! pools, the HTTP layer, token pairs waiting to be stored, retry timing.
 
+use std::sync::Arc;
+
 use crate::crm::{Http, RetryPolicy};
 use crate::db::{PoolSettings, Pools};
+use crate::metrics::Metrics;
 use crate::tokens::PendingTokens;
 
 #[derive(Clone)]
@@ -12,16 +15,19 @@ pub struct Context {
     pub pending: PendingTokens,
     /// How long CRM calls keep retrying transient failures, and how fast.
     pub retry: RetryPolicy,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
     /// Must be called inside a tokio runtime (the pools start a task).
     pub fn new(pool_settings: PoolSettings) -> Context {
+        let metrics = Arc::new(Metrics::new());
         Context {
             pools: Pools::new(pool_settings),
-            http: Http::new(),
+            http: Http::new(Arc::clone(&metrics)),
             pending: PendingTokens::default(),
             retry: RetryPolicy::default(),
+            metrics,
         }
     }
 }

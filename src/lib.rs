@@ -13,12 +13,20 @@ pub mod reconcile;
 pub mod db;
 /// The AmoCRM and Bitrix24 clients and their shared HTTP layer.
 pub mod crm;
-/// What every tenant operation needs: pools, HTTP, pending tokens.
+/// Prometheus metrics, in the context.
+pub mod metrics;
+/// What every tenant operation needs: pools, HTTP, pending tokens, metrics.
 pub mod context;
 /// AmoCRM tokens: one exchange per code, refreshes under the row lock.
 pub mod tokens;
 /// Applying one tenant: migrate, write what changed, connect, sync stages.
 pub mod apply;
+/// The long-running daemon: one loop over tenant events, schedules, timers.
+pub mod daemon;
+/// Debounced watching of the configuration directory.
+pub mod watch;
+/// The HTTP side of the daemon: health, metrics, the AmoCRM OAuth callback.
+pub mod server;
 /// The AmoCRM and Bitrix24 emulators used by the tests and `demo`.
 pub mod sandbox;
 /// The command line.
@@ -35,11 +43,14 @@ use cli::{Cli, Command};
 /// Runs one command line to its exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     match &cli.command {
+        Command::Run => daemon::run(cli.global.clone(), daemon::Hooks::default(), daemon::signals()).await,
+        Command::Demo(args) => commands::demo::run(&cli.global, args).await,
         Command::Validate => commands::validate::run(&cli.global),
         Command::Sync(args) => commands::sync::run(&cli.global, args).await,
         Command::Status(args) => commands::status::run(&cli.global, args).await,
         Command::Stages(args) => commands::stages::run(&cli.global, args).await,
         Command::TestLead(args) => commands::test_lead::run(&cli.global, args).await,
         Command::Authorize(args) => commands::authorize::run(&cli.global, args).await,
+        Command::AuthUrl(args) => commands::auth_url::run(&cli.global, args).await,
     }
 }

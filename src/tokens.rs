@@ -243,9 +243,11 @@ pub async fn refresh_if_due(
             .await;
             match stored {
                 Ok(()) => {
+                    ctx.metrics.token_refresh("ok");
                     tracing::info!(tenant = slug, crm = "amocrm", expires_at = %tokens.expires_at, "token refreshed")
                 }
                 Err(e) => {
+                    ctx.metrics.token_refresh("unstored");
                     tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "refreshed tokens could not be stored; kept in memory");
                     ctx.pending.put(slug, Pending { tokens: tokens.clone(), code_sha256: None });
                 }
@@ -253,6 +255,7 @@ pub async fn refresh_if_due(
             Ok(tokens)
         }
         Err(CrmError::GrantRejected { status, reason }) => {
+            ctx.metrics.token_refresh("rejected");
             let message = format!("the refresh token was rejected (HTTP {status}): {reason}");
             let update = StatusUpdate {
                 crm: Crm::AmoCrm,
@@ -266,7 +269,10 @@ pub async fn refresh_if_due(
             tx.commit().await.map_err(|e| db.query_error("committing", e))?;
             Err(TokenError::NeedsAuthorization(message))
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            ctx.metrics.token_refresh("failed");
+            Err(e.into())
+        }
     }
 }
 

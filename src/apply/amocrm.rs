@@ -20,6 +20,27 @@ pub async fn apply(ctx: &Context, tenant: &TenantConfig, amo: &AmoCrmConfig, db:
     outcome
 }
 
+/// Stages only: the token refreshed if due, one pipelines request.
+pub async fn resync(ctx: &Context, tenant: &TenantConfig, amo: &AmoCrmConfig, db: &TenantDb) -> CrmOutcome {
+    let outcome = async {
+        let margin = tenant.schedule.token_refresh_margin;
+        let mut tokens = tokens::refresh_if_due(ctx, &tenant.slug, db, amo, margin, None).await?;
+        let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+        let stages = match api.pipelines(&tokens.access).await {
+            Err(CrmError::Unauthorized { .. }) => {
+                tokens = reauthorize(ctx, tenant, amo, db, &tokens.access).await?;
+                api.pipelines(&tokens.access).await?
+            }
+            other => other?,
+        };
+        let (stage_count, stages_changed) = stages::sync_stages(db, (), &amo.stages, stages).await?;
+        Ok(Report { obtained: None, stage_count, stages_changed, moved_to: None })
+    }
+    .await;
+    super::record_failure(Crm::AmoCrm, &tenant.slug, db, &outcome).await;
+    outcome
+}
+
 async fn connect_and_sync(
     ctx: &Context,
     tenant: &TenantConfig,
@@ -43,7 +64,7 @@ async fn connect_and_sync(
                 ),
                 _ => why,
             };
-            return Err(Failure { state: CrmState::NeedsAuthorization, message: why });
+            return Err(Failure { state: CrmState::NeedsAuthorization, message: why, transient: false });
         }
         Err(e) => return Err(e.into()),
     };

@@ -25,6 +25,19 @@ pub async fn apply(
     outcome
 }
 
+/// Stages only: two round trips, no webhook check.
+pub async fn resync(ctx: &Context, tenant: &TenantConfig, b24: &Bitrix24Config, db: &TenantDb) -> CrmOutcome {
+    let outcome = async {
+        let api = B24Client::new(&ctx.http, &b24.webhook).with_retry(ctx.retry);
+        let (_, fetched) = api.stages(b24.entity_type, false).await?;
+        let (stage_count, stages_changed) = stages::sync_stages(db, b24.entity_type, &b24.stages, fetched).await?;
+        Ok(Report { obtained: None, stage_count, stages_changed, moved_to: api.moved_to() })
+    }
+    .await;
+    super::record_failure(Crm::Bitrix24, &tenant.slug, db, &outcome).await;
+    outcome
+}
+
 async fn connect_and_sync(
     ctx: &Context,
     b24: &Bitrix24Config,

@@ -4,6 +4,7 @@
 
 pub mod amocrm;
 pub mod bitrix24;
+pub mod preview;
 mod stages;
 
 use std::collections::BTreeMap;
@@ -33,16 +34,18 @@ pub struct Report {
     pub moved_to: Option<String>,
 }
 
-/// Why a CRM step failed, and the state that leaves the connection in.
+/// Why a CRM step failed, the state that leaves the connection in, and
+/// whether trying again later may help (network, 5xx, database down).
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub state: CrmState,
     pub message: String,
+    pub transient: bool,
 }
 
 impl Failure {
     pub fn error(message: impl Into<String>) -> Failure {
-        Failure { state: CrmState::Error, message: message.into() }
+        Failure { state: CrmState::Error, message: message.into(), transient: false }
     }
 }
 
@@ -52,19 +55,19 @@ impl From<TokenError> for Failure {
             TokenError::NeedsAuthorization(_) => CrmState::NeedsAuthorization,
             _ => CrmState::Error,
         };
-        Failure { state, message: e.to_string() }
+        Failure { state, transient: e.is_transient(), message: e.to_string() }
     }
 }
 
 impl From<CrmError> for Failure {
     fn from(e: CrmError) -> Self {
-        Failure::error(e.to_string())
+        Failure { state: CrmState::Error, transient: e.is_transient(), message: e.to_string() }
     }
 }
 
 impl From<DbError> for Failure {
     fn from(e: DbError) -> Self {
-        Failure::error(e.to_string())
+        Failure { state: CrmState::Error, transient: e.is_transient(), message: e.to_string() }
     }
 }
 
@@ -90,6 +93,11 @@ pub struct Applied {
 impl Applied {
     pub fn failed(&self) -> bool {
         self.crms.iter().any(|(_, outcome)| outcome.is_err())
+    }
+
+    /// Some CRM failed for a reason that may pass (worth a retry soon).
+    pub fn transient_failure(&self) -> bool {
+        self.crms.iter().any(|(_, outcome)| outcome.as_ref().is_err_and(|f| f.transient))
     }
 }
 
@@ -123,6 +131,21 @@ pub async fn apply_tenant(ctx: &Context, tenant: &TenantConfig) -> Result<Applie
         crms.push((Crm::Bitrix24, bitrix24::apply(ctx, tenant, b24, &db, webhook_changed).await));
     }
     Ok(Applied { changed_columns, crms })
+}
+
+/// A scheduled resync: only the stage requests (one for AmoCRM, two for
+/// Bitrix24) and the stage writes; the account and webhook checks belong to
+/// a full reconcile.
+pub async fn resync_stages(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, ApplyError> {
+    let db = ctx.pools.get(&tenant.slug, &tenant.database_url)?;
+    let mut crms = Vec::new();
+    if let Some(amo) = &tenant.amocrm {
+        crms.push((Crm::AmoCrm, amocrm::resync(ctx, tenant, amo, &db).await));
+    }
+    if let Some(b24) = &tenant.bitrix24 {
+        crms.push((Crm::Bitrix24, bitrix24::resync(ctx, tenant, b24, &db).await));
+    }
+    Ok(Applied { changed_columns: Vec::new(), crms })
 }
 
 /// Writes the `config` columns that differ, with one event per CRM; when the

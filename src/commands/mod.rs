@@ -1,7 +1,9 @@
 //! One module per subcommand: each turns its arguments into calls on the
 //! library and its outcome into output and an exit code.
 
+pub mod auth_url;
 pub mod authorize;
+pub mod demo;
 pub mod stages;
 pub mod status;
 pub mod sync;

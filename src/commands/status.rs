@@ -21,6 +21,10 @@ struct Line {
     last_success_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
     last_error_at: Option<DateTime<Utc>>,
+    /// The daemon's stage resync schedule: a next run in the past means it
+    /// stopped firing.
+    stage_resync_last_run: Option<DateTime<Utc>>,
+    stage_resync_next_run: Option<DateTime<Utc>>,
 }
 
 impl Line {
@@ -35,6 +39,8 @@ impl Line {
             last_success_at: None,
             last_error: None,
             last_error_at: None,
+            stage_resync_last_run: None,
+            stage_resync_next_run: None,
         }
     }
 }
@@ -59,7 +65,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
             crms.push("bitrix24");
         }
         match read(&pools, tenant).await {
-            Ok((rows, expires)) => {
+            Ok((rows, expires, schedule)) => {
                 for crm in crms {
                     let mut line = Line::new(&name, crm, "not_synced");
                     if let Some(row) = rows.iter().find(|r| r.crm == crm) {
@@ -73,6 +79,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
                     if crm == "amocrm" {
                         line.token_expires_at = expires;
                     }
+                    (line.stage_resync_last_run, line.stage_resync_next_run) = schedule;
                     lines.push(line);
                 }
             }
@@ -99,26 +106,32 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The status rows and the AmoCRM token expiry; the tables may not exist yet.
+type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// The status rows, the AmoCRM token expiry and the resync schedule; the
+/// tables may not exist yet.
 async fn read(
     pools: &Pools,
     tenant: &config::TenantConfig,
-) -> Result<(Vec<queries::StatusRow>, Option<DateTime<Utc>>), String> {
+) -> Result<(Vec<queries::StatusRow>, Option<DateTime<Utc>>, Times), String> {
     let db = pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     let client = db.client().await.map_err(|e| e.to_string())?;
     let rows = match queries::read_statuses(&**client).await {
         Ok(rows) => rows,
         // Never synced: the tables are not there yet.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok((Vec::new(), None)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Ok((Vec::new(), None, (None, None)));
+        }
         Err(e) => return Err(db.query_error("reading status", e).to_string()),
     };
     let expires = queries::read_tokens(&**client).await.map(|t| t.expires_at).unwrap_or_default();
-    Ok((rows, expires))
+    let schedule = queries::read_schedule(&**client, "stage_resync").await.ok().flatten().unwrap_or_default();
+    Ok((rows, expires, schedule))
 }
 
 fn print_table(lines: &[Line]) {
     let time = |t: Option<DateTime<Utc>>| t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
-    let rows: Vec<[String; 6]> = lines
+    let rows: Vec<[String; 7]> = lines
         .iter()
         .map(|l| {
             [
@@ -130,9 +143,11 @@ fn print_table(lines: &[Line]) {
                     (Some(at), Some(n)) => format!("{n} at {}", time(Some(at))),
                     _ => "-".into(),
                 },
+                time(l.stage_resync_next_run),
                 l.last_error.as_ref().map_or("-".into(), |e| format!("{} ({})", e, time(l.last_error_at))),
             ]
         })
         .collect();
-    super::stages::print_columns(&["TENANT", "CRM", "STATE", "TOKEN EXPIRES", "STAGES", "LAST ERROR"], &rows);
+    let header = ["TENANT", "CRM", "STATE", "TOKEN EXPIRES", "STAGES", "NEXT RESYNC", "LAST ERROR"];
+    super::stages::print_columns(&header, &rows);
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::apply::preview::{Preview, StageChanges, preview_tenant};
 use crate::apply::{Applied, apply_tenant};
 use crate::cli::{GlobalArgs, SyncArgs};
 use crate::config::{self, TenantConfig};
@@ -15,6 +16,9 @@ use crate::db::PoolSettings;
 use crate::tokens;
 
 pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
+    if args.dry_run {
+        return dry_run(global, args).await;
+    }
     let loaded = config::load(&global.config, &super::load_options(global));
     let wanted = |slug: Option<&str>| args.tenant.as_deref().is_none_or(|t| slug == Some(t));
     let mut failed = false;
@@ -111,4 +115,130 @@ async fn sync_one(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, Strin
             .map_err(|e| format!("refreshed tokens could not be stored and are lost: {e}"))?;
     }
     Ok(applied)
+}
+
+/// `sync --dry-run`: per tenant, the changes a sync would make, read from the
+/// databases and CRMs without writing anything. Exit 0 even when a tenant
+/// cannot be previewed (its line says why); 1 only for an unknown `--tenant`.
+async fn dry_run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
+    let loaded = config::load(&global.config, &super::load_options(global));
+    let wanted = |slug: Option<&str>| args.tenant.as_deref().is_none_or(|t| slug == Some(t));
+    for problem in loaded.problems.iter().filter(|p| p.is_error()) {
+        println!("{problem}");
+    }
+    for file in loaded.files.iter().filter(|f| wanted(f.slug.as_deref())) {
+        for problem in &file.problems {
+            println!("{problem}");
+        }
+        if file.tenant.is_none() {
+            println!("{}: invalid configuration, not synced", file.name());
+        }
+    }
+    if let Some(slug) = &args.tenant
+        && loaded.files.iter().all(|f| f.slug.as_deref() != Some(slug))
+    {
+        println!("{slug}: no such tenant under {}", global.config.display());
+        return ExitCode::FAILURE;
+    }
+    let tenants: Vec<_> = loaded.tenants().filter(|t| wanted(Some(&t.slug))).cloned().collect();
+
+    let ctx = Context::new(PoolSettings::default());
+    let permits = Arc::new(Semaphore::new(global.concurrency.get()));
+    let mut tasks = JoinSet::new();
+    for tenant in tenants {
+        let (ctx, permits) = (ctx.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let deadline = ctx.retry.deadline;
+            let outcome = match tokio::time::timeout(deadline, preview_tenant(&ctx, &tenant)).await {
+                Ok(preview) => preview.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("gave up after {}s", deadline.as_secs())),
+            };
+            (tenant.slug, outcome)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(result) => results.push(result),
+            Err(e) => println!("a tenant's preview stopped unexpectedly: {e}"),
+        }
+    }
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    for (slug, outcome) in results {
+        match outcome {
+            Ok(preview) => print_preview(&preview),
+            Err(e) => println!("{slug}: cannot be previewed: {e}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// A block of lines per tenant. Column names only, never values.
+fn print_preview(preview: &Preview) {
+    let slug = &preview.slug;
+    if preview.is_unchanged() {
+        println!("{slug}: nothing would change");
+        return;
+    }
+    if preview.creates_tables {
+        println!("{slug}: would create the crm-connect tables");
+    }
+    if !preview.config_columns.is_empty() {
+        let names: Vec<&str> = preview.config_columns.iter().map(|c| c.name()).collect();
+        println!("{slug}: config: would update {}", names.join(", "));
+    }
+    if preview.tokens_cleared {
+        println!("{slug}: config: would clear the stored AmoCRM tokens (the account or integration changed)");
+    }
+    for crm_preview in &preview.crms {
+        let crm = crm_preview.crm;
+        for action in &crm_preview.actions {
+            println!("{slug}: {crm}: {action}");
+        }
+        for problem in &crm_preview.problems {
+            println!("{slug}: {crm}: a sync would fail: {problem}");
+        }
+        match &crm_preview.stages {
+            Err(why) => println!("{slug}: {crm}: {why}"),
+            Ok(stages) => print_stage_changes(slug, &crm.to_string(), stages),
+        }
+    }
+}
+
+fn print_stage_changes(slug: &str, crm: &str, stages: &StageChanges) {
+    if stages.is_empty() {
+        println!("{slug}: {crm}: {} stages, unchanged", stages.stage_count);
+    } else {
+        let mut counts = vec![
+            format!("{} {} added", stages.added.len(), plural(stages.added.len(), "stage", "stages")),
+            format!("{} renamed", stages.changed.len()),
+            format!("{} removed", stages.removed.len()),
+        ];
+        if !stages.restored.is_empty() {
+            counts.push(format!("{} restored", stages.restored.len()));
+        }
+        let moved = stages.flags_moved.len();
+        counts.push(format!("{moved} {} moved", plural(moved, "flag", "flags")));
+        println!("{slug}: {crm}: {}", counts.join(", "));
+        let lists: [(&str, &[String]); 5] = [
+            ("+ ", &stages.added),
+            ("~ ", &stages.changed),
+            ("- ", &stages.removed),
+            ("↺ ", &stages.restored),
+            ("flags: ", &stages.flags_moved),
+        ];
+        for (mark, labels) in lists {
+            for label in labels {
+                println!("  {mark}{label}");
+            }
+        }
+    }
+    if let Some(error) = &stages.mapping_error {
+        println!("{slug}: {crm}: {error}; a sync would keep the stored flags and fail");
+    }
+}
+
+fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
 }

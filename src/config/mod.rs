@@ -12,6 +12,9 @@ mod tenant;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sha2::Digest;
+
+pub use files::is_tenant_file;
 pub use problem::{Problem, Severity};
 pub use secret_source::{Environment, SOURCE_KEYS};
 pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
@@ -88,6 +91,8 @@ pub struct FileReport {
     pub slug: Option<String>,
     /// Where the file sets `tenant.slug`, if it does.
     pub slug_position: Option<(usize, usize)>,
+    /// SHA-256 of the file's text: whether it changed since the last read.
+    pub digest: Option<[u8; 32]>,
     pub tenant: Option<TenantConfig>,
     pub problems: Vec<Problem>,
 }
@@ -145,9 +150,14 @@ pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
     for file in paths {
         let report = match files::read(&file) {
             Ok(text) => parse_file(&file, &text, options),
-            Err(problem) => {
-                FileReport { path: file, slug: None, slug_position: None, tenant: None, problems: vec![problem] }
-            }
+            Err(problem) => FileReport {
+                path: file,
+                slug: None,
+                slug_position: None,
+                digest: None,
+                tenant: None,
+                problems: vec![problem],
+            },
         };
         loaded.files.push(report);
     }
@@ -173,7 +183,8 @@ pub fn parse_file(path: &Path, text: &str, options: &LoadOptions) -> FileReport 
     // In reading order; problems without a position (the file as a whole) last.
     problems.sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
     let slug_position = slug.as_ref().and_then(|(_, span)| span.as_ref()).map(|s| problem::position(text, s.start));
-    FileReport { path: path.to_path_buf(), slug: slug.map(|(s, _)| s), slug_position, tenant, problems }
+    let digest = Some(sha2::Sha256::digest(text.as_bytes()).into());
+    FileReport { path: path.to_path_buf(), slug: slug.map(|(s, _)| s), slug_position, digest, tenant, problems }
 }
 
 fn reject_duplicate_slugs(files: &mut [FileReport]) {

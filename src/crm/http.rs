@@ -14,6 +14,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::CrmError;
+use crate::metrics::Metrics;
+use crate::model::Crm;
 
 /// Bodies past this are refused: no CRM answer we read comes near it.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -53,6 +55,8 @@ pub struct Http {
     bitrix24: Arc<DefaultKeyedRateLimiter<String>>,
     /// Bitrix24 methods out of time budget, by portal and method, until when.
     paused: Arc<Mutex<HashMap<(String, String), Instant>>>,
+    /// Every request sent is counted here, by CRM and answered status.
+    metrics: Arc<Metrics>,
 }
 
 /// How long one call may keep retrying before it reports its last error.
@@ -74,7 +78,7 @@ impl Default for RetryPolicy {
 }
 
 impl Http {
-    pub fn new() -> Http {
+    pub fn new(metrics: Arc<Metrics>) -> Http {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
@@ -100,6 +104,7 @@ impl Http {
             amocrm: Arc::new(DefaultKeyedRateLimiter::keyed(amocrm_quota)),
             bitrix24: Arc::new(DefaultKeyedRateLimiter::keyed(bitrix24_quota)),
             paused: Arc::default(),
+            metrics,
         }
     }
 
@@ -121,7 +126,9 @@ impl Http {
             tokio::time::sleep_until(until.into()).await;
         }
         self.bitrix24.until_key_ready(&key.0).await;
-        send(request).await
+        let response = send(request).await;
+        self.metrics.crm_request(Crm::Bitrix24, response.as_ref().ok().map(|r| r.status));
+        response
     }
 
     /// Pauses a Bitrix24 method of a portal (`OPERATION_TIME_LIMIT`).
@@ -133,13 +140,16 @@ impl Http {
     /// Waits for the AmoCRM account's budget, then sends.
     pub async fn send_amocrm(&self, account: &str, request: reqwest::RequestBuilder) -> Result<RawResponse, CrmError> {
         self.amocrm.until_key_ready(&account.to_string()).await;
-        send(request).await
+        let response = send(request).await;
+        self.metrics.crm_request(Crm::AmoCrm, response.as_ref().ok().map(|r| r.status));
+        response
     }
 }
 
+/// Counts into a registry of its own, which nothing serves.
 impl Default for Http {
     fn default() -> Self {
-        Http::new()
+        Http::new(Arc::default())
     }
 }
 

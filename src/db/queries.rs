@@ -447,3 +447,94 @@ pub async fn bitrix24_connected_at(
 ) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
     Ok(client.query_one("SELECT bitrix24_connected_at FROM config WHERE id = 1", &[]).await?.get(0))
 }
+
+/// Whether the `config` row exists; fails with `undefined_table` before the
+/// migrations ran. Reads only (`sync --dry-run`).
+pub async fn config_row_exists(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
+    Ok(client.query_one("SELECT EXISTS (SELECT 1 FROM config WHERE id = 1)", &[]).await?.get(0))
+}
+
+/// Records a schedule's last and next run (`job` names the schedule, e.g.
+/// `stage_resync`).
+pub async fn write_schedule(
+    client: &impl GenericClient,
+    job: &str,
+    last_run_at: Option<DateTime<Utc>>,
+    next_run_at: Option<DateTime<Utc>>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO crm_connect_schedule AS s (job, last_run_at, next_run_at, updated_at)
+             VALUES ($1, $2, $3, now())
+             ON CONFLICT (job) DO UPDATE SET last_run_at = COALESCE(EXCLUDED.last_run_at, s.last_run_at),
+                 next_run_at = EXCLUDED.next_run_at, updated_at = now()",
+            &[&job, &last_run_at, &next_run_at],
+        )
+        .await
+        .map(drop)
+}
+
+/// A schedule's last and next run, if the daemon recorded them.
+pub async fn read_schedule(
+    client: &impl GenericClient,
+    job: &str,
+) -> Result<Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)>, tokio_postgres::Error> {
+    let row =
+        client.query_opt("SELECT last_run_at, next_run_at FROM crm_connect_schedule WHERE job = $1", &[&job]).await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Marks a CRM's connection as no longer managed (its file was removed).
+pub async fn mark_unmanaged(client: &impl GenericClient, crm: Crm) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO crm_connect_status (crm, state, updated_at) VALUES ($1, 'unmanaged', now())
+             ON CONFLICT (crm) DO UPDATE SET state = 'unmanaged', updated_at = now()",
+            &[&crm.as_str()],
+        )
+        .await
+        .map(drop)
+}
+
+/// The stored AmoCRM token expiry, for timing the next refresh.
+pub async fn token_expiry(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
+    Ok(client.query_one("SELECT amocrm_token_expires_at FROM config WHERE id = 1", &[]).await?.get(0))
+}
+
+/// Records a browser-authorisation state by its hash, usable for
+/// `valid_for_secs` by the database's clock (the one that checks it). States
+/// expired over a day ago go in the same statement, keeping the table small.
+pub async fn insert_oauth_state(
+    client: &impl GenericClient,
+    state_sha256: &str,
+    valid_for_secs: f64,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "WITH expired AS (
+                 DELETE FROM crm_connect_oauth_states WHERE expires_at < now() - interval '1 day'
+             )
+             INSERT INTO crm_connect_oauth_states (state_sha256, expires_at)
+             VALUES ($1, now() + make_interval(secs => $2::double precision))",
+            &[&state_sha256, &valid_for_secs],
+        )
+        .await
+        .map(drop)
+}
+
+/// Marks a state used if it is known, unused and unexpired; true if this
+/// call did. One statement, so two callbacks with one state cannot both win.
+pub async fn consume_oauth_state(
+    client: &impl GenericClient,
+    state_sha256: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "UPDATE crm_connect_oauth_states SET used_at = now()
+             WHERE state_sha256 = $1 AND used_at IS NULL AND expires_at > now()
+             RETURNING created_at",
+            &[&state_sha256],
+        )
+        .await?;
+    Ok(row.is_some())
+}

@@ -2,12 +2,17 @@
 
 mod amocrm;
 mod bitrix24;
+mod daemon;
+mod demo;
+mod dry_run;
 mod example;
 mod migrations;
 mod pools;
 mod sandbox_amocrm;
 mod sandbox_bitrix24;
+mod server;
 mod support;
 mod support_selftest;
 mod sync;
+mod systemd;
 mod validate;

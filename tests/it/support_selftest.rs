@@ -1,7 +1,9 @@
 //! Checks of the test support itself.
 
 use std::fs;
+use std::path::Path;
 
+use crm_connect::sandbox::postgres::Cluster;
 use tokio_postgres::{Client, NoTls};
 
 use crate::support::postgres::{admin_url, fresh_database};
@@ -63,4 +65,29 @@ async fn the_server_runs_as_an_unprivileged_user() {
         .unwrap_or_else(|e| panic!("cannot read the status of postmaster {postmaster}: {e}"));
     let uids = status.lines().find_map(|line| line.strip_prefix("Uid:")).expect("a Uid line in /proc/<pid>/status");
     assert!(uids.split_whitespace().all(|uid| uid != "0"), "the postmaster runs as root (Uid: {uids})");
+}
+
+#[tokio::test]
+async fn a_dropped_cluster_stops_its_server_and_removes_its_directory() {
+    if std::env::var_os("CRM_CONNECT_TEST_DATABASE_URL").is_some() {
+        return; // The server binaries need not be installed then.
+    }
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("the start does not panic")
+        .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    let url = cluster.create_database("dropped").await.unwrap_or_else(|e| panic!("cannot create a database: {e}"));
+    assert!(url.ends_with("/dropped"), "{url}");
+    let client = connect(&url).await;
+    let current: String = client.query_one("SELECT current_database()", &[]).await.expect("ask").get(0);
+    assert_eq!(current, "dropped");
+    drop(client);
+
+    let dir = cluster.dir().to_owned();
+    let postmaster = fs::read_to_string(dir.join("data/postmaster.pid")).expect("the server wrote its pid file");
+    let postmaster = postmaster.lines().next().unwrap_or_default().trim().to_owned();
+    tokio::task::spawn_blocking(move || drop(cluster)).await.expect("the drop does not panic");
+
+    assert!(!dir.exists(), "{} is still there", dir.display());
+    assert!(!Path::new(&format!("/proc/{postmaster}")).exists(), "postmaster {postmaster} still runs");
 }

@@ -1,0 +1,478 @@
+//! The long-running daemon: one loop over a closed set of events — files
+//! changed, reload, a tenant's stage resync, token refresh or retry due, a
+//! tenant's work done, shutdown. Work runs in tasks, at most one per tenant
+//! at a time and at most `--concurrency` at once; what arrives while a
+//! tenant is busy is merged and runs once afterwards with the newest file.
+
+mod schedule;
+mod systemd;
+mod tenant;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::Utc;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinSet;
+
+use crate::cli::GlobalArgs;
+use crate::commands::load_options;
+use crate::config::{self, TenantConfig};
+use crate::context::Context;
+use crate::db::PoolSettings;
+use crate::watch::ConfigWatcher;
+
+use schedule::Crons;
+use tenant::{Outcome, Tenant, Work};
+
+/// A periodic rescan catches what file events miss (inotify overflows,
+/// network file systems without events).
+const RESCAN_EVERY: Duration = Duration::from_secs(30);
+/// In-flight work gets this long to finish after SIGTERM (systemd allows 15 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// Ways for an embedding caller (tests, `demo`) to observe and steer a run.
+#[derive(Default)]
+pub struct Hooks {
+    /// Told once the first reconcile pass over every tenant is done.
+    pub first_pass: Option<oneshot::Sender<()>>,
+    /// The context to run with (tests: quick retries); default: a new one.
+    pub context: Option<Context>,
+}
+
+/// The tenants in force, as the HTTP side may read them.
+#[derive(Clone, Default)]
+pub struct TenantsView(Arc<RwLock<BTreeMap<String, TenantConfig>>>);
+
+impl TenantsView {
+    pub fn get(&self, slug: &str) -> Option<TenantConfig> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).get(slug).cloned()
+    }
+
+    pub fn slugs(&self) -> Vec<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    pub(crate) fn set(&self, tenant: TenantConfig) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.slug.clone(), tenant);
+    }
+
+    pub(crate) fn remove(&self, slug: &str) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).remove(slug);
+    }
+}
+
+/// When the main loop last went round: `/healthz` answers 200 only while
+/// it keeps going.
+#[derive(Clone, Default)]
+pub struct Liveness(Arc<AtomicU64>);
+
+impl Liveness {
+    pub(crate) fn beat(&self) {
+        self.0.store(unix_millis(), Ordering::Relaxed);
+    }
+
+    /// Time since the last beat (`Duration::MAX` before the first).
+    pub fn age(&self) -> Duration {
+        match self.0.load(Ordering::Relaxed) {
+            0 => Duration::MAX,
+            last => Duration::from_millis(unix_millis().saturating_sub(last)),
+        }
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The closed set of things the loop reacts to.
+pub(crate) enum Event {
+    /// A tenant's stage-resync cron fired.
+    Resync(String),
+    /// A tenant's token is due for refresh.
+    TokenDue(String),
+    /// A tenant's failed work may be tried again.
+    Retry(String),
+    /// A tenant's work finished.
+    Done(String, Outcome),
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs until `shutdown` resolves; exit code 0 after a clean shutdown.
+pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output = ()> + Send) -> ExitCode {
+    let ctx = hooks.context.unwrap_or_else(|| Context::new(PoolSettings::default()));
+    let (events, receiver) = mpsc::unbounded_channel();
+    let crons = match Crons::start().await {
+        Ok(crons) => crons,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the scheduler");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut daemon = Daemon {
+        permits: Arc::new(Semaphore::new(global.concurrency.get())),
+        global,
+        ctx,
+        events,
+        crons,
+        tenants: HashMap::new(),
+        tasks: JoinSet::new(),
+        view: TenantsView::default(),
+        liveness: Liveness::default(),
+        first_pass: hooks.first_pass,
+        in_first_pass: true,
+        first_pass_left: 0,
+        http_stop: None,
+    };
+    daemon.serve_http().await;
+    daemon.main_loop(receiver, shutdown).await
+}
+
+struct Daemon {
+    global: GlobalArgs,
+    ctx: Context,
+    events: UnboundedSender<Event>,
+    crons: Crons,
+    tenants: HashMap<PathBuf, Tenant>,
+    tasks: JoinSet<()>,
+    permits: Arc<Semaphore>,
+    view: TenantsView,
+    liveness: Liveness,
+    first_pass: Option<oneshot::Sender<()>>,
+    /// Until the first pass is over: READY is sent, the hook told, once.
+    in_first_pass: bool,
+    first_pass_left: usize,
+    /// Dropped at shutdown, which stops the HTTP endpoint.
+    http_stop: Option<oneshot::Sender<()>>,
+}
+
+impl Daemon {
+    async fn main_loop(
+        mut self,
+        mut receiver: UnboundedReceiver<Event>,
+        shutdown: impl Future<Output = ()>,
+    ) -> ExitCode {
+        let (changed_tx, mut changed) = mpsc::unbounded_channel();
+        let mut watcher = match ConfigWatcher::start(&self.global.config, changed_tx) {
+            Ok(watcher) => Some(watcher),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the configuration; rescanning every {}s", RESCAN_EVERY.as_secs());
+                None
+            }
+        };
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut rescan = tokio::time::interval(RESCAN_EVERY);
+        rescan.tick().await;
+        let mut heartbeat = tokio::time::interval(systemd::heartbeat_interval());
+        tokio::pin!(shutdown);
+
+        self.liveness.beat();
+        self.rescan(true).await;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(event) = receiver.recv() => self.handle(event).await,
+                Some(()) = changed.recv() => {
+                    if let Some(w) = watcher.as_mut() {
+                        w.ensure();
+                    }
+                    self.rescan(false).await;
+                }
+                Some(()) = recv_signal(&mut hangup) => {
+                    tracing::info!("SIGHUP: reloading every tenant");
+                    systemd::reloading();
+                    self.rescan(true).await;
+                    systemd::ready();
+                }
+                _ = rescan.tick() => self.rescan(false).await,
+                _ = heartbeat.tick() => {
+                    self.liveness.beat();
+                    systemd::watchdog();
+                }
+            }
+        }
+        self.stop().await;
+        ExitCode::SUCCESS
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Resync(slug) => {
+                let next = match self.by_slug(&slug).and_then(|t| t.cron_job) {
+                    Some(job) => self.crons.next_run(&job).await,
+                    None => None,
+                };
+                if let Some(tenant) = self.by_slug_mut(&slug) {
+                    tenant.last_resync = Some(Utc::now());
+                    tenant.next_resync = next;
+                    self.ctx.metrics.schedule(&slug, Some(Utc::now()), next);
+                }
+                self.request(&slug, Work::Resync);
+            }
+            Event::TokenDue(slug) => self.request(&slug, Work::Refresh),
+            Event::Retry(slug) => self.request(&slug, Work::Reconcile),
+            Event::Done(slug, outcome) => self.done(&slug, outcome),
+        }
+    }
+
+    /// Reads every file and applies what changed; with `all`, every valid
+    /// tenant is reconciled whatever changed (start, SIGHUP: secrets from
+    /// the environment or credentials may have changed).
+    async fn rescan(&mut self, all: bool) {
+        let loaded = config::load(&self.global.config, &load_options(&self.global));
+        for problem in loaded.problems.iter() {
+            tracing::warn!(problem = %problem, "configuration");
+        }
+        let mut seen = Vec::new();
+        for file in loaded.files {
+            seen.push(file.path.clone());
+            let known = self.tenants.get(&file.path);
+            let unchanged = known.is_some_and(|t| t.digest == file.digest);
+            if unchanged && !all {
+                continue;
+            }
+            let Some(config) = file.tenant else {
+                // The last good configuration stays in force.
+                if !unchanged {
+                    for problem in file.problems.iter().filter(|p| p.is_error()) {
+                        tracing::error!(problem = %problem, "invalid tenant file; keeping its last good configuration");
+                    }
+                    if let Some(tenant) = self.tenants.get_mut(&file.path) {
+                        tenant.digest = file.digest;
+                    }
+                }
+                continue;
+            };
+            if known.is_some_and(|t| t.config.slug != config.slug) {
+                self.remove(&file.path).await;
+            }
+            self.upsert(file.path, file.digest, config).await;
+        }
+        let gone: Vec<PathBuf> = self.tenants.keys().filter(|p| !seen.contains(p)).cloned().collect();
+        for path in gone {
+            self.remove(&path).await;
+        }
+        if self.in_first_pass && self.first_pass_left == 0 {
+            self.finish_first_pass();
+        }
+    }
+
+    /// A new or changed tenant: keep its configuration, (re)arm its cron job
+    /// when the expression changed, reconcile it.
+    async fn upsert(&mut self, path: PathBuf, digest: Option<[u8; 32]>, config: TenantConfig) {
+        let slug = config.slug.clone();
+        let expr = config.schedule.stage_resync.with_seconds.clone();
+        let is_new = !self.tenants.contains_key(&path);
+        let tenant = self.tenants.entry(path).or_insert_with(|| Tenant::new(config.clone()));
+        tenant.config = config.clone();
+        tenant.digest = digest;
+        let rearm = tenant.cron_expr.as_deref() != Some(expr.as_str());
+        let old_job = if rearm { tenant.cron_job.take() } else { None };
+        if let Some(job) = old_job {
+            self.crons.remove(&job).await;
+        }
+        if rearm {
+            match self.crons.add(&slug, &expr, self.events.clone()).await {
+                Ok(job) => {
+                    let next = self.crons.next_run(&job).await;
+                    if let Some(tenant) = self.by_slug_mut(&slug) {
+                        tenant.cron_job = Some(job);
+                        tenant.cron_expr = Some(expr);
+                        tenant.next_resync = next;
+                    }
+                    self.ctx.metrics.schedule(&slug, None, next);
+                }
+                Err(e) => tracing::error!(tenant = %slug, error = %e, "cannot schedule the stage resync"),
+            }
+        }
+        self.view.set(config);
+        if is_new && self.in_first_pass {
+            self.first_pass_left += 1;
+            if let Some(tenant) = self.by_slug_mut(&slug) {
+                tenant.in_first_pass = true;
+            }
+        }
+        tracing::info!(tenant = %slug, new = is_new, "reconciling");
+        self.request(&slug, Work::Reconcile);
+    }
+
+    /// A removed file: schedules stopped, state `unmanaged`, nothing deleted.
+    async fn remove(&mut self, path: &PathBuf) {
+        let Some(mut tenant) = self.tenants.remove(path) else { return };
+        let slug = tenant.config.slug.clone();
+        tracing::info!(tenant = %slug, "file removed: tenant no longer managed");
+        if let Some(job) = tenant.cron_job.take() {
+            self.crons.remove(&job).await;
+        }
+        tenant.cancel_timers();
+        if tenant.in_first_pass {
+            self.first_pass_left = self.first_pass_left.saturating_sub(1);
+        }
+        self.view.remove(&slug);
+        self.ctx.metrics.forget_tenant(&slug);
+        let (ctx, config) = (self.ctx.clone(), tenant.config.clone());
+        self.tasks.spawn(async move { tenant::mark_unmanaged(&ctx, &config).await });
+        self.publish_states();
+    }
+
+    /// Runs `work` for a tenant now, or after its current work (merged).
+    fn request(&mut self, slug: &str, work: Work) {
+        let ctx = self.ctx.clone();
+        let Some(tenant) = self.by_slug_mut(slug) else { return };
+        if tenant.running.is_some() {
+            tenant.queued = Some(tenant.queued.map_or(work, |q| q.max(work)));
+            return;
+        }
+        tenant.running = Some(work);
+        if let Some(retry) = tenant.retry_timer.take() {
+            retry.abort();
+        }
+        let job = tenant::Job {
+            ctx,
+            config: tenant.config.clone(),
+            work,
+            schedule: (tenant.last_resync, tenant.next_resync),
+        };
+        let (events, permits, slug) = (self.events.clone(), self.permits.clone(), slug.to_string());
+        self.tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let outcome = job.run().await;
+            let _ = events.send(Event::Done(slug, outcome));
+        });
+    }
+
+    fn done(&mut self, slug: &str, outcome: Outcome) {
+        let events = self.events.clone();
+        let Some(tenant) = self.by_slug_mut(slug) else { return };
+        tenant.running = None;
+        let finished_first = std::mem::take(&mut tenant.in_first_pass);
+        tenant.after(&outcome, &events);
+        let queued = tenant.queued.take();
+        if finished_first {
+            self.first_pass_left = self.first_pass_left.saturating_sub(1);
+            if self.in_first_pass && self.first_pass_left == 0 {
+                self.finish_first_pass();
+            }
+        }
+        self.record(slug, &outcome);
+        if let Some(work) = queued {
+            self.request(slug, work);
+        }
+    }
+
+    fn record(&self, slug: &str, outcome: &Outcome) {
+        let metrics = &self.ctx.metrics;
+        if let (Work::Reconcile, Some(elapsed)) = (outcome.work, outcome.elapsed) {
+            metrics.reconcile_duration(elapsed.as_secs_f64());
+        }
+        if let Ok(applied) = &outcome.applied {
+            for (crm, result) in &applied.crms {
+                if matches!(outcome.work, Work::Reconcile | Work::Resync) {
+                    metrics.stage_sync(*crm, result.is_ok());
+                    if result.is_ok() {
+                        metrics.stage_synced(slug, *crm, Utc::now());
+                    }
+                }
+            }
+        }
+        self.publish_states();
+    }
+
+    fn publish_states(&self) {
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        for tenant in self.tenants.values() {
+            *counts.entry(tenant.state).or_default() += 1;
+        }
+        let counts: Vec<(&str, i64)> = counts.into_iter().collect();
+        self.ctx.metrics.set_tenant_states(&counts);
+    }
+
+    fn finish_first_pass(&mut self) {
+        self.in_first_pass = false;
+        if let Some(first_pass) = self.first_pass.take() {
+            let _ = first_pass.send(());
+        }
+        systemd::ready();
+        tracing::info!(tenants = self.tenants.len(), "first reconcile pass done");
+    }
+
+    /// Stops the schedules, lets in-flight work (token writes above all)
+    /// finish within the grace period, stores pairs still kept in memory.
+    async fn stop(mut self) {
+        systemd::stopping();
+        tracing::info!("shutting down");
+        for tenant in self.tenants.values_mut() {
+            tenant.cancel_timers();
+        }
+        self.crons.shutdown().await;
+        let drained =
+            tokio::time::timeout(SHUTDOWN_GRACE, async { while self.tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("work still running after {}s; stopping it", SHUTDOWN_GRACE.as_secs());
+            self.tasks.abort_all();
+        }
+        for tenant in self.tenants.values() {
+            tenant::store_pending_briefly(&self.ctx, &tenant.config).await;
+        }
+    }
+
+    async fn serve_http(&mut self) {
+        let Some(addr) = self.global.listen else { return };
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let (view, liveness) = (self.view.clone(), self.liveness.clone());
+                let lookup = move |slug: &str| view.get(slug);
+                let loop_age = move || liveness.age();
+                let ctx = self.ctx.clone();
+                let (stop_tx, stop_rx) = oneshot::channel::<()>();
+                self.http_stop = Some(stop_tx);
+                tokio::spawn(async move {
+                    let stopped = async move {
+                        let _ = stop_rx.await;
+                    };
+                    if let Err(e) = crate::server::serve(listener, ctx, lookup, loop_age, stopped).await {
+                        tracing::error!(error = %e, "the HTTP endpoint stopped");
+                    }
+                });
+                tracing::info!(%addr, "serving /healthz, /metrics and /oauth/amocrm/callback");
+            }
+            Err(e) => tracing::error!(%addr, error = %e, "cannot listen"),
+        }
+    }
+
+    fn by_slug(&self, slug: &str) -> Option<&Tenant> {
+        self.tenants.values().find(|t| t.config.slug == slug)
+    }
+
+    fn by_slug_mut(&mut self, slug: &str) -> Option<&mut Tenant> {
+        self.tenants.values_mut().find(|t| t.config.slug == slug)
+    }
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}

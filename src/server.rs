@@ -1,0 +1,412 @@
+//! The daemon's HTTP side (`--listen`): `/healthz`, `/metrics`, and the
+//! AmoCRM OAuth callback that completes an authorisation started by
+//! `crm-connect auth-url`. It owns the state format too: `<slug>.<random>`,
+//! stored in the tenant's database as a SHA-256 only, usable once within
+//! [`STATE_LIFETIME`].
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+
+use crate::config::{AmoCrmConfig, TenantConfig};
+use crate::context::Context;
+use crate::db::{DbError, TenantDb, queries};
+use crate::metrics;
+use crate::secret::Secret;
+use crate::tokens::{self, Obtained, TokenError};
+
+/// `/healthz` answers 200 while the main loop went round this recently.
+pub const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long a state printed by `auth-url` can complete an authorisation.
+pub const STATE_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// Random bytes in a state: guessing one is out of the question.
+const STATE_RANDOM_BYTES: usize = 32;
+
+/// After the shutdown signal, connections get this long to finish (an
+/// exchange in flight, mostly) before `serve` returns anyway: the daemon
+/// must exit within 10 s.
+const DRAIN: Duration = Duration::from_secs(8);
+
+/// How long a callback waits for a token pair kept in memory to be stored
+/// before it answers; the daemon keeps trying after that.
+const STORE_PENDING_WITHIN: Duration = Duration::from_secs(20);
+
+type Lookup = dyn Fn(&str) -> Option<TenantConfig> + Send + Sync;
+type LoopAge = dyn Fn() -> Duration + Send + Sync;
+
+#[derive(Clone)]
+struct AppState {
+    ctx: Context,
+    tenants: Arc<Lookup>,
+    loop_age: Arc<LoopAge>,
+}
+
+/// Serves until `shutdown` resolves, then lets open requests finish (for
+/// at most [`DRAIN`]). `tenants` finds a tenant in force by slug (the
+/// daemon passes its view of the files); `loop_age` says how long ago the
+/// main loop last went round (`/healthz`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: Context,
+    tenants: impl Fn(&str) -> Option<TenantConfig> + Send + Sync + 'static,
+    loop_age: impl Fn() -> Duration + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState { ctx, tenants: Arc::new(tenants), loop_age: Arc::new(loop_age) };
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_page))
+        .route("/oauth/amocrm/callback", get(amocrm_callback))
+        .with_state(state);
+    let (fired, signalled) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = fired.send(());
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal).into_future();
+    let drained = async {
+        if signalled.await.is_err() {
+            // The server ended without the signal; the other branch has won.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::select! {
+        served = server => served,
+        () = drained => {
+            tracing::warn!(within = ?DRAIN, "HTTP requests still open at shutdown were left unfinished");
+            Ok(())
+        }
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    if (state.loop_age)() < HEALTHY_WITHIN {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the main loop has stalled").into_response()
+    }
+}
+
+async fn metrics_page(State(state): State<AppState>) -> Response {
+    let mut response = state.ctx.metrics.encode().into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
+    response
+}
+
+/// A fresh single-use state for `slug`, recorded (hashed) in its database.
+pub async fn issue_state(db: &TenantDb, slug: &str) -> Result<Secret, DbError> {
+    let mut random = [0u8; STATE_RANDOM_BYTES];
+    rand::rng().fill_bytes(&mut random);
+    let state = Secret::new(format!("{slug}.{}", URL_SAFE_NO_PAD.encode(random)));
+    let client = db.client().await?;
+    queries::insert_oauth_state(&**client, &tokens::sha256_hex(&state), STATE_LIFETIME.as_secs_f64())
+        .await
+        .map_err(|e| db.query_error("recording an authorisation state", e))?;
+    Ok(state)
+}
+
+/// The slug a state names, if the state has the shape [`issue_state`] gives.
+fn state_slug(state: &str) -> Option<&str> {
+    let (slug, random) = state.split_once('.')?;
+    let shaped = !slug.is_empty()
+        && slug.len() <= 48
+        && slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && random.len() == (STATE_RANDOM_BYTES * 4).div_ceil(3)
+        && random.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    shaped.then_some(slug)
+}
+
+/// The account host AmoCRM names as `referer`: `acme.amocrm.ru`, or the
+/// `base_url`'s host[:port] (tests, the sandbox).
+fn account_host(amo: &AmoCrmConfig) -> Option<String> {
+    match &amo.base_url {
+        Some(url) => {
+            let host = url.host_str()?;
+            Some(match url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            })
+        }
+        None => Some(format!("{}.{}", amo.subdomain, amo.domain.as_str())),
+    }
+}
+
+/// AmoCRM sends a bare host; a URL of that host (no path) is accepted too.
+fn referer_matches(referer: &str, expected: &str) -> bool {
+    let referer = referer.trim();
+    let host = match referer.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http") => {
+            rest.strip_suffix('/').unwrap_or(rest)
+        }
+        Some(_) => return false,
+        None => referer,
+    };
+    !host.is_empty() && host.eq_ignore_ascii_case(expected)
+}
+
+/// The callback's query; only the first of a repeated key counts.
+#[derive(Default)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    referer: Option<String>,
+    error: Option<String>,
+}
+
+impl CallbackQuery {
+    fn parse(raw: Option<&str>) -> CallbackQuery {
+        let mut query = CallbackQuery::default();
+        for (key, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            let slot = match key.as_ref() {
+                "code" => &mut query.code,
+                "state" => &mut query.state,
+                "referer" => &mut query.referer,
+                "error" => &mut query.error,
+                _ => continue,
+            };
+            if slot.is_none() && !value.is_empty() {
+                *slot = Some(value.into_owned());
+            }
+        }
+        query
+    }
+}
+
+/// Why a callback did not connect a tenant. Messages hold no code, state
+/// or token, and no value taken from the request.
+#[derive(Debug, thiserror::Error)]
+enum CallbackError {
+    #[error("unknown, used or expired state")]
+    UnknownState,
+    #[error("the referer is not the tenant's account host {expected}")]
+    WrongReferer { expected: String },
+    #[error("the user denied access")]
+    AccessDenied,
+    #[error("the callback carries no code")]
+    NoCode,
+    #[error("the tenant uses `amocrm.long_lived_token`; the code flow is off")]
+    LongLivedToken,
+    #[error("AmoCRM rejected the code: {0}")]
+    CodeRejected(String),
+    #[error("this code was sent before; a code is used at most once")]
+    CodeAlreadySent,
+    #[error("the tenant database is unavailable: {0}")]
+    Db(#[from] DbError),
+    #[error("obtaining tokens failed: {0}")]
+    Token(#[from] TokenError),
+    #[error("unexpected outcome: {0}")]
+    Unexpected(String),
+}
+
+impl CallbackError {
+    fn status(&self) -> StatusCode {
+        match self {
+            CallbackError::UnknownState
+            | CallbackError::WrongReferer { .. }
+            | CallbackError::NoCode
+            | CallbackError::CodeRejected(_)
+            | CallbackError::CodeAlreadySent => StatusCode::BAD_REQUEST,
+            CallbackError::AccessDenied => StatusCode::FORBIDDEN,
+            CallbackError::LongLivedToken => StatusCode::CONFLICT,
+            CallbackError::Db(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CallbackError::Token(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            CallbackError::Token(_) | CallbackError::Unexpected(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// What the browser is told. Database errors name hosts the public
+    /// need not see; the log has them.
+    fn page(&self) -> Response {
+        let (title, detail) = match self {
+            CallbackError::UnknownState => (
+                "Unknown or expired link",
+                "This authorisation link is unknown, was used already, or has expired. \
+                 Run `crm-connect auth-url` again for a new one."
+                    .to_string(),
+            ),
+            CallbackError::WrongReferer { .. } => (
+                "Wrong account",
+                "The authorisation came from an account other than the tenant's. \
+                 Run `crm-connect auth-url` again and authorise in the tenant's own account."
+                    .to_string(),
+            ),
+            CallbackError::AccessDenied => (
+                "Access denied",
+                "Access was denied in AmoCRM; nothing changed. Run `crm-connect auth-url` again to retry.".to_string(),
+            ),
+            CallbackError::Db(_) => {
+                ("Not completed", "The tenant's database could not be reached. Try the link again shortly.".to_string())
+            }
+            CallbackError::Token(TokenError::Db(_) | TokenError::Unstored(_)) => (
+                "Not completed",
+                "The tenant's database failed while storing the tokens; see the daemon's log.".to_string(),
+            ),
+            other => ("Not connected", format!("{other}.")),
+        };
+        page(self.status(), title, &detail)
+    }
+}
+
+async fn amocrm_callback(State(app): State<AppState>, RawQuery(raw): RawQuery) -> Response {
+    let query = CallbackQuery::parse(raw.as_deref());
+    match complete(&app, &query).await {
+        Ok(slug) => {
+            tracing::info!(tenant = slug, crm = "amocrm", "browser authorisation completed, tokens stored");
+            page(
+                StatusCode::OK,
+                "Connected",
+                &format!("AmoCRM is connected for tenant {slug}. You may close this page."),
+            )
+        }
+        Err((slug, e)) => {
+            match slug.as_deref() {
+                Some(slug) => {
+                    tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "browser authorisation refused")
+                }
+                // The slug came from the request and names no tenant: not logged.
+                None => tracing::warn!(crm = "amocrm", error = %e, "browser authorisation refused"),
+            }
+            e.page()
+        }
+    }
+}
+
+/// Checks and consumes the state, then the referer, then exchanges the
+/// code: nothing reaches the CRM before a live state was consumed.
+async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Option<String>, CallbackError)> {
+    let unknown = || (None, CallbackError::UnknownState);
+    let state = query.state.as_deref().ok_or_else(unknown)?;
+    let slug = state_slug(state).ok_or_else(unknown)?;
+    let tenant = (app.tenants)(slug).ok_or_else(unknown)?;
+    let amo = tenant.amocrm.as_ref().ok_or_else(unknown)?;
+    let slug = tenant.slug.as_str();
+    let fail = |e: CallbackError| (Some(slug.to_string()), e);
+
+    let db = app.ctx.pools.get(slug, &tenant.database_url).map_err(|e| fail(e.into()))?;
+    let hash = tokens::sha256_hex(&Secret::new(state));
+    let client = db.client().await.map_err(|e| fail(e.into()))?;
+    let consumed = queries::consume_oauth_state(&**client, &hash)
+        .await
+        .map_err(|e| fail(db.query_error("consuming an authorisation state", e).into()))?;
+    drop(client);
+    if !consumed {
+        return Err(fail(CallbackError::UnknownState));
+    }
+    // From here on the state is spent, whatever happens: a state that came
+    // with a foreign referer may have leaked, and a new one costs one command.
+    if query.error.is_some() {
+        return Err(fail(CallbackError::AccessDenied));
+    }
+    let expected = account_host(amo).unwrap_or_default();
+    if !query.referer.as_deref().is_some_and(|r| referer_matches(r, &expected)) {
+        return Err(fail(CallbackError::WrongReferer { expected }));
+    }
+    let code = query.code.as_deref().ok_or_else(|| fail(CallbackError::NoCode))?;
+    if amo.long_lived_token.is_some() {
+        return Err(fail(CallbackError::LongLivedToken));
+    }
+    let ctx = &app.ctx;
+    let obtained = tokens::obtain(ctx, slug, &db, amo, Some(&Secret::new(code))).await.map_err(|e| fail(e.into()))?;
+    if ctx.pending.contains(slug)
+        && let Err(e) = tokens::store_pending_until(ctx, slug, &db, STORE_PENDING_WITHIN).await
+    {
+        // The pair stays in memory; the daemon stores it once the database is back.
+        tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "exchanged tokens are not stored yet");
+    }
+    match obtained {
+        Obtained::Exchanged => Ok(slug.to_string()),
+        Obtained::CodeRejected(reason) => Err(fail(CallbackError::CodeRejected(reason))),
+        Obtained::CodeAlreadySent => Err(fail(CallbackError::CodeAlreadySent)),
+        other => Err(fail(CallbackError::Unexpected(format!("{other:?}")))),
+    }
+}
+
+/// A small self-contained HTML page; it loads nothing, so the callback URL
+/// (code and state in its query) is never sent on as a Referer.
+fn page(status: StatusCode, title: &str, detail: &str) -> Response {
+    let html = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>crm-connect: {title}</title></head>\
+         <body><h1>{title}</h1><p>{detail}</p></body></html>\n",
+        title = escape(title),
+        detail = escape(detail),
+    );
+    let mut response = (status, html).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_names_its_slug_only_in_the_issued_shape() {
+        let random = URL_SAFE_NO_PAD.encode([7u8; STATE_RANDOM_BYTES]);
+        assert_eq!(state_slug(&format!("acme_2.{random}")), Some("acme_2"));
+        assert_eq!(state_slug(&format!("Acme.{random}")), None);
+        assert_eq!(state_slug(&format!(".{random}")), None);
+        assert_eq!(state_slug(&format!("acme.{random}x")), None);
+        assert_eq!(state_slug(&format!("acme.{}", &random[1..])), None);
+        assert_eq!(state_slug(&format!("acme.{}", random.replace(|_| true, "+"))), None);
+        assert_eq!(state_slug("acme"), None);
+        assert_eq!(state_slug(""), None);
+    }
+
+    #[test]
+    fn the_referer_must_be_the_account_host() {
+        assert!(referer_matches("acme.amocrm.ru", "acme.amocrm.ru"));
+        assert!(referer_matches("ACME.amocrm.RU", "acme.amocrm.ru"));
+        assert!(referer_matches("https://acme.amocrm.ru/", "acme.amocrm.ru"));
+        assert!(referer_matches("http://127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(!referer_matches("evil.amocrm.ru", "acme.amocrm.ru"));
+        assert!(!referer_matches("acme.amocrm.ru.evil.com", "acme.amocrm.ru"));
+        assert!(!referer_matches("https://acme.amocrm.ru/path", "acme.amocrm.ru"));
+        assert!(!referer_matches("ftp://acme.amocrm.ru", "acme.amocrm.ru"));
+        assert!(!referer_matches("", "acme.amocrm.ru"));
+    }
+
+    #[test]
+    fn the_callback_query_keeps_the_first_of_each_key() {
+        let q = CallbackQuery::parse(Some("code=a%2Bb&state=s&state=t&referer=&error=access_denied&platform=1"));
+        assert_eq!(q.code.as_deref(), Some("a+b"));
+        assert_eq!(q.state.as_deref(), Some("s"));
+        assert_eq!(q.referer, None);
+        assert_eq!(q.error.as_deref(), Some("access_denied"));
+        assert!(CallbackQuery::parse(None).state.is_none());
+    }
+
+    #[test]
+    fn pages_escape_their_text() {
+        assert_eq!(escape("<b>\"x\" & 'y'</b>"), "&lt;b&gt;&quot;x&quot; &amp; &#39;y&#39;&lt;/b&gt;");
+    }
+}

@@ -1,0 +1,58 @@
+//! Debounced watching of the configuration directory. Events only say
+//! "look again": the daemon rescans and compares content hashes, because
+//! editors' write-and-rename, `git checkout` and Kubernetes `..data` swaps
+//! produce every kind of event and inotify can miss some.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Events closer together than this end in one rescan.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+pub struct ConfigWatcher {
+    debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+    dir: PathBuf,
+}
+
+/// The directory to watch for `--config`: itself, or a file's directory.
+/// A file is not watched directly: an editor's save replaces it and the
+/// watch would go silent.
+pub fn watched_dir(config: &Path) -> PathBuf {
+    if config.is_dir() {
+        config.to_path_buf()
+    } else {
+        config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+    }
+}
+
+impl ConfigWatcher {
+    /// Starts watching; every debounced burst of events sends one `()`.
+    pub fn start(config: &Path, changed: UnboundedSender<()>) -> notify::Result<ConfigWatcher> {
+        let handler = move |_: DebounceEventResult| {
+            let _ = changed.send(());
+        };
+        let debouncer = new_debouncer(DEBOUNCE, None, handler)?;
+        let mut watcher = ConfigWatcher { debouncer, dir: watched_dir(config) };
+        // The parent shows the directory itself being deleted and recreated.
+        if let Some(parent) = watcher.dir.parent().filter(|p| !p.as_os_str().is_empty())
+            && let Err(e) = watcher.debouncer.watch(parent, RecursiveMode::NonRecursive)
+        {
+            tracing::warn!(dir = %parent.display(), error = %e, "cannot watch the configuration's parent directory");
+        }
+        watcher.ensure();
+        Ok(watcher)
+    }
+
+    /// (Re)establishes the watch on the directory: after it was deleted and
+    /// recreated, the old watch is gone.
+    pub fn ensure(&mut self) {
+        let _ = self.debouncer.unwatch(&self.dir);
+        if let Err(e) = self.debouncer.watch(&self.dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the configuration directory; rescanning periodically");
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The daemon: timed token refreshes, file watching (rewrites, invalid
+//! files, new and removed files, `..data` swaps, a recreated directory),
+//! and a clean shutdown.
+
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use crm_connect::cli::Cli;
+use crm_connect::daemon::{self, Hooks};
+use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use crate::support::{amocrm_tenant, connect, fast_context, postgres::fresh_database, write};
+
+/// A daemon running in this process on `dir`, until dropped or stopped.
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<ExitCode>,
+}
+
+impl Running {
+    async fn start(dir: &Path) -> Running {
+        let cli = Cli::try_parse_from(["crm-connect", "run", "--config", dir.to_str().unwrap()]).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (first_tx, first_pass) = oneshot::channel();
+        let hooks = Hooks { first_pass: Some(first_tx), context: Some(fast_context()) };
+        let handle = tokio::spawn(daemon::run(cli.global, hooks, async move {
+            let _ = stopped.await;
+        }));
+        tokio::time::timeout(Duration::from_secs(30), first_pass).await.expect("first pass in time").unwrap();
+        Running { stop: Some(stop), handle }
+    }
+
+    async fn stop(mut self) -> ExitCode {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.handle).await.expect("stops within 10 s").unwrap()
+    }
+}
+
+/// Waits until `check` holds, polling an observable condition.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn qualified(client: &Client) -> Vec<String> {
+    client
+        .query("SELECT status_id FROM bitrix24_pipeline_stages WHERE is_qualified_stage ORDER BY status_id", &[])
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default()
+}
+
+/// Replaces a file the way editors and `git checkout` do: write aside, rename over.
+fn rewrite(dir: &Path, name: &str, text: &str) {
+    let aside = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&aside, text).unwrap();
+    std::fs::rename(&aside, dir.join(name)).unwrap();
+}
+
+fn b24_file(db_url: &str, portal: &B24Sandbox, qualified: &str) -> String {
+    format!(
+        "[tenant]\ndatabase_url = \"{db_url}\"\n[bitrix24]\nwebhook_url = \"{}\"\n[bitrix24.stages]\nqualified = [\"{qualified}\"]\n",
+        portal.webhook_url()
+    )
+}
+
+async fn state(client: &Client, crm: &str) -> Option<String> {
+    client
+        .query_opt("SELECT state FROM crm_connect_status WHERE crm = $1", &[&crm])
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+#[tokio::test]
+async fn tokens_are_refreshed_a_margin_before_expiry_again_and_again() {
+    let amo =
+        AmoSandbox::start(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
+            .await
+            .unwrap();
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()))
+        .replace("[amocrm]", "[schedule]\ntoken_refresh_margin = \"15s\"\n\n[amocrm]");
+    write(dir.path(), "acme.toml", &text);
+    let daemon = Running::start(dir.path()).await;
+
+    let refreshes = |r: &[crm_connect::sandbox::faults::RecordedRequest]| {
+        r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
+    };
+    assert!(amo.wait_for_requests(|r| refreshes(r) >= 2, Duration::from_secs(30)).await, "refreshes keep coming");
+    let log = amo.requests();
+    let exchange =
+        log.iter().find(|r| r.form_or_json_field("grant_type").as_deref() == Some("authorization_code")).unwrap();
+    let first = log.iter().find(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).unwrap();
+    let after = first.at - exchange.at;
+    assert!(
+        (Duration::from_secs(3)..=Duration::from_secs(8)).contains(&after),
+        "first refresh {after:?} after the exchange"
+    );
+    assert_eq!(amo.token_stats().refresh_rejected, 0);
+    let client = connect(&db.url).await;
+    let stored: String = client.query_one("SELECT amocrm_access_token FROM config", &[]).await.unwrap().get(0);
+    assert!(amo.is_access_token_valid(&stored));
+    assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
+}
+
+#[tokio::test]
+async fn two_daemons_on_one_tenant_neither_double_nor_break_refreshes() {
+    let amo =
+        AmoSandbox::start(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
+            .await
+            .unwrap();
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()))
+        .replace("[amocrm]", "[schedule]\ntoken_refresh_margin = \"15s\"\n\n[amocrm]");
+    write(dir.path(), "acme.toml", &text);
+    let (a, b) = tokio::join!(Running::start(dir.path()), Running::start(dir.path()));
+    let started = Instant::now();
+    let refreshes = |r: &[crm_connect::sandbox::faults::RecordedRequest]| {
+        r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
+    };
+    assert!(amo.wait_for_requests(|r| refreshes(r) >= 3, Duration::from_secs(40)).await);
+    let elapsed = started.elapsed();
+    let stats = amo.token_stats();
+    assert_eq!(stats.refresh_rejected, 0, "a refresh token was used twice");
+    assert_eq!(stats.exchanged, 1, "the code was sent once");
+    // One daemon refreshes about every 5 s; two must not double that.
+    let most = elapsed.as_secs() / 5 + 2;
+    assert!(stats.refreshed as u64 <= most, "{} refreshes in {elapsed:?}", stats.refreshed);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn file_changes_apply_to_their_tenant_only_and_invalid_files_change_nothing() {
+    let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
+    let (db_a, db_b) = (fresh_database().await, fresh_database().await);
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "alpha.toml", &b24_file(&db_a.url, &portal, "C1:PREPARATION"));
+    write(dir.path(), "beta.toml", &b24_file(&db_b.url, &portal, "C1:NEW"));
+    let daemon = Running::start(dir.path()).await;
+    let (a, b) = (connect(&db_a.url).await, connect(&db_b.url).await);
+    assert_eq!(qualified(&a).await, ["C1:PREPARATION"]);
+
+    // An atomic rewrite moves a flag.
+    rewrite(dir.path(), "alpha.toml", &b24_file(&db_a.url, &portal, "C1:EXECUTING"));
+    eventually("the flag moved", Duration::from_secs(10), || async { qualified(&a).await == ["C1:EXECUTING"] }).await;
+    let beta_requests = portal.requests().len();
+
+    // Invalid TOML: the last good configuration stays, nothing is written.
+    let a_xmin: Vec<String> = a
+        .query("SELECT xmin::text FROM bitrix24_pipeline_stages", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    rewrite(dir.path(), "alpha.toml", "[bitrix24\nwebhook_url = ");
+    // A later valid edit of another tenant proves the daemon went on.
+    rewrite(dir.path(), "beta.toml", &b24_file(&db_b.url, &portal, "C1:WON"));
+    eventually("beta's flag moved", Duration::from_secs(10), || async { qualified(&b).await == ["C1:WON"] }).await;
+    let a_xmin_after: Vec<String> = a
+        .query("SELECT xmin::text FROM bitrix24_pipeline_stages", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(a_xmin, a_xmin_after, "an invalid file changed its tenant's database");
+    assert_eq!(qualified(&a).await, ["C1:EXECUTING"]);
+    assert!(portal.requests().len() > beta_requests);
+
+    // A new file: migrated and connected.
+    let db_c = fresh_database().await;
+    rewrite(dir.path(), "gamma.toml", &b24_file(&db_c.url, &portal, "C1:NEW"));
+    let c = connect(&db_c.url).await;
+    eventually("the new tenant connected", Duration::from_secs(10), || async {
+        state(&c, "bitrix24").await.as_deref() == Some("connected")
+    })
+    .await;
+
+    // A removed file: unmanaged, nothing deleted.
+    let rows_before: i64 = b.query_one("SELECT count(*) FROM bitrix24_pipeline_stages", &[]).await.unwrap().get(0);
+    std::fs::remove_file(dir.path().join("beta.toml")).unwrap();
+    eventually("beta unmanaged", Duration::from_secs(10), || async {
+        state(&b, "bitrix24").await.as_deref() == Some("unmanaged")
+    })
+    .await;
+    let rows_after: i64 = b.query_one("SELECT count(*) FROM bitrix24_pipeline_stages", &[]).await.unwrap().get(0);
+    assert_eq!(rows_before, rows_after);
+    let config: i64 =
+        b.query_one("SELECT count(*) FROM config WHERE bitrix24_access_token IS NOT NULL", &[]).await.unwrap().get(0);
+    assert_eq!(config, 1, "the stored webhook stays");
+    assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
+}
+
+#[tokio::test]
+async fn a_kubernetes_data_symlink_swap_and_a_recreated_directory_are_picked_up() {
+    let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
+    let db = fresh_database().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tenants");
+    std::fs::create_dir(&dir).unwrap();
+    // The layout of a mounted ConfigMap: files are links into `..data`,
+    // which links to a timestamped directory; an update swaps `..data`.
+    let first = dir.join("..2026_11_26_1");
+    std::fs::create_dir(&first).unwrap();
+    write(&first, "acme.toml", &b24_file(&db.url, &portal, "C1:PREPARATION"));
+    std::os::unix::fs::symlink("..2026_11_26_1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/acme.toml", dir.join("acme.toml")).unwrap();
+    let daemon = Running::start(&dir).await;
+    let client = connect(&db.url).await;
+    assert_eq!(qualified(&client).await, ["C1:PREPARATION"]);
+
+    let second = dir.join("..2026_11_26_2");
+    std::fs::create_dir(&second).unwrap();
+    write(&second, "acme.toml", &b24_file(&db.url, &portal, "C1:EXECUTING"));
+    std::os::unix::fs::symlink("..2026_11_26_2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    eventually("the swap applied", Duration::from_secs(10), || async { qualified(&client).await == ["C1:EXECUTING"] })
+        .await;
+
+    // The whole directory deleted and recreated (a fresh checkout).
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    write(&dir, "acme.toml", &b24_file(&db.url, &portal, "C1:WON"));
+    eventually("the recreated directory is watched", Duration::from_secs(10), || async {
+        qualified(&client).await == ["C1:WON"]
+    })
+    .await;
+    assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_binary_with_exit_0_within_10_seconds() {
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "acme.toml", &format!("[tenant]\ndatabase_url = \"{}\"\n", db.url));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-connect"))
+        .args(["run", "--config", dir.path().to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first pass, as systemd waits for READY.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("first reconcile pass done") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true));
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits within 10 s").unwrap();
+    assert_eq!(status.code(), Some(0));
+}
