@@ -50,6 +50,10 @@ pub struct GlobalArgs {
     /// Tenants doing database or CRM work at the same moment
     #[arg(long, global = true, env = "CRM_CONNECT_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
+
+    /// One active daemon per tenant: hold a lease of this length in its database (e.g. 2m)
+    #[arg(long, global = true, env = "CRM_CONNECT_LEASE", value_parser = parse_lease)]
+    pub lease: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -135,6 +139,14 @@ pub struct SyncArgs {
     /// Read the CRMs and databases and print the changes a sync would make, writing nothing
     #[arg(long)]
     pub dry_run: bool,
+}
+
+fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
+    let lease = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if lease < std::time::Duration::from_secs(1) {
+        return Err("a lease must last at least 1s".into());
+    }
+    Ok(lease)
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {

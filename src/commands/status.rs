@@ -25,6 +25,8 @@ struct Line {
     /// stopped firing.
     stage_resync_last_run: Option<DateTime<Utc>>,
     stage_resync_next_run: Option<DateTime<Utc>>,
+    /// With `--lease`: the daemon process that runs this tenant now.
+    lease_holder: Option<String>,
 }
 
 impl Line {
@@ -41,6 +43,7 @@ impl Line {
             last_error_at: None,
             stage_resync_last_run: None,
             stage_resync_next_run: None,
+            lease_holder: None,
         }
     }
 }
@@ -65,7 +68,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
             crms.push("bitrix24");
         }
         match read(&pools, tenant).await {
-            Ok((rows, expires, schedule)) => {
+            Ok((rows, expires, schedule, holder)) => {
                 for crm in crms {
                     let mut line = Line::new(&name, crm, "not_synced");
                     if let Some(row) = rows.iter().find(|r| r.crm == crm) {
@@ -80,6 +83,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
                         line.token_expires_at = expires;
                     }
                     (line.stage_resync_last_run, line.stage_resync_next_run) = schedule;
+                    line.lease_holder = holder.clone();
                     lines.push(line);
                 }
             }
@@ -107,26 +111,25 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
 }
 
 type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+type Read = (Vec<queries::StatusRow>, Option<DateTime<Utc>>, Times, Option<String>);
 
-/// The status rows, the AmoCRM token expiry and the resync schedule; the
-/// tables may not exist yet.
-async fn read(
-    pools: &Pools,
-    tenant: &config::TenantConfig,
-) -> Result<(Vec<queries::StatusRow>, Option<DateTime<Utc>>, Times), String> {
+/// The status rows, the AmoCRM token expiry, the resync schedule and the
+/// lease holder; the tables may not exist yet.
+async fn read(pools: &Pools, tenant: &config::TenantConfig) -> Result<Read, String> {
     let db = pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     let client = db.client().await.map_err(|e| e.to_string())?;
     let rows = match queries::read_statuses(&**client).await {
         Ok(rows) => rows,
         // Never synced: the tables are not there yet.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
-            return Ok((Vec::new(), None, (None, None)));
+            return Ok((Vec::new(), None, (None, None), None));
         }
         Err(e) => return Err(db.query_error("reading status", e).to_string()),
     };
     let expires = queries::read_tokens(&**client).await.map(|t| t.expires_at).unwrap_or_default();
     let schedule = queries::read_schedule(&**client, "stage_resync").await.ok().flatten().unwrap_or_default();
-    Ok((rows, expires, schedule))
+    let holder = queries::lease_holder(&**client).await.ok().flatten();
+    Ok((rows, expires, schedule, holder))
 }
 
 fn print_table(lines: &[Line]) {

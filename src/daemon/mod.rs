@@ -4,6 +4,7 @@
 //! at a time and at most `--concurrency` at once; what arrives while a
 //! tenant is busy is merged and runs once afterwards with the newest file.
 
+mod lease;
 mod schedule;
 mod systemd;
 mod tenant;
@@ -101,6 +102,8 @@ pub(crate) enum Event {
     Retry(String),
     /// A tenant's work finished.
     Done(String, Outcome),
+    /// Whether this process holds a tenant's lease now (`--lease`).
+    Lease(String, Result<bool, String>),
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -141,6 +144,7 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         view: TenantsView::default(),
         liveness: Liveness::default(),
         first_pass: hooks.first_pass,
+        holder: lease::holder_id(),
         in_first_pass: true,
         first_pass_left: 0,
         http_stop: None,
@@ -160,6 +164,8 @@ struct Daemon {
     view: TenantsView,
     liveness: Liveness,
     first_pass: Option<oneshot::Sender<()>>,
+    /// This process's lease holder id (host, pid, random part).
+    holder: String,
     /// Until the first pass is over: READY is sent, the hook told, once.
     in_first_pass: bool,
     first_pass_left: usize,
@@ -185,6 +191,9 @@ impl Daemon {
         let mut rescan = tokio::time::interval(RESCAN_EVERY);
         rescan.tick().await;
         let mut heartbeat = tokio::time::interval(systemd::heartbeat_interval());
+        // Renewed at about a third of its length; without --lease, never.
+        let mut lease_tick = tokio::time::interval(self.global.lease.map_or(Duration::from_secs(3600), |l| l / 3));
+        lease_tick.tick().await;
         tokio::pin!(shutdown);
 
         self.liveness.beat();
@@ -206,6 +215,12 @@ impl Daemon {
                     systemd::ready();
                 }
                 _ = rescan.tick() => self.rescan(false).await,
+                _ = lease_tick.tick(), if self.global.lease.is_some() => {
+                    let slugs: Vec<String> = self.tenants.values().map(|t| t.config.slug.clone()).collect();
+                    for slug in slugs {
+                        self.check_lease(&slug);
+                    }
+                }
                 _ = heartbeat.tick() => {
                     self.liveness.beat();
                     systemd::watchdog();
@@ -233,6 +248,57 @@ impl Daemon {
             Event::TokenDue(slug) => self.request(&slug, Work::Refresh),
             Event::Retry(slug) => self.request(&slug, Work::Reconcile),
             Event::Done(slug, outcome) => self.done(&slug, outcome),
+            Event::Lease(slug, held) => self.lease(&slug, held),
+        }
+    }
+
+    /// Asks the tenant's database whether this process holds its lease.
+    fn check_lease(&mut self, slug: &str) {
+        let (Some(duration), Some(tenant)) = (self.global.lease, self.by_slug(slug)) else { return };
+        let (ctx, config, holder, events) =
+            (self.ctx.clone(), tenant.config.clone(), self.holder.clone(), self.events.clone());
+        self.tasks.spawn(async move {
+            let held = lease::take(&ctx, &config, &holder, duration).await;
+            let _ = events.send(Event::Lease(config.slug.clone(), held));
+        });
+    }
+
+    fn lease(&mut self, slug: &str, held: Result<bool, String>) {
+        let Some(duration) = self.global.lease else { return };
+        let Some(tenant) = self.by_slug_mut(slug) else { return };
+        let now = std::time::Instant::now();
+        let holds = match held {
+            Ok(held) => held,
+            // Unrenewed, the lease lapses in the database after its length:
+            // stop acting before another daemon starts.
+            Err(e) => {
+                tracing::warn!(tenant = slug, error = %e, "cannot renew the lease");
+                tenant.holds_lease && tenant.lease_renewed.is_some_and(|at| now.duration_since(at) < duration)
+            }
+        };
+        if holds {
+            tenant.lease_renewed = Some(now);
+        }
+        let was = std::mem::replace(&mut tenant.holds_lease, holds);
+        let first = tenant.in_first_pass;
+        match (was, holds) {
+            (false, true) => {
+                tracing::info!(tenant = slug, "took the lease: this daemon runs the tenant");
+                self.request(slug, Work::Reconcile);
+            }
+            (true, false) => {
+                tracing::info!(tenant = slug, "lost the lease: standing by");
+                tenant.cancel_timers();
+            }
+            (false, false) if first => {
+                // Another daemon runs it: this one's first pass is done with it.
+                tenant.in_first_pass = false;
+                self.first_pass_left = self.first_pass_left.saturating_sub(1);
+                if self.in_first_pass && self.first_pass_left == 0 {
+                    self.finish_first_pass();
+                }
+            }
+            _ => {}
         }
     }
 
@@ -314,7 +380,11 @@ impl Daemon {
             }
         }
         tracing::info!(tenant = %slug, new = is_new, "reconciling");
-        self.request(&slug, Work::Reconcile);
+        if self.global.lease.is_some() && is_new {
+            self.check_lease(&slug);
+        } else {
+            self.request(&slug, Work::Reconcile);
+        }
     }
 
     /// A removed file: schedules stopped, state `unmanaged`, nothing deleted.
@@ -339,7 +409,11 @@ impl Daemon {
     /// Runs `work` for a tenant now, or after its current work (merged).
     fn request(&mut self, slug: &str, work: Work) {
         let ctx = self.ctx.clone();
+        let leased = self.global.lease.is_some();
         let Some(tenant) = self.by_slug_mut(slug) else { return };
+        if leased && !tenant.holds_lease {
+            return;
+        }
         if tenant.running.is_some() {
             tenant.queued = Some(tenant.queued.map_or(work, |q| q.max(work)));
             return;
@@ -434,6 +508,9 @@ impl Daemon {
         }
         for tenant in self.tenants.values() {
             tenant::store_pending_briefly(&self.ctx, &tenant.config).await;
+            if tenant.holds_lease {
+                lease::release(&self.ctx, &tenant.config, &self.holder).await;
+            }
         }
     }
 

@@ -45,6 +45,10 @@ pub(crate) struct Tenant {
     retry_backoff: Duration,
     token_backoff: Duration,
     pub(crate) in_first_pass: bool,
+    /// With `--lease`: whether this process runs the tenant, and when the
+    /// lease was last renewed.
+    pub(crate) holds_lease: bool,
+    pub(crate) lease_renewed: Option<std::time::Instant>,
     /// For metrics: `pending` until the first outcome, then the worst CRM state.
     pub(crate) state: &'static str,
 }
@@ -65,6 +69,8 @@ impl Tenant {
             retry_backoff: FIRST_BACKOFF,
             token_backoff: FIRST_BACKOFF,
             in_first_pass: false,
+            holds_lease: false,
+            lease_renewed: None,
             state: "pending",
         }
     }

@@ -538,3 +538,38 @@ pub async fn consume_oauth_state(
         .await?;
     Ok(row.is_some())
 }
+
+/// Takes or renews the tenant's lease for `holder` if it is free, expired
+/// or already `holder`'s; returns whether `holder` holds it now.
+pub async fn take_lease(
+    client: &impl GenericClient,
+    holder: &str,
+    duration: std::time::Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    let seconds = duration.as_secs_f64();
+    let taken = client
+        .execute(
+            "UPDATE crm_connect_lease SET holder = $1, expires_at = now() + make_interval(secs => $2)
+             WHERE id = 1 AND (holder IS NULL OR holder = $1 OR expires_at IS NULL OR expires_at < now())",
+            &[&holder, &seconds],
+        )
+        .await?;
+    Ok(taken == 1)
+}
+
+/// Gives the lease up at once (clean shutdown), if `holder` holds it.
+pub async fn release_lease(client: &impl GenericClient, holder: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE crm_connect_lease SET holder = NULL, expires_at = NULL WHERE id = 1 AND holder = $1",
+            &[&holder],
+        )
+        .await
+        .map(drop)
+}
+
+/// The live lease's holder, if any.
+pub async fn lease_holder(client: &impl GenericClient) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client.query_opt("SELECT holder FROM crm_connect_lease WHERE id = 1 AND expires_at > now()", &[]).await?;
+    Ok(row.and_then(|r| r.get(0)))
+}

@@ -249,12 +249,14 @@ async fn a_kubernetes_data_symlink_swap_and_a_recreated_directory_are_picked_up(
 }
 
 #[tokio::test]
-async fn sigterm_stops_the_binary_with_exit_0_within_10_seconds() {
+async fn the_binary_serves_health_and_metrics_and_stops_on_sigterm_with_exit_0_within_10_seconds() {
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "acme.toml", &format!("[tenant]\ndatabase_url = \"{}\"\n", db.url));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-connect"))
-        .args(["run", "--config", dir.path().to_str().unwrap()])
+        .args(["run", "--config", dir.path().to_str().unwrap(), "--listen", &listen])
         .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -272,9 +274,51 @@ async fn sigterm_stops_the_binary_with_exit_0_within_10_seconds() {
     })
     .await;
     assert_eq!(ready, Ok(true));
+    let http = reqwest::Client::new();
+    let health = http.get(format!("http://{listen}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let metrics = http.get(format!("http://{listen}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("crm_connect_tenants{state=\"connected\"} 1"), "{metrics}");
+    assert!(metrics.contains("crm_connect_reconcile_duration_seconds_count 1"), "{metrics}");
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits within 10 s").unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn with_a_lease_one_daemon_runs_a_tenant_and_a_standby_takes_over_when_it_stops() {
+    let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "acme.toml", &b24_file(&db.url, &portal, "C1:NEW"));
+    let start = |dir: &Path| {
+        let cli =
+            Cli::try_parse_from(["crm-connect", "run", "--lease", "3s", "--config", dir.to_str().unwrap()]).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (first_tx, first_pass) = oneshot::channel();
+        let hooks = Hooks { first_pass: Some(first_tx), context: Some(fast_context()) };
+        let handle = tokio::spawn(daemon::run(cli.global, hooks, async move {
+            let _ = stopped.await;
+        }));
+        (Running { stop: Some(stop), handle }, first_pass)
+    };
+    let (a, a_ready) = start(dir.path());
+    a_ready.await.unwrap();
+    let (b, b_ready) = start(dir.path());
+    b_ready.await.unwrap();
+    let client = connect(&db.url).await;
+    let held: Option<String> = client.query_one("SELECT holder FROM crm_connect_lease", &[]).await.unwrap().get(0);
+    let first_holder = held.expect("one daemon holds the lease");
+    assert_eq!(portal.requests().len(), 2, "only the holder talked to the CRM");
+
+    assert_eq!(a.stop().await, ExitCode::SUCCESS);
+    eventually("the standby took over", Duration::from_secs(10), || async {
+        let now: Option<String> = client.query_one("SELECT holder FROM crm_connect_lease", &[]).await.unwrap().get(0);
+        now.is_some_and(|h| h != first_holder)
+    })
+    .await;
+    eventually("the new holder reconciled", Duration::from_secs(10), || async { portal.requests().len() == 4 }).await;
+    assert_eq!(b.stop().await, ExitCode::SUCCESS);
 }
