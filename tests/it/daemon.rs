@@ -259,6 +259,8 @@ async fn the_binary_serves_health_and_metrics_and_stops_on_sigterm_with_exit_0_w
         .args(["run", "--config", dir.path().to_str().unwrap(), "--listen", &listen])
         .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped())
+        // A failing assertion must not leave a daemon behind.
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     // Wait for the first pass, as systemd waits for READY.
