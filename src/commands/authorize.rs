@@ -10,16 +10,7 @@ use crate::db::{self, PoolSettings};
 use crate::tokens::{self, Obtained};
 
 pub async fn run(global: &GlobalArgs, args: &AuthorizeArgs) -> ExitCode {
-    match authorize(global, args).await {
-        Ok(message) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("crm-connect: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    super::report(authorize(global, args).await)
 }
 
 async fn authorize(global: &GlobalArgs, args: &AuthorizeArgs) -> Result<String, String> {

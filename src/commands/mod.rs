@@ -17,6 +17,21 @@ pub(crate) fn load_options(global: &GlobalArgs) -> LoadOptions {
     LoadOptions { database_url_template: global.database_url_template.clone(), env: Environment::process() }
 }
 
+/// A one-shot command's outcome: its message on stdout and exit 0, or on
+/// stderr and exit 1.
+pub(crate) fn report(outcome: Result<String, String>) -> std::process::ExitCode {
+    match outcome {
+        Ok(message) => {
+            println!("{message}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("crm-connect: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The valid configuration of one tenant, or a message saying why there is none.
 pub(crate) fn load_tenant(global: &GlobalArgs, slug: &str) -> Result<TenantConfig, String> {
     let loaded = config::load(&global.config, &load_options(global));

@@ -1,6 +1,7 @@
 //! `crm-connect sync`: reconcile every tenant once, concurrently (bounded),
 //! report each, exit 1 if any failed. A failing tenant never stops another.
 
+use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -19,53 +20,14 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     if args.dry_run {
         return dry_run(global, args).await;
     }
-    let loaded = config::load(&global.config, &super::load_options(global));
-    let wanted = |slug: Option<&str>| args.tenant.as_deref().is_none_or(|t| slug == Some(t));
-    let mut failed = false;
-    for problem in loaded.problems.iter().filter(|p| p.is_error()) {
-        println!("{problem}");
-        failed = true;
-    }
-    for file in loaded.files.iter().filter(|f| wanted(f.slug.as_deref())) {
-        for problem in &file.problems {
-            println!("{problem}");
-        }
-        if file.tenant.is_none() {
-            println!("{}: invalid configuration, not synced", file.name());
-            failed = true;
-        }
-    }
-    let tenants: Vec<_> = loaded.tenants().filter(|t| wanted(Some(&t.slug))).cloned().collect();
-    if let Some(slug) = &args.tenant
-        && loaded.files.iter().all(|f| f.slug.as_deref() != Some(slug))
-    {
-        println!("{slug}: no such tenant under {}", global.config.display());
+    let Some((tenants, mut failed)) = selected(global, args) else {
         return ExitCode::FAILURE;
-    }
-
+    };
     let ctx = Context::new(PoolSettings::default());
-    let permits = Arc::new(Semaphore::new(global.concurrency.get()));
-    let mut tasks = JoinSet::new();
-    for tenant in tenants {
-        let (ctx, permits) = (ctx.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            let outcome = sync_one(&ctx, &tenant).await;
-            (tenant.slug, outcome)
-        });
-    }
-    let mut results = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(result) => results.push(result),
-            Err(e) => {
-                println!("a tenant's sync stopped unexpectedly: {e}");
-                failed = true;
-            }
-        }
-    }
-    results.sort_by(|a, b| a.0.cmp(&b.0));
-    for (slug, outcome) in results {
+    let sync = |ctx: Context, tenant: TenantConfig| async move { sync_one(&ctx, &tenant).await };
+    let (mut results, stopped) = fan_out(&ctx, global, tenants, sync).await;
+    failed |= stopped;
+    for (slug, outcome) in results.drain(..) {
         match outcome {
             Ok(applied) => {
                 if applied.changed_columns.is_empty() {
@@ -98,6 +60,71 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
+/// The valid tenants `--config` (and `--tenant`) select, with every problem
+/// printed and whether any file was invalid; `None` for an unknown tenant.
+fn selected(global: &GlobalArgs, args: &SyncArgs) -> Option<(Vec<TenantConfig>, bool)> {
+    let loaded = config::load(&global.config, &super::load_options(global));
+    let wanted = |slug: Option<&str>| args.tenant.as_deref().is_none_or(|t| slug == Some(t));
+    let mut invalid = false;
+    for problem in loaded.problems.iter().filter(|p| p.is_error()) {
+        println!("{problem}");
+        invalid = true;
+    }
+    for file in loaded.files.iter().filter(|f| wanted(f.slug.as_deref())) {
+        for problem in &file.problems {
+            println!("{problem}");
+        }
+        if file.tenant.is_none() {
+            println!("{}: invalid configuration, not synced", file.name());
+            invalid = true;
+        }
+    }
+    if let Some(slug) = &args.tenant
+        && loaded.files.iter().all(|f| f.slug.as_deref() != Some(slug))
+    {
+        println!("{slug}: no such tenant under {}", global.config.display());
+        return None;
+    }
+    Some((loaded.tenants().filter(|t| wanted(Some(&t.slug))).cloned().collect(), invalid))
+}
+
+/// Runs `work` for every tenant, at most `--concurrency` at once; a slow or
+/// failing tenant delays no other. Results come back sorted by slug, and
+/// whether any task stopped unexpectedly.
+async fn fan_out<T, Fut>(
+    ctx: &Context,
+    global: &GlobalArgs,
+    tenants: Vec<TenantConfig>,
+    work: impl Fn(Context, TenantConfig) -> Fut + Clone + Send + 'static,
+) -> (Vec<(String, T)>, bool)
+where
+    T: Send + 'static,
+    Fut: Future<Output = T> + Send,
+{
+    let permits = Arc::new(Semaphore::new(global.concurrency.get()));
+    let mut tasks = JoinSet::new();
+    for tenant in tenants {
+        let (ctx, permits, work) = (ctx.clone(), permits.clone(), work.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let slug = tenant.slug.clone();
+            (slug, work(ctx, tenant).await)
+        });
+    }
+    let (mut results, mut stopped) = (Vec::new(), false);
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(result) => results.push(result),
+            Err(e) => {
+                println!("a tenant's work stopped unexpectedly: {e}");
+                stopped = true;
+            }
+        }
+    }
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    (results, stopped)
+}
+
 /// One tenant, within the sync's deadline; a token pair that could not be
 /// stored is retried until the deadline rather than lost with the process.
 async fn sync_one(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, String> {
@@ -121,51 +148,19 @@ async fn sync_one(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, Strin
 /// databases and CRMs without writing anything. Exit 0 even when a tenant
 /// cannot be previewed (its line says why); 1 only for an unknown `--tenant`.
 async fn dry_run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
-    let loaded = config::load(&global.config, &super::load_options(global));
-    let wanted = |slug: Option<&str>| args.tenant.as_deref().is_none_or(|t| slug == Some(t));
-    for problem in loaded.problems.iter().filter(|p| p.is_error()) {
-        println!("{problem}");
-    }
-    for file in loaded.files.iter().filter(|f| wanted(f.slug.as_deref())) {
-        for problem in &file.problems {
-            println!("{problem}");
-        }
-        if file.tenant.is_none() {
-            println!("{}: invalid configuration, not synced", file.name());
-        }
-    }
-    if let Some(slug) = &args.tenant
-        && loaded.files.iter().all(|f| f.slug.as_deref() != Some(slug))
-    {
-        println!("{slug}: no such tenant under {}", global.config.display());
+    let Some((tenants, _)) = selected(global, args) else {
         return ExitCode::FAILURE;
-    }
-    let tenants: Vec<_> = loaded.tenants().filter(|t| wanted(Some(&t.slug))).cloned().collect();
-
+    };
     let ctx = Context::new(PoolSettings::default());
-    let permits = Arc::new(Semaphore::new(global.concurrency.get()));
-    let mut tasks = JoinSet::new();
-    for tenant in tenants {
-        let (ctx, permits) = (ctx.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            let deadline = ctx.retry.deadline;
-            let outcome = match tokio::time::timeout(deadline, preview_tenant(&ctx, &tenant)).await {
-                Ok(preview) => preview.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("gave up after {}s", deadline.as_secs())),
-            };
-            (tenant.slug, outcome)
-        });
-    }
-    let mut results = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(result) => results.push(result),
-            Err(e) => println!("a tenant's preview stopped unexpectedly: {e}"),
+    let preview = |ctx: Context, tenant: TenantConfig| async move {
+        let deadline = ctx.retry.deadline;
+        match tokio::time::timeout(deadline, preview_tenant(&ctx, &tenant)).await {
+            Ok(preview) => preview.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("gave up after {}s", deadline.as_secs())),
         }
-    }
-    results.sort_by(|a, b| a.0.cmp(&b.0));
-    for (slug, outcome) in results {
+    };
+    let (mut results, _) = fan_out(&ctx, global, tenants, preview).await;
+    for (slug, outcome) in results.drain(..) {
         match outcome {
             Ok(preview) => print_preview(&preview),
             Err(e) => println!("{slug}: cannot be previewed: {e}"),

@@ -16,16 +16,7 @@ use crate::tokens;
 pub const TEST_LEAD_NAME: &str = "Тест crm-connect";
 
 pub async fn run(global: &GlobalArgs, args: &TestLeadArgs) -> ExitCode {
-    match create(global, args).await {
-        Ok(message) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("crm-connect: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    super::report(create(global, args).await)
 }
 
 async fn create(global: &GlobalArgs, args: &TestLeadArgs) -> Result<String, String> {
