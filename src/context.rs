@@ -30,4 +30,10 @@ impl Context {
             metrics,
         }
     }
+
+    /// CRM requests give up after `timeout` (default 30 s).
+    pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Context {
+        self.http = Http::with_timeout(self.metrics.clone(), timeout);
+        self
+    }
 }

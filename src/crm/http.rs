@@ -79,9 +79,15 @@ impl Default for RetryPolicy {
 
 impl Http {
     pub fn new(metrics: Arc<Metrics>) -> Http {
+        Http::with_timeout(metrics, Duration::from_secs(30))
+    }
+
+    /// With `timeout` for a whole request, body included: a slow-drip answer
+    /// fails then, like any other transient failure.
+    pub fn with_timeout(metrics: Arc<Metrics>, timeout: Duration) -> Http {
         let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30))
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .timeout(timeout)
             // Redirects are the CRM modules' decision: a renamed Bitrix24
             // portal must get the same POST again, not a GET.
             .redirect(reqwest::redirect::Policy::none())

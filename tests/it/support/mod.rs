@@ -73,7 +73,8 @@ pub fn amocrm_tenant(database_url: &str, sandbox: &crm_connect::sandbox::amocrm:
 
 /// A context whose CRM retries are quick, for tests that inject faults.
 pub fn fast_context() -> crm_connect::context::Context {
-    let mut ctx = crm_connect::context::Context::new(crm_connect::db::PoolSettings::default());
+    let mut ctx = crm_connect::context::Context::new(crm_connect::db::PoolSettings::default())
+        .with_request_timeout(std::time::Duration::from_secs(5));
     ctx.retry = crm_connect::crm::RetryPolicy {
         deadline: std::time::Duration::from_secs(30),
         min_delay: std::time::Duration::from_millis(20),
