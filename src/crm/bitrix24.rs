@@ -118,7 +118,14 @@ impl<'h> B24Client<'h> {
     }
 
     fn envelope(&self, webhook: &Webhook, method: &str, response: &RawResponse) -> Result<Envelope, CrmError> {
-        let body: Option<Value> = serde_json::from_slice(&response.body).ok();
+        let parsed = serde_json::from_slice::<Value>(&response.body);
+        if let (Err(e), true) = (&parsed, response.is_success()) {
+            return Err(CrmError::Malformed(format!(
+                "`{method}` answered with a body that is not JSON ({e}): {}",
+                response.summary()
+            )));
+        }
+        let body = parsed.ok();
         if let Some(error) = body.as_ref().and_then(|b| b.get("error")) {
             let code = error.as_str().unwrap_or_default().to_string();
             let description = body.as_ref().and_then(|b| b.get("error_description")).and_then(Value::as_str);

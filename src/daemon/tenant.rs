@@ -75,6 +75,12 @@ impl Tenant {
         }
     }
 
+    fn next_token_backoff(&mut self) -> Duration {
+        let delay = self.token_backoff;
+        self.token_backoff = (delay * 2).min(MAX_BACKOFF);
+        delay
+    }
+
     pub(crate) fn cancel_timers(&mut self) {
         for handle in [self.token_timer.take(), self.retry_timer.take()].into_iter().flatten() {
             handle.abort();
@@ -98,23 +104,23 @@ impl Tenant {
                 self.retry_backoff = FIRST_BACKOFF;
             }
         }
-        let Some(amo) = &self.config.amocrm else { return };
+        if self.config.amocrm.is_none() {
+            return;
+        }
         let amo_failure = outcome.crm_failure(Crm::AmoCrm);
         let delay = match (amo_failure, outcome.token_expires_at) {
             // No further attempts until a new code or token arrives.
             (Some(f), _) if f.state == CrmState::NeedsAuthorization => None,
-            (Some(f), _) if f.transient => {
-                let delay = self.token_backoff;
-                self.token_backoff = (delay * 2).min(MAX_BACKOFF);
-                Some(delay)
-            }
+            // A pair waiting in memory, a failure that may pass, or an expiry
+            // that could not be read (database down): try again soon.
+            (Some(f), _) if f.transient => Some(self.next_token_backoff()),
+            _ if outcome.tokens_pending => Some(self.next_token_backoff()),
+            (_, None) => Some(self.next_token_backoff()),
             (_, Some(expires_at)) => {
                 self.token_backoff = FIRST_BACKOFF;
                 Some(refresh_delay(expires_at, self.config.schedule.token_refresh_margin, Utc::now()))
             }
-            (_, None) => None,
         };
-        let _ = amo;
         if let Some(delay) = delay {
             tracing::debug!(tenant = %slug, refresh_in = ?delay, "token refresh timer");
             let handle = timer(delay, events.clone(), Event::TokenDue(slug));
@@ -141,6 +147,8 @@ pub(crate) struct Outcome {
     pub(crate) elapsed: Option<Duration>,
     /// The stored token expiry after the work, to time the next refresh.
     pub(crate) token_expires_at: Option<DateTime<Utc>>,
+    /// A refreshed pair is kept in memory, not yet stored.
+    pub(crate) tokens_pending: bool,
 }
 
 impl Outcome {
@@ -192,7 +200,8 @@ impl Job {
         if self.work == Work::Resync {
             record_schedule(ctx, config, self.schedule).await;
         }
-        Outcome { work: self.work, applied, elapsed: Some(started.elapsed()), token_expires_at }
+        let tokens_pending = ctx.pending.contains(&config.slug);
+        Outcome { work: self.work, applied, elapsed: Some(started.elapsed()), token_expires_at, tokens_pending }
     }
 }
 

@@ -60,6 +60,9 @@ pub struct AmoSandboxConfig {
     /// Pipelines per page of `GET /api/v4/leads/pipelines`; `None` serves
     /// them all at once, as AmoCRM does. `Some(0)` counts as `Some(1)`.
     pub pipelines_page_size: Option<usize>,
+    /// How long every answered request waits before its answer goes out
+    /// (a network round trip, say); zero answers at once.
+    pub latency: Duration,
 }
 
 impl Default for AmoSandboxConfig {
@@ -73,6 +76,7 @@ impl Default for AmoSandboxConfig {
             expires_in: Duration::from_secs(86_400),
             rate_limit_per_sec: 7,
             pipelines_page_size: None,
+            latency: Duration::ZERO,
         }
     }
 }
@@ -128,7 +132,7 @@ impl AmoSandbox {
     /// Binds 127.0.0.1 on a free port and starts serving.
     pub async fn start(config: AmoSandboxConfig) -> io::Result<AmoSandbox> {
         let bound = Bound::loopback().await?;
-        let front = Arc::new(Front::new(config.rate_limit_per_sec));
+        let front = Arc::new(Front::new(config.rate_limit_per_sec).with_latency(config.latency));
         let shared = Arc::new(Shared {
             base_url: bound.base_url().to_owned(),
             config,

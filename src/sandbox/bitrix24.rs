@@ -61,6 +61,9 @@ pub struct B24SandboxConfig {
     /// A method whose `operating` time within ten minutes reaches this is
     /// blocked until the ten minutes are over; zero turns the budget off.
     pub operating_budget: Duration,
+    /// How long every answered request waits before its answer goes out
+    /// (a network round trip, say); zero answers at once.
+    pub latency: Duration,
 }
 
 impl Default for B24SandboxConfig {
@@ -73,6 +76,7 @@ impl Default for B24SandboxConfig {
             drain_per_sec: 2.0,
             operating_cost: Duration::from_millis(50),
             operating_budget: Duration::from_secs(480),
+            latency: Duration::ZERO,
         }
     }
 }
@@ -137,7 +141,7 @@ impl B24Sandbox {
         let old = Bound::loopback().await?;
         let new = Bound::loopback().await?;
         let limit = Limit::LeakyBucket { capacity: config.bucket_capacity, drain_per_sec: config.drain_per_sec };
-        let front = Arc::new(Front::limited(limit, bucket_full));
+        let front = Arc::new(Front::limited(limit, bucket_full).with_latency(config.latency));
         let shared = Arc::new(Shared {
             base_url: old.base_url().to_owned(),
             config: config.clone(),

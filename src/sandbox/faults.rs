@@ -1,6 +1,7 @@
 //! What every CRM sandbox shares besides its API: injected faults (canned
-//! answers, delays, dropped connections, cut bodies) and the log of every
-//! request it received, which tests can inspect or await.
+//! answers, delays, late answers, dropped connections, cut, huge and
+//! trickling bodies) and the log of every request it received, which tests
+//! can inspect or await.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -24,13 +25,27 @@ const TRUNCATED_SOURCE: &str = r#"{"_page":1,"_links":{"self":{"href":"/"}},"_em
 pub enum Fault {
     /// A canned answer; an empty `content_type` sends no `Content-Type` header.
     Status { status: u16, content_type: &'static str, body: String },
-    /// Waits, then answers normally.
+    /// Waits, then answers normally. The request changes the CRM's state
+    /// only once the wait is over, and not at all if the client is gone by
+    /// then (its connection closed, the server drops the unfinished answer).
     Delay(Duration),
+    /// Answers normally at once — the CRM's state changes (a token is
+    /// rotated, say) — but the answer leaves only after this long: an answer
+    /// lost with a client that gave up or died meanwhile.
+    LateAnswer(Duration),
     /// Closes the connection without any HTTP response.
     DropConnection,
     /// A 200 whose JSON body stops halfway (with a matching `Content-Length`,
     /// so only the JSON parse fails).
     TruncatedBody,
+    /// A 200 `application/json` answer of this many bytes, sent chunked
+    /// without a `Content-Length`, so a client learns its size only by
+    /// reading it.
+    HugeBody(usize),
+    /// The normal answer, but from the status line to the last body byte it
+    /// leaves a few bytes at a time, `chunk_every` apart, on a connection
+    /// that closes after it (a server stalling mid-answer).
+    SlowDrip { chunk_every: Duration },
 }
 
 impl Fault {
@@ -52,6 +67,15 @@ impl Fault {
     /// The bytes a `TruncatedBody` answer carries.
     pub(crate) fn truncated_body() -> &'static str {
         &TRUNCATED_SOURCE[..TRUNCATED_SOURCE.len() / 2]
+    }
+
+    /// The `len` bytes a `HugeBody` answer carries: the start of a JSON
+    /// object whose one string value fills the rest.
+    pub(crate) fn huge_body(len: usize) -> Vec<u8> {
+        let mut body = br#"{"padding":""#.to_vec();
+        body.resize(len.max(body.len()), b'x');
+        body.truncate(len);
+        body
     }
 }
 

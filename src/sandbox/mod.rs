@@ -1,7 +1,7 @@
 //! In-process emulators of the CRM APIs ("sandboxes") for tests and the demo,
 //! and the HTTP plumbing they share: a loopback server whose connections can
-//! be dropped on purpose, and the pipeline in front of each CRM's handler
-//! (request log, injected faults, rate limit).
+//! be dropped or throttled on purpose, and the pipeline in front of each
+//! CRM's handler (request log, injected faults, rate limit).
 
 pub mod amocrm;
 pub mod bitrix24;
@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -143,6 +143,9 @@ pub(crate) struct Front {
     rate: RateLimit,
     /// The CRM's answer to a request over its limit.
     refusal: fn() -> Response,
+    /// How long every answered request waits before its answer goes out,
+    /// as a CRM across a network would take; zero answers at once.
+    latency: Duration,
 }
 
 impl Front {
@@ -153,7 +156,20 @@ impl Front {
     }
 
     pub(crate) fn limited(limit: Limit, refusal: fn() -> Response) -> Front {
-        Front { faults: Faults::default(), log: RequestLog::default(), rate: RateLimit::new(limit), refusal }
+        Front {
+            faults: Faults::default(),
+            log: RequestLog::default(),
+            rate: RateLimit::new(limit),
+            refusal,
+            latency: Duration::ZERO,
+        }
+    }
+
+    /// The same front, answering every request `latency` late (a dropped
+    /// connection is dropped at once).
+    pub(crate) fn with_latency(mut self, latency: Duration) -> Front {
+        self.latency = latency;
+        self
     }
 
     pub(crate) fn violations(&self) -> usize {
@@ -167,6 +183,9 @@ impl Front {
         } else {
             (400, respond(400, "", Body::empty()))
         };
+        if status != 0 && !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         recorded.status = status;
         self.log.record(recorded);
         response
@@ -186,11 +205,29 @@ impl Front {
                 tokio::time::sleep(pause).await;
                 self.admit_then(request, serving)
             }
+            Some(Fault::LateAnswer(hold)) => {
+                let answered = self.admit_then(request, serving);
+                tokio::time::sleep(hold).await;
+                answered
+            }
             Some(Fault::Status { status, content_type, body }) => (status, respond(status, content_type, body)),
             Some(Fault::TruncatedBody) => (200, respond(200, "application/json", Fault::truncated_body())),
             Some(Fault::DropConnection) => {
                 connection.drop_now();
                 (0, respond(500, "", Body::empty()))
+            }
+            Some(Fault::HugeBody(len)) => {
+                // A body of unknown length goes out chunked, without a
+                // Content-Length: the client has to count while it reads.
+                let body = Body::from_stream(Body::from(Fault::huge_body(len)).into_data_stream());
+                (200, respond(200, "application/json", body))
+            }
+            Some(Fault::SlowDrip { chunk_every }) => {
+                let (status, mut response) = self.admit_then(request, serving);
+                connection.drip(chunk_every);
+                // The connection dribbles from now on: no later answer may use it.
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                (status, response)
             }
         }
     }
@@ -235,11 +272,17 @@ async fn read_request(request: Request) -> (RecordedRequest, bool) {
     (recorded, readable)
 }
 
-/// One accepted connection's kill switch, shared by its stream and the
-/// requests it carries.
+/// How many bytes a dripping connection writes at a time.
+const DRIP_BYTES: usize = 8;
+
+/// One accepted connection's kill switch and throttle, shared by its
+/// stream and the requests it carries.
 #[derive(Clone, Debug, Default)]
 struct Connection {
     dropped: Arc<AtomicBool>,
+    /// While non-zero, writes leave `DRIP_BYTES` at a time, this many
+    /// microseconds apart.
+    drip_micros: Arc<AtomicU64>,
 }
 
 impl Connection {
@@ -252,6 +295,19 @@ impl Connection {
     fn is_dropped(&self) -> bool {
         self.dropped.load(Ordering::SeqCst)
     }
+
+    /// From now on the stream writes a few bytes at a time, `every` apart.
+    fn drip(&self, every: Duration) {
+        let micros = u64::try_from(every.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.drip_micros.store(micros, Ordering::SeqCst);
+    }
+
+    fn drip_every(&self) -> Option<Duration> {
+        match self.drip_micros.load(Ordering::SeqCst) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
 }
 
 impl Connected<IncomingStream<'_, DroppableListener>> for Connection {
@@ -263,6 +319,24 @@ impl Connected<IncomingStream<'_, DroppableListener>> for Connection {
 struct DroppableStream {
     inner: TcpStream,
     connection: Connection,
+    /// While dripping: when the next bytes may go.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl DroppableStream {
+    fn poll_write_dripping(&mut self, cx: &mut Context<'_>, buf: &[u8], every: Duration) -> Poll<io::Result<usize>> {
+        match self.pause.as_mut() {
+            Some(pause) => std::task::ready!(pause.as_mut().poll(cx)),
+            // Tiny writes must leave at once, not wait for acknowledgements.
+            None => {
+                let _ = self.inner.set_nodelay(true);
+            }
+        }
+        let some = &buf[..buf.len().min(DRIP_BYTES)];
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, some))?;
+        self.pause = Some(Box::pin(tokio::time::sleep(every)));
+        Poll::Ready(Ok(written))
+    }
 }
 
 fn aborted() -> io::Error {
@@ -284,6 +358,9 @@ impl AsyncWrite for DroppableStream {
         let this = self.get_mut();
         if this.connection.is_dropped() {
             return Poll::Ready(Err(aborted()));
+        }
+        if let Some(every) = this.connection.drip_every() {
+            return this.poll_write_dripping(cx, buf, every);
         }
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
@@ -312,7 +389,10 @@ impl Listener for DroppableListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.inner.accept().await {
-                Ok((inner, peer)) => return (DroppableStream { inner, connection: Connection::default() }, peer),
+                Ok((inner, peer)) => {
+                    let stream = DroppableStream { inner, connection: Connection::default(), pause: None };
+                    return (stream, peer);
+                }
                 // Out of file descriptors and the like: give the system a moment.
                 Err(error) => {
                     tracing::warn!(%error, "sandbox accept failed");
@@ -392,4 +472,33 @@ async fn entry(State(app): State<App>, ConnectInfo(connection): ConnectInfo<Conn
 /// A running sandbox server; dropping it shuts the server down.
 pub(crate) struct Server {
     _stop: oneshot::Sender<()>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn latency_delays_every_answer_and_zero_delays_none() {
+        let latency = Duration::from_millis(120);
+        let handler: Arc<Handler> = Arc::new(|_: &RecordedRequest| respond(200, "text/plain", "ok"));
+        for (front, expected) in [(Front::new(0).with_latency(latency), latency), (Front::new(0), Duration::ZERO)] {
+            let bound = Bound::loopback().await.expect("a loopback port");
+            let url = format!("{}/any", bound.base_url());
+            let front = Arc::new(front);
+            let _server = bound.serve(Arc::clone(&front), Arc::clone(&handler));
+            let client = reqwest::Client::new();
+            for _ in 0..2 {
+                let started = Instant::now();
+                let status = client.get(&url).send().await.expect("an answer").status();
+                let elapsed = started.elapsed();
+                assert_eq!(status, 200);
+                assert!(elapsed >= expected, "answered after {elapsed:?}, expected at least {expected:?}");
+                if expected.is_zero() {
+                    assert!(elapsed < latency, "answered after {elapsed:?} without latency");
+                }
+            }
+            assert_eq!(front.log.records().len(), 2);
+        }
+    }
 }

@@ -13,7 +13,9 @@
 //!   the `Cluster` is dropped or the process ends, destructors or not (test
 //!   binaries never run static destructors);
 //! - trades durability for speed (`fsync=off` and the like): its data is
-//!   thrown away with it.
+//!   thrown away with it;
+//! - can be stopped and started again on the same port with the same data,
+//!   for tests that take PostgreSQL away from a running program.
 
 use std::fs::{self, DirBuilder, File};
 use std::hash::{BuildHasher, RandomState};
@@ -72,6 +74,8 @@ pub enum ClusterError {
     NotReady { log: String },
     #[error("postgres found its port taken {PORT_ATTEMPTS} times in a row; {log}")]
     PortsTaken { log: String },
+    #[error("postgres cannot start again: another process took port {port}; {log}")]
+    PortTakenMeanwhile { port: u16, log: String },
     #[error("invalid database URL (a postgres:// or postgresql:// URL naming a database is needed)")]
     BadUrl,
     #[error("{what} on {target} failed: {reason}")]
@@ -94,6 +98,9 @@ pub struct Cluster {
     /// fires the server's parent-death signal.
     release: Option<mpsc::Sender<()>>,
     owner: Option<JoinHandle<()>>,
+    /// What `start_again` needs to launch the server once more.
+    bindir: PathBuf,
+    as_root: bool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -157,10 +164,13 @@ impl Cluster {
     pub async fn create_database(&self, name: &str) -> Result<String, ClusterError> {
         create_database(&self.admin_url(), name).await
     }
-}
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
+    /// Stops the server (fast shutdown: open connections are ended, their
+    /// transactions rolled back) and waits until it has exited; the data,
+    /// the directory and the port stay for [`Cluster::start_again`].
+    /// Blocks for up to a few seconds; stopping a stopped cluster does
+    /// nothing.
+    pub fn stop(&mut self) {
         // Ending the owner thread sends the server SIGINT (fast shutdown).
         drop(self.release.take());
         if let Some(owner) = self.owner.take() {
@@ -171,6 +181,38 @@ impl Drop for Cluster {
             let _ = self.server.kill();
             let _ = self.server.wait();
         }
+    }
+
+    /// Starts a stopped server again on the same port and data directory
+    /// and waits until it accepts connections; does nothing while the
+    /// server runs. The log of the previous run is kept as
+    /// `postgres.previous.log`. Fails if another process took the port
+    /// meanwhile. Blocks like [`Cluster::start`].
+    pub fn start_again(&mut self) -> Result<(), ClusterError> {
+        if matches!(self.server.try_wait(), Ok(None)) {
+            return Ok(());
+        }
+        self.stop();
+        let log = self.dir.join("postgres.log");
+        let _ = fs::rename(&log, self.dir.join("postgres.previous.log"));
+        match launch(&self.bindir, self.as_root, &self.dir, self.port) {
+            Ok((server, release, owner)) => {
+                self.server = server;
+                self.release = Some(release);
+                self.owner = Some(owner);
+                Ok(())
+            }
+            Err(Launch::PortTaken) => {
+                Err(ClusterError::PortTakenMeanwhile { port: self.port, log: format!("log: {}", log.display()) })
+            }
+            Err(Launch::Failed(e)) => Err(e),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -311,7 +353,15 @@ fn initdb_and_launch(bindir: &Path, as_root: bool, dir: &Path) -> Result<Cluster
         let port = free_port()?;
         match launch(bindir, as_root, dir, port) {
             Ok((server, release, owner)) => {
-                return Ok(Cluster { dir: dir.to_owned(), port, server, release: Some(release), owner: Some(owner) });
+                return Ok(Cluster {
+                    dir: dir.to_owned(),
+                    port,
+                    server,
+                    release: Some(release),
+                    owner: Some(owner),
+                    bindir: bindir.to_owned(),
+                    as_root,
+                });
             }
             Err(Launch::PortTaken) => continue,
             Err(Launch::Failed(e)) => return Err(e),

@@ -6,6 +6,7 @@ mod daemon;
 mod demo;
 mod dry_run;
 mod example;
+mod faults;
 mod migrations;
 mod pools;
 mod sandbox_amocrm;
