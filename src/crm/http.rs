@@ -94,12 +94,13 @@ impl Http {
             .user_agent(concat!("crm-connect/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a client with static settings builds");
-        // AmoCRM allows 7 requests in any second per account. Spacing
-        // requests evenly at 6/s keeps a window from ever holding 8, even
-        // when the network bunches arrivals together.
-        let amocrm_quota = Quota::with_period(Duration::from_millis(1000 / 6 + 1))
+        // AmoCRM allows 7 requests in any second per account. A burst of 3
+        // then one every 334 ms puts at most 3 + 2 = 5 requests in any
+        // second, leaving room for the network bunching arrivals together,
+        // while the 3 requests of a reconcile go out at once.
+        let amocrm_quota = Quota::with_period(Duration::from_millis(334))
             .expect("non-zero period")
-            .allow_burst(NonZeroU32::MIN);
+            .allow_burst(NonZeroU32::new(3).expect("3 > 0"));
         // A Bitrix24 portal drains 2 requests/s from a bucket of 50, shared
         // by every application on the portal: stay at 2/s with a burst well
         // under the bucket, so others keep room too.

@@ -94,8 +94,8 @@ fn unix_millis() -> u64 {
 
 /// The closed set of things the loop reacts to.
 pub(crate) enum Event {
-    /// A tenant's stage-resync cron fired.
-    Resync(String),
+    /// A stage-resync cron expression fired (for every tenant using it).
+    Cron(String),
     /// A tenant's token is due for refresh.
     TokenDue(String),
     /// A tenant's failed work may be tried again.
@@ -233,17 +233,18 @@ impl Daemon {
 
     async fn handle(&mut self, event: Event) {
         match event {
-            Event::Resync(slug) => {
-                let next = match self.by_slug(&slug).and_then(|t| t.cron_job) {
-                    Some(job) => self.crons.next_run(&job).await,
-                    None => None,
-                };
-                if let Some(tenant) = self.by_slug_mut(&slug) {
-                    tenant.last_resync = Some(Utc::now());
+            Event::Cron(expr) => {
+                let (now, next) = (Utc::now(), self.crons.next_run(&expr).await);
+                let mut due = Vec::new();
+                for tenant in self.tenants.values_mut().filter(|t| t.cron_expr.as_deref() == Some(expr.as_str())) {
+                    tenant.last_resync = Some(now);
                     tenant.next_resync = next;
-                    self.ctx.metrics.schedule(&slug, Some(Utc::now()), next);
+                    self.ctx.metrics.schedule(&tenant.config.slug, Some(now), next);
+                    due.push(tenant.config.slug.clone());
                 }
-                self.request(&slug, Work::Resync);
+                for slug in due {
+                    self.request(&slug, Work::Resync);
+                }
             }
             Event::TokenDue(slug) => self.request(&slug, Work::Refresh),
             Event::Retry(slug) => self.request(&slug, Work::Reconcile),
@@ -353,17 +354,15 @@ impl Daemon {
         let tenant = self.tenants.entry(path).or_insert_with(|| Tenant::new(config.clone()));
         tenant.config = config.clone();
         tenant.digest = digest;
-        let rearm = tenant.cron_expr.as_deref() != Some(expr.as_str());
-        let old_job = if rearm { tenant.cron_job.take() } else { None };
-        if let Some(job) = old_job {
-            self.crons.remove(&job).await;
-        }
-        if rearm {
-            match self.crons.add(&slug, &expr, self.events.clone()).await {
-                Ok(job) => {
-                    let next = self.crons.next_run(&job).await;
+        if tenant.cron_expr.as_deref() != Some(expr.as_str()) {
+            let old = tenant.cron_expr.take();
+            if let Some(old) = old {
+                self.crons.unsubscribe(&old).await;
+            }
+            match self.crons.subscribe(&expr, &self.events).await {
+                Ok(()) => {
+                    let next = self.crons.next_run(&expr).await;
                     if let Some(tenant) = self.by_slug_mut(&slug) {
-                        tenant.cron_job = Some(job);
                         tenant.cron_expr = Some(expr);
                         tenant.next_resync = next;
                     }
@@ -392,8 +391,8 @@ impl Daemon {
         let Some(mut tenant) = self.tenants.remove(path) else { return };
         let slug = tenant.config.slug.clone();
         tracing::info!(tenant = %slug, "file removed: tenant no longer managed");
-        if let Some(job) = tenant.cron_job.take() {
-            self.crons.remove(&job).await;
+        if let Some(expr) = tenant.cron_expr.take() {
+            self.crons.unsubscribe(&expr).await;
         }
         tenant.cancel_timers();
         if tenant.in_first_pass {

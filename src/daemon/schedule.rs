@@ -1,8 +1,11 @@
-//! The daemon's clocks: each tenant's stage-resync cron job (cron jobs only:
-//! the scheduler's interval jobs can stop firing for good, upstream #113),
-//! and one-shot timers (token refresh, retry after a failure) that send an
-//! event when they run out.
+//! The daemon's clocks: stage-resync cron jobs (cron jobs only: the
+//! scheduler's interval jobs can stop firing for good, upstream #113), one
+//! per distinct expression shared by the tenants that use it — the scheduler
+//! looks at every job twice a second, so a job per tenant would cost idle CPU
+//! in proportion to the tenants — and one-shot timers (token refresh, retry
+//! after a failure) that send an event when they run out.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -15,41 +18,57 @@ use super::Event;
 
 pub(crate) struct Crons {
     scheduler: JobScheduler,
+    /// Expression (6 fields) → its job and how many tenants use it.
+    jobs: HashMap<String, (Uuid, usize)>,
 }
 
 impl Crons {
     pub(crate) async fn start() -> Result<Crons, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         scheduler.start().await?;
-        Ok(Crons { scheduler })
+        Ok(Crons { scheduler, jobs: HashMap::new() })
     }
 
-    /// A job that sends `Event::Resync(slug)` on the 6-field expression.
-    pub(crate) async fn add(
-        &self,
-        slug: &str,
+    /// One more tenant on `expr`; its job sends `Event::Cron(expr)`.
+    pub(crate) async fn subscribe(
+        &mut self,
         expr: &str,
-        events: UnboundedSender<Event>,
-    ) -> Result<Uuid, JobSchedulerError> {
-        let slug = slug.to_string();
+        events: &UnboundedSender<Event>,
+    ) -> Result<(), JobSchedulerError> {
+        if let Some((_, users)) = self.jobs.get_mut(expr) {
+            *users += 1;
+            return Ok(());
+        }
+        let (events, fired) = (events.clone(), expr.to_string());
         let job = Job::new_async(expr, move |_, _| {
-            let (events, slug) = (events.clone(), slug.clone());
+            let (events, fired) = (events.clone(), fired.clone());
             Box::pin(async move {
-                let _ = events.send(Event::Resync(slug));
+                let _ = events.send(Event::Cron(fired));
             })
         })?;
-        self.scheduler.add(job).await
+        let id = self.scheduler.add(job).await?;
+        self.jobs.insert(expr.to_string(), (id, 1));
+        Ok(())
     }
 
-    pub(crate) async fn remove(&self, job: &Uuid) {
-        if let Err(e) = self.scheduler.remove(job).await {
+    /// One tenant fewer on `expr`; the job goes with the last one.
+    pub(crate) async fn unsubscribe(&mut self, expr: &str) {
+        let Some((id, users)) = self.jobs.get_mut(expr) else { return };
+        *users -= 1;
+        if *users > 0 {
+            return;
+        }
+        let id = *id;
+        self.jobs.remove(expr);
+        if let Err(e) = self.scheduler.remove(&id).await {
             tracing::warn!(error = %e, "removing a cron job failed");
         }
     }
 
-    pub(crate) async fn next_run(&self, job: &Uuid) -> Option<DateTime<Utc>> {
+    pub(crate) async fn next_run(&self, expr: &str) -> Option<DateTime<Utc>> {
+        let (id, _) = self.jobs.get(expr)?;
         let mut scheduler = self.scheduler.clone();
-        scheduler.next_tick_for_job(*job).await.ok().flatten()
+        scheduler.next_tick_for_job(*id).await.ok().flatten()
     }
 
     pub(crate) async fn shutdown(mut self) {

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::AbortHandle;
-use uuid::Uuid;
 
 use super::Event;
 use super::schedule::{refresh_delay, timer};
@@ -36,7 +35,7 @@ pub(crate) struct Tenant {
     pub(crate) digest: Option<[u8; 32]>,
     pub(crate) running: Option<Work>,
     pub(crate) queued: Option<Work>,
-    pub(crate) cron_job: Option<Uuid>,
+    /// The stage-resync expression this tenant is subscribed to.
     pub(crate) cron_expr: Option<String>,
     pub(crate) last_resync: Option<DateTime<Utc>>,
     pub(crate) next_resync: Option<DateTime<Utc>>,
@@ -60,7 +59,6 @@ impl Tenant {
             digest: None,
             running: None,
             queued: None,
-            cron_job: None,
             cron_expr: None,
             last_resync: None,
             next_resync: None,
