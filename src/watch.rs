@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::RecursiveMode;
+use notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -30,13 +30,34 @@ pub fn watched_dir(config: &Path) -> PathBuf {
 }
 
 impl ConfigWatcher {
-    /// Starts watching; every debounced burst of events sends one `()`.
-    pub fn start(config: &Path, changed: UnboundedSender<()>) -> notify::Result<ConfigWatcher> {
-        let handler = move |_: DebounceEventResult| {
-            let _ = changed.send(());
+    /// Starts watching; every debounced burst of events that may change
+    /// something sends one message: `true` when the directory itself was
+    /// created or removed, so its watch must be set up again.
+    pub fn start(config: &Path, changed: UnboundedSender<bool>) -> notify::Result<ConfigWatcher> {
+        let dir = watched_dir(config);
+        let watched = dir.clone();
+        let handler = move |result: DebounceEventResult| {
+            let events = match result {
+                Ok(events) => events,
+                // Errors (a queue overflow, say) may hide changes: rescan.
+                Err(_) => {
+                    let _ = changed.send(true);
+                    return;
+                }
+            };
+            // Reading the files (as every rescan does) reports access events:
+            // reacting to them would rescan forever.
+            let relevant: Vec<_> = events.iter().filter(|e| !matches!(e.kind, EventKind::Access(_))).collect();
+            if relevant.is_empty() {
+                return;
+            }
+            let rewatch = relevant
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Create(_) | EventKind::Remove(_)) && e.paths.contains(&watched));
+            let _ = changed.send(rewatch);
         };
         let debouncer = new_debouncer(DEBOUNCE, None, handler)?;
-        let mut watcher = ConfigWatcher { debouncer, dir: watched_dir(config) };
+        let mut watcher = ConfigWatcher { debouncer, dir };
         // The parent shows the directory itself being deleted and recreated.
         if let Some(parent) = watcher.dir.parent().filter(|p| !p.as_os_str().is_empty())
             && let Err(e) = watcher.debouncer.watch(parent, RecursiveMode::NonRecursive)
@@ -50,7 +71,8 @@ impl ConfigWatcher {
     /// (Re)establishes the watch on the directory: after it was deleted and
     /// recreated, the old watch is gone.
     pub fn ensure(&mut self) {
-        let _ = self.debouncer.unwatch(&self.dir);
+        // No unwatch first: removing a live watch reports an event for the
+        // directory, which would ask for another re-watch.
         if let Err(e) = self.debouncer.watch(&self.dir, RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the configuration directory; rescanning periodically");
         }

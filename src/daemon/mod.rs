@@ -202,8 +202,8 @@ impl Daemon {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some(event) = receiver.recv() => self.handle(event).await,
-                Some(()) = changed.recv() => {
-                    if let Some(w) = watcher.as_mut() {
+                Some(rewatch) = changed.recv() => {
+                    if let (true, Some(w)) = (rewatch, watcher.as_mut()) {
                         w.ensure();
                     }
                     self.rescan(false).await;
