@@ -1,0 +1,403 @@
+//! What the measurements run against: PostgreSQL clusters with a database
+//! per tenant, a CRM sandbox per tenant, tenant files, and the daemon as a
+//! child process.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect::sandbox::bitrix24::{B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
+use crm_connect::sandbox::postgres::{Cluster, create_database};
+use tokio_postgres::{Client, NoTls};
+
+use crate::Options;
+use crate::system;
+
+/// Each cluster allows 300 connections; this many are left to tenants, the
+/// rest to the harness and superuser slots.
+const TENANT_CONNECTIONS_PER_CLUSTER: usize = 280;
+/// The daemon's pool holds up to this many connections per tenant.
+pub const POOL_SIZE: usize = 2;
+/// Deal categories of every Bitrix24 portal, the default one (0) included.
+pub const CATEGORIES: i32 = 8;
+/// The stage a Bitrix24 tenant flags qualified, and the one edits alternate with.
+pub const QUALIFIED: &str = "C1:PREPARATION";
+pub const QUALIFIED_ALTERNATIVE: &str = "C1:EXECUTING";
+
+/// Clusters needed for `tenants` tenants at a full pool each.
+pub fn clusters_for(tenants: usize) -> usize {
+    (tenants * POOL_SIZE).div_ceil(TENANT_CONNECTIONS_PER_CLUSTER).max(1)
+}
+
+/// Throwaway clusters, and a maintenance connection to each.
+pub struct Databases {
+    admins: Vec<Client>,
+    clusters: Vec<Cluster>,
+}
+
+impl Databases {
+    pub async fn start(count: usize) -> anyhow::Result<Databases> {
+        let starting: Vec<_> = (0..count).map(|_| tokio::task::spawn_blocking(Cluster::start)).collect();
+        let mut clusters = Vec::new();
+        for started in starting {
+            clusters.push(started.await?.map_err(|e| anyhow!("cannot start PostgreSQL: {e}"))?);
+        }
+        let mut admins = Vec::new();
+        for cluster in &clusters {
+            admins.push(connect(&cluster.admin_url()).await?);
+        }
+        Ok(Databases { admins, clusters })
+    }
+
+    pub fn len(&self) -> usize {
+        self.clusters.len()
+    }
+
+    pub async fn server_version(&self) -> anyhow::Result<String> {
+        let row = self.admins[0].query_one("SELECT current_setting('server_version')", &[]).await?;
+        Ok(format!("PostgreSQL {}", row.get::<_, String>(0)))
+    }
+
+    /// The postmasters' process ids (`postmaster.pid`, first line).
+    pub fn postmasters(&self) -> Vec<u32> {
+        self.clusters
+            .iter()
+            .filter_map(|c| std::fs::read_to_string(c.dir().join("data/postmaster.pid")).ok())
+            .filter_map(|text| text.lines().next()?.trim().parse().ok())
+            .collect()
+    }
+
+    pub fn admin_urls(&self) -> Vec<String> {
+        self.clusters.iter().map(Cluster::admin_url).collect()
+    }
+
+    /// Creates `names` (database `i` on cluster `i % clusters`) and returns
+    /// their URLs in the same order; the clusters work in parallel.
+    pub async fn create(&self, names: &[String]) -> anyhow::Result<Vec<String>> {
+        let clusters = self.clusters.len();
+        let mut jobs = tokio::task::JoinSet::new();
+        for (c, admin_url) in self.admin_urls().into_iter().enumerate() {
+            let mine: Vec<(usize, String)> =
+                names.iter().cloned().enumerate().filter(|(i, _)| i % clusters == c).collect();
+            jobs.spawn(async move {
+                let mut urls = Vec::new();
+                for (i, name) in mine {
+                    let url = create_database(&admin_url, &name).await.map_err(|e| anyhow!("{e}"))?;
+                    urls.push((i, url));
+                }
+                Ok::<_, anyhow::Error>(urls)
+            });
+        }
+        let mut urls = Vec::new();
+        while let Some(created) = jobs.join_next().await {
+            urls.extend(created??);
+        }
+        urls.sort_by_key(|(i, _)| *i);
+        Ok(urls.into_iter().map(|(_, url)| url).collect())
+    }
+
+    /// The daemon's connections to databases whose name starts with
+    /// `prefix`: the total over every cluster and the most on one database.
+    pub async fn connections(&self, prefix: &str) -> anyhow::Result<(usize, usize)> {
+        count_connections(&self.admins, &format!("{prefix}%")).await
+    }
+}
+
+async fn count_connections(admins: &[Client], pattern: &str) -> anyhow::Result<(usize, usize)> {
+    let (mut total, mut most) = (0, 0);
+    for admin in admins {
+        let rows = admin
+            .query(
+                "SELECT datname, count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'crm-connect' AND datname LIKE $1 GROUP BY datname",
+                &[&pattern],
+            )
+            .await?;
+        for row in rows {
+            let count = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+            total += count;
+            most = most.max(count);
+        }
+    }
+    Ok((total, most))
+}
+
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) =
+        tokio_postgres::connect(url, NoTls).await.with_context(|| "cannot connect".to_owned())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Samples the daemon's connections until stopped: the highest total and
+/// per-database counts seen.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<anyhow::Result<(usize, usize, usize)>>,
+}
+
+impl Sampler {
+    pub fn start(databases: &Databases, prefix: &str, every: Duration) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let (admin_urls, pattern) = (databases.admin_urls(), format!("{prefix}%"));
+        let task = tokio::spawn(async move {
+            let mut admins = Vec::new();
+            for url in &admin_urls {
+                admins.push(connect(url).await?);
+            }
+            let (mut total, mut per_db, mut samples) = (0, 0, 0);
+            while !stopping.load(Ordering::Relaxed) {
+                let (t, p) = count_connections(&admins, &pattern).await?;
+                total = total.max(t);
+                per_db = per_db.max(p);
+                samples += 1;
+                tokio::time::sleep(every).await;
+            }
+            Ok((total, per_db, samples))
+        });
+        Sampler { stop, task }
+    }
+
+    /// The highest total, the highest on one database, and the sample count.
+    pub async fn finish(self) -> anyhow::Result<(usize, usize, usize)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+/// Stages sorted 10, 20, …: three in progress, won, lost, apology.
+fn category_stages(prefix: &str) -> Vec<B24Stage> {
+    let rows = [
+        ("NEW", "Новая", None, "process", "#39A8EF"),
+        ("PREPARATION", "Квалификация", None, "process", "#2FC6F6"),
+        ("EXECUTING", "В работе", None, "process", "#55D0E0"),
+        ("WON", "Сделка успешна", Some("S"), "success", "#7BD500"),
+        ("LOSE", "Сделка провалена", Some("F"), "failure", "#FF5752"),
+        ("APOLOGY", "Анализ причины провала", Some("F"), "apology", "#FF5752"),
+    ];
+    rows.iter()
+        .zip((10..).step_by(10))
+        .map(|(&(id, name, semantics, extra, color), sort)| B24Stage {
+            status_id: format!("{prefix}{id}"),
+            name: name.to_owned(),
+            sort,
+            semantics: semantics.map(str::to_owned),
+            extra_semantics: extra.to_owned(),
+            color: color.to_owned(),
+        })
+        .collect()
+}
+
+/// Categories 0 ("Общее") to 7, six stages each.
+pub fn categories() -> Vec<B24Category> {
+    (0..CATEGORIES)
+        .map(|id| B24Category {
+            id,
+            name: if id == 0 { "Общее".to_owned() } else { format!("Воронка {id}") },
+            sort: 100 * (id + 1),
+            stages: category_stages(&if id == 0 { String::new() } else { format!("C{id}:") }),
+        })
+        .collect()
+}
+
+pub async fn amo_sandbox(index: usize, latency: Duration) -> anyhow::Result<AmoSandbox> {
+    let config = AmoSandboxConfig {
+        subdomain: format!("bench{index}"),
+        account_id: 31_000_000 + index as i64,
+        latency,
+        ..AmoSandboxConfig::default()
+    };
+    Ok(AmoSandbox::start(config).await?)
+}
+
+pub async fn b24_sandbox(latency: Duration) -> anyhow::Result<B24Sandbox> {
+    let sandbox = B24Sandbox::start(B24SandboxConfig { latency, ..B24SandboxConfig::default() }).await?;
+    sandbox.set_categories(categories());
+    Ok(sandbox)
+}
+
+/// A TOML basic string.
+pub fn quoted(value: &str) -> String {
+    let mut out = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn head(database_url: &str, resync: Option<&str>) -> String {
+    let mut text = format!("[tenant]\ndatabase_url = {}\n", quoted(database_url));
+    if let Some(cron) = resync {
+        text.push_str(&format!("\n[schedule]\nstage_resync = {}\n", quoted(cron)));
+    }
+    text
+}
+
+/// An AmoCRM tenant connecting with a fresh authorization code.
+pub fn amo_file(sandbox: &AmoSandbox, database_url: &str, resync: Option<&str>) -> String {
+    let c = sandbox.config();
+    format!(
+        "{head}\n[amocrm]\nsubdomain = {}\nclient_id = {}\nclient_secret = {}\nredirect_uri = {}\nbase_url = {}\n\
+         authorization_code = {}\n\n[amocrm.stages]\nqualified = [{{ pipeline = \"Продажи\", stage = \"Квалифицирован\" }}]\n",
+        quoted(&c.subdomain),
+        quoted(&c.client_id),
+        quoted(&c.client_secret),
+        quoted(&c.redirect_uri),
+        quoted(&sandbox.base_url()),
+        quoted(&sandbox.issue_code()),
+        head = head(database_url, resync),
+    )
+}
+
+/// A Bitrix24 tenant on a webhook, flagging `qualified`.
+pub fn b24_file(webhook_url: &str, database_url: &str, qualified: &str, resync: Option<&str>) -> String {
+    format!(
+        "{head}\n[bitrix24]\nwebhook_url = {}\n\n[bitrix24.stages]\nqualified = [{}]\n",
+        quoted(webhook_url),
+        quoted(qualified),
+        head = head(database_url, resync),
+    )
+}
+
+/// Writes aside, then renames over `path`, as editors save; returns the
+/// moment just before the rename, when the file changes.
+pub fn replace_file(path: &Path, text: &str) -> std::io::Result<Instant> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("tenant.toml");
+    let aside = path.with_file_name(format!(".{name}.swp"));
+    std::fs::write(&aside, text)?;
+    let at = Instant::now();
+    std::fs::rename(&aside, path)?;
+    Ok(at)
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// The release binary, run with the settings of a clean environment.
+pub fn command(binary: &Path, options: &Options) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CRM_CONNECT_") || key == "CREDENTIALS_DIRECTORY" || key == "NOTIFY_SOCKET" {
+            command.env_remove(key);
+        }
+    }
+    command.env("RUST_LOG", "info").stdin(Stdio::null());
+    if let Some(concurrency) = options.concurrency {
+        command.arg("--concurrency").arg(concurrency.to_string());
+    }
+    command
+}
+
+/// `crm-connect run` as a child process, listening for `/metrics`.
+pub struct Daemon {
+    child: tokio::process::Child,
+    pub pid: u32,
+    pub started: Instant,
+    metrics_url: String,
+    http: reqwest::Client,
+}
+
+impl Daemon {
+    pub fn spawn(binary: &Path, options: &Options, config: &Path, log: &Path) -> anyhow::Result<Daemon> {
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let log_file = std::fs::File::create(log)?;
+        let started = Instant::now();
+        let child = command(binary, options)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start crm-connect run")?;
+        let pid = child.id().context("the daemon has no pid")?;
+        Ok(Daemon {
+            child,
+            pid,
+            started,
+            metrics_url: format!("http://{listen}/metrics"),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+        })
+    }
+
+    /// `/metrics` as name-with-labels → value; `None` until it answers.
+    pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
+        let text = self.http.get(&self.metrics_url).send().await.ok()?.text().await.ok()?;
+        Some(parse_metrics(&text))
+    }
+
+    /// Polls `/metrics` every `every` until `connected` tenants are
+    /// connected or `timeout` passes; returns the time since spawning.
+    pub async fn wait_connected(&mut self, connected: usize, every: Duration, timeout: Duration) -> Option<Duration> {
+        let key = "crm_connect_tenants{state=\"connected\"}";
+        let deadline = self.started + timeout;
+        loop {
+            if let Some(metrics) = self.metrics().await
+                && metrics.get(key).copied().unwrap_or(0.0) as usize >= connected
+            {
+                return Some(self.started.elapsed());
+            }
+            if Instant::now() >= deadline || self.exited() {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// SIGTERM, then the exit (killed after 20 s); returns how long it took.
+    pub async fn stop(mut self) -> Duration {
+        let asked = Instant::now();
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.is_err() {
+            system::log("the daemon did not stop within 20 s; killing it");
+            let _ = self.child.kill().await;
+        }
+        asked.elapsed()
+    }
+}
+
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A directory removed with its contents when dropped.
+pub struct TempDir(tempfile::TempDir);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> anyhow::Result<TempDir> {
+        Ok(TempDir(tempfile::Builder::new().prefix(prefix).tempdir()?))
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}

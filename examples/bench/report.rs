@@ -1,0 +1,541 @@
+//! BENCHMARKS.md and BENCHMARKS.json from the measurements.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::Options;
+use crate::phases::{Ceiling, ColdStart, Edits, Resync, Runbook};
+use crate::system::Machine;
+
+pub const COMMAND: &str = "cargo run --release --example bench";
+
+/// The cold-start size the memory and time targets are about.
+const TARGET_TENANTS: usize = 500;
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub full_run: bool,
+    pub options: Options,
+    pub machine: Machine,
+    /// The commit measured, and whether the sources differed from it.
+    pub revision: String,
+    pub clusters: usize,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub load_before: [f64; 3],
+    pub load_after: [f64; 3],
+    pub cold_starts: Vec<ColdStart>,
+    pub edits: Option<Edits>,
+    pub resync: Option<Resync>,
+    pub runbook: Option<Runbook>,
+    pub ceiling: Option<Ceiling>,
+}
+
+/// One line of the results table.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub measure: String,
+    pub result: String,
+    pub target: String,
+    /// `None`: no target, or not measured in this run.
+    pub met: Option<bool>,
+}
+
+fn row(measure: impl Into<String>, result: impl Into<String>, target: &str, met: Option<bool>) -> Row {
+    Row { measure: measure.into(), result: result.into(), target: target.to_owned(), met }
+}
+
+fn not_measured(measure: impl Into<String>, target: &str) -> Row {
+    row(measure, "not measured in this run", target, None)
+}
+
+fn secs(value: Option<f64>) -> String {
+    value.map_or_else(|| "did not finish".to_owned(), |s| format!("{s:.2} s"))
+}
+
+fn calls(list: &[String]) -> String {
+    if list.is_empty() { "none".to_owned() } else { list.join(", ") }
+}
+
+pub fn rows(r: &Results) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let target = r.cold_starts.iter().find(|c| c.tenants == TARGET_TENANTS);
+    let measure = format!("Cold start, {TARGET_TENANTS} tenants (run → all connected, stages synced)");
+    rows.push(match target {
+        Some(c) => row(measure, secs(c.reconciled_secs), "< 10 s", Some(c.reconciled_secs.is_some_and(|s| s < 10.0))),
+        None => not_measured(measure, "< 10 s"),
+    });
+    for c in r.cold_starts.iter().filter(|c| c.tenants != TARGET_TENANTS) {
+        rows.push(row(format!("Cold start, {} tenants", c.tenants), secs(c.reconciled_secs), "—", None));
+    }
+    for c in &r.cold_starts {
+        rows.push(row(
+            format!("Restart, {} tenants (databases migrated, tokens stored)", c.tenants),
+            secs(c.restart.reconciled_secs),
+            "—",
+            None,
+        ));
+    }
+    let measure = format!("Peak RSS (VmHWM), {TARGET_TENANTS} tenants");
+    rows.push(match target {
+        Some(c) => row(measure, format!("{:.1} MB", c.peak_rss_mb), "< 100 MB", Some(c.peak_rss_mb < 100.0)),
+        None => not_measured(measure, "< 100 MB"),
+    });
+    let per_size = |f: &dyn Fn(&ColdStart) -> String| -> String {
+        r.cold_starts.iter().map(|c| format!("{} ({})", f(c), c.tenants)).collect::<Vec<_>>().join(", ")
+    };
+    let any = !r.cold_starts.is_empty();
+    rows.push(row(
+        format!("Idle CPU over {} s after the cold start (per tenant count)", r.options.idle_secs),
+        per_size(&|c| format!("{:.2} %", c.idle_cpu_percent)),
+        "< 1 % of one core",
+        any.then(|| r.cold_starts.iter().all(|c| c.idle_cpu_percent < 1.0)),
+    ));
+    rows.push(row(
+        "PostgreSQL connections per tenant while busy (max of pg_stat_activity samples)",
+        per_size(&|c| format!("{} (total {})", c.busy_connections_per_tenant, c.busy_connections_total)),
+        "≤ 2",
+        any.then(|| r.cold_starts.iter().all(|c| c.busy_connections_per_tenant <= 2)),
+    ));
+    rows.push(row(
+        "PostgreSQL connections after the pool idle timeout",
+        per_size(&|c| c.idle_connections.to_string()),
+        "0",
+        any.then(|| r.cold_starts.iter().all(|c| c.idle_connections == 0)),
+    ));
+    match &r.edits {
+        Some(e) => {
+            let lost = if e.lost > 0 { format!(", {} lost", e.lost) } else { String::new() };
+            rows.push(row(
+                format!("Edit → flag in the database, p50 ({} edits, {} tenants loaded)", e.edits, e.tenants_loaded),
+                format!("{:.0} ms", e.p50_ms),
+                "—",
+                None,
+            ));
+            rows.push(row(
+                format!("Edit → flag in the database, p99 ({} edits)", e.edits),
+                format!("{:.0} ms{lost}", e.p99_ms),
+                "< 500 ms",
+                Some(e.p99_ms < 500.0 && e.lost == 0),
+            ));
+        }
+        None => rows.push(not_measured("Edit → flag in the database, p99", "< 500 ms")),
+    }
+    let list = |v: &[usize]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    match &r.resync {
+        Some(s) => {
+            rows.push(row(
+                "Requests per scheduled stage sync, Bitrix24 (each of 3 resyncs)",
+                list(&s.bitrix24_per_resync),
+                "2",
+                Some(!s.bitrix24_per_resync.is_empty() && s.bitrix24_per_resync.iter().all(|&n| n > 0 && n <= 2)),
+            ));
+            rows.push(row(
+                "Requests per scheduled stage sync, AmoCRM (each of 3 resyncs)",
+                list(&s.amocrm_per_resync),
+                "1",
+                Some(!s.amocrm_per_resync.is_empty() && s.amocrm_per_resync.iter().all(|&n| n == 1)),
+            ));
+            rows.push(row(
+                "Requests of the connecting reconcile (Bitrix24 / AmoCRM)",
+                format!("{} / {}", s.bitrix24_connect_requests, s.amocrm_connect_requests),
+                "—",
+                None,
+            ));
+        }
+        None => {
+            rows.push(not_measured("Requests per scheduled stage sync, Bitrix24", "2"));
+            rows.push(not_measured("Requests per scheduled stage sync, AmoCRM", "1"));
+        }
+    }
+    match &r.runbook {
+        Some(b) => {
+            rows.push(row(
+                format!(
+                    "Faster than the runbook sequence (Bitrix24, {} categories; median of {})",
+                    b.categories, b.runs
+                ),
+                format!("{:.1}× ({:.3} s vs {:.3} s)", b.speedup, b.runbook_median_secs, b.sync_median_secs),
+                "≥ 10×",
+                Some(b.speedup >= 10.0),
+            ));
+            rows.push(row(
+                "Requests: runbook vs crm-connect sync",
+                format!("{} vs {}", b.runbook_requests, b.sync_requests),
+                "—",
+                None,
+            ));
+        }
+        None => rows.push(not_measured("Faster than the runbook sequence", "≥ 10×")),
+    }
+    match &r.ceiling {
+        Some(c) => {
+            rows.push(row(
+                format!("Rate-limit violations, {} tenants on one Bitrix24 portal", c.tenants),
+                c.violations.to_string(),
+                "0",
+                Some(c.violations == 0 && c.exit_code == 0),
+            ));
+            rows.push(row(
+                "Sustained requests/s at that portal (after the client's burst of 10)",
+                format!("{:.2} /s (peak {} in 1 s)", c.sustained_per_sec, c.peak_1s),
+                "—",
+                None,
+            ));
+        }
+        None => rows.push(not_measured("Rate-limit violations, tenants sharing one Bitrix24 portal", "0")),
+    }
+    let elsewhere: usize = r.cold_starts.iter().map(|c| c.violations).sum::<usize>()
+        + r.resync.as_ref().map_or(0, |s| s.violations)
+        + r.runbook.as_ref().map_or(0, |b| b.violations);
+    rows.push(row("Rate-limit violations in every other run", elsewhere.to_string(), "0", Some(elsewhere == 0)));
+    rows
+}
+
+fn met(m: Option<bool>) -> &'static str {
+    match m {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "—",
+    }
+}
+
+fn load(l: &[f64; 3]) -> String {
+    format!("{:.2} / {:.2} / {:.2}", l[0], l[1], l[2])
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut md = String::new();
+    let o = &r.options;
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Measured, not assumed: every figure below comes from one run of `{COMMAND}` \
+         (generated file; rerun the command rather than editing it). Run on {} UTC, {} minutes.\n",
+        r.started_at.format("%Y-%m-%d %H:%M"),
+        (r.finished_at - r.started_at).num_minutes()
+    );
+    if !r.full_run {
+        let concurrency = o.concurrency.map_or_else(|| "the daemon's default".to_owned(), |n| n.to_string());
+        let _ = writeln!(
+            md,
+            "> **Not the documented full run**: phases {:?}, tenants {:?}, idle {} s, idle timeout {} s, {} edits, \
+             latency {} ms, {} runbook runs, {} tenants on one portal, concurrency {concurrency}.\n",
+            o.phases,
+            o.tenants,
+            o.idle_secs,
+            o.idle_timeout_secs,
+            o.edits,
+            o.latency_ms,
+            o.runbook_runs,
+            o.portal_tenants
+        );
+    }
+
+    let _ = writeln!(md, "## Results\n");
+    let _ = writeln!(md, "| Measure | Result | Target | |\n| --- | --- | --- | --- |");
+    for row in rows(r) {
+        let _ = writeln!(md, "| {} | {} | {} | {} |", row.measure, row.result, row.target, met(row.met));
+    }
+
+    let m = &r.machine;
+    let _ = writeln!(md, "\n## Machine\n");
+    let _ = writeln!(md, "| | |\n| --- | --- |");
+    let _ = writeln!(md, "| CPUs (`nproc`) | {} |", m.nproc);
+    let _ = writeln!(md, "| CPU model | {} |", m.cpu_model);
+    let _ = writeln!(md, "| RAM | {:.1} GiB |", m.ram_mib as f64 / 1024.0);
+    let _ = writeln!(md, "| Kernel | Linux {} |", m.kernel);
+    let _ =
+        writeln!(md, "| Database | {} ({} throwaway cluster(s), max_connections 300 each) |", m.postgres, r.clusters);
+    let _ = writeln!(md, "| Compiler | {} (release profile) |", m.rustc);
+    let _ = writeln!(md, "| Code measured | {} |", r.revision);
+    let _ = writeln!(md, "| Load average (1 / 5 / 15 min) before the run | {} |", load(&r.load_before));
+    let _ = writeln!(md, "| Load average after the run | {} |", load(&r.load_after));
+
+    let _ = writeln!(md, "\n## Details\n");
+    let _ = writeln!(md, "### Cold start\n");
+    let _ = writeln!(
+        md,
+        "| Tenants (AmoCRM + Bitrix24) | All connected | Mean reconcile | CRM part of a reconcile, AmoCRM / Bitrix24 \
+         | Last tenant's first request | CPU until then: daemon / PostgreSQL / harness (machine busy) | RSS then / peak \
+         | Connections busy: per tenant / total | Connections after idle timeout | Idle CPU | Requests until connected, AmoCRM / Bitrix24 \
+         | Verified in the database | Threads / fds | Load before |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for c in &r.cold_starts {
+        let _ = writeln!(
+            md,
+            "| {} ({} + {}) | {} | {:.3} s | {:.3} / {:.3} s | {:.2} s | {:.2} / {:.2} / {:.2} s ({:.0} % of {} CPUs) | {:.1} / {:.1} MB | {} / {} | {} (after {:.0} s) | {:.2} % over {} s{} \
+             | {} / {} | {} | {} / {} | {} |",
+            c.tenants,
+            c.amocrm_tenants,
+            c.bitrix24_tenants,
+            secs(c.reconciled_secs),
+            c.mean_reconcile_secs,
+            c.amocrm_mean_crm_secs,
+            c.bitrix24_mean_crm_secs,
+            c.last_first_request_secs,
+            c.cpu_secs_until_reconciled,
+            c.postgres_cpu_secs,
+            c.harness_cpu_secs,
+            c.machine_busy_percent,
+            r.machine.nproc,
+            c.rss_at_reconciled_mb,
+            c.peak_rss_mb,
+            c.busy_connections_per_tenant,
+            c.busy_connections_total,
+            c.idle_connections,
+            c.idle_check_after_secs,
+            c.idle_cpu_percent,
+            c.idle_secs,
+            if c.resync_in_idle { " (a scheduled resync of every tenant included)" } else { "" },
+            c.requests_amocrm,
+            c.requests_bitrix24,
+            c.verified_tenants,
+            c.threads,
+            c.open_fds,
+            load(&c.load_before),
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\nRestart: a second `crm-connect run` on the same files and databases once the first has stopped \
+         (migrations done, tokens and stages stored; AmoCRM: account and pipelines, no code exchange).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| Tenants | Cold start | Restart | Mean reconcile, cold / restart | PostgreSQL CPU per tenant, cold / restart \
+         | Daemon CPU, cold / restart | Machine busy, cold / restart |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+    for c in &r.cold_starts {
+        let n = c.tenants.max(1) as f64;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.3} / {:.3} s | {:.1} / {:.1} ms | {:.2} / {:.2} s | {:.0} / {:.0} % |",
+            c.tenants,
+            secs(c.reconciled_secs),
+            secs(c.restart.reconciled_secs),
+            c.mean_reconcile_secs,
+            c.restart.mean_reconcile_secs,
+            c.postgres_cpu_secs / n * 1000.0,
+            c.restart.postgres_cpu_secs / n * 1000.0,
+            c.cpu_secs_until_reconciled,
+            c.restart.daemon_cpu_secs,
+            c.machine_busy_percent,
+            c.restart.machine_busy_percent,
+        );
+    }
+
+    let _ = writeln!(md, "\n### Edit latency\n");
+    match &r.edits {
+        Some(e) => {
+            let _ = writeln!(
+                md,
+                "{} edits of one Bitrix24 tenant's `qualified` stage (alternating `C1:PREPARATION` / `C1:EXECUTING`), \
+                 {} tenants loaded, {} ms between edits: p50 {:.0} ms, p99 {:.0} ms, min {:.0} ms, max {:.0} ms, \
+                 mean {:.0} ms; {} lost; {} Bitrix24 requests per edit (median).",
+                e.edits,
+                e.tenants_loaded,
+                e.gap_ms,
+                e.p50_ms,
+                e.p99_ms,
+                e.min_ms,
+                e.max_ms,
+                e.mean_ms,
+                e.lost,
+                e.bitrix24_requests_per_edit
+            );
+        }
+        None => {
+            let _ = writeln!(md, "Not measured in this run.");
+        }
+    }
+
+    let _ = writeln!(md, "\n### Requests per stage sync\n");
+    if let Some(s) = &r.resync {
+        let _ = writeln!(md, "One tenant of each CRM with `stage_resync = \"{}\"`.\n", s.cron);
+        let _ = writeln!(md, "| | Connecting reconcile | Each scheduled resync |\n| --- | --- | --- |");
+        let _ = writeln!(
+            md,
+            "| Bitrix24 | {} ({}) | {:?} ({}) |",
+            s.bitrix24_connect_requests,
+            calls(&s.bitrix24_connect_calls),
+            s.bitrix24_per_resync,
+            calls(&s.bitrix24_resync_calls)
+        );
+        let _ = writeln!(
+            md,
+            "| AmoCRM | {} ({}) | {:?} ({}) |",
+            s.amocrm_connect_requests,
+            calls(&s.amocrm_connect_calls),
+            s.amocrm_per_resync,
+            calls(&s.amocrm_resync_calls)
+        );
+        if !s.connect_done_before_first_resync {
+            let _ = writeln!(
+                md,
+                "\nThe connecting reconcile was still running at the first resync: its count may include it."
+            );
+        }
+    } else {
+        let _ = writeln!(md, "Not measured in this run.");
+    }
+
+    let _ = writeln!(md, "\n### Runbook baseline\n");
+    if let Some(b) = &r.runbook {
+        let _ = writeln!(
+            md,
+            "One Bitrix24 tenant with {} categories (the default one, 0, included) of {} stages each; {} runs of each, \
+         alternating which goes first, each on a fresh database.\n",
+            b.categories,
+            b.stages / b.categories.max(1) as usize,
+            b.runs
+        );
+        let _ = writeln!(md, "| | `scripts/runbook.sh` | `crm-connect sync` |\n| --- | --- | --- |");
+        let join = |v: &[f64]| v.iter().map(|s| format!("{s:.3}")).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(md, "| Wall time, median | {:.3} s | {:.3} s |", b.runbook_median_secs, b.sync_median_secs);
+        let _ = writeln!(md, "| Wall time, each run (s) | {} | {} |", join(&b.runbook_secs), join(&b.sync_secs));
+        let _ = writeln!(md, "| Requests to the portal | {} | {} |", b.runbook_requests, b.sync_requests);
+        let _ = writeln!(md, "| Processes (curl, psql) | {} + {} | 1 |", b.runbook_requests, b.runbook_psql_calls);
+        let _ = writeln!(md, "| Stage rows written (of {}) | {} | {} |", b.stages, b.runbook_rows, b.sync_rows);
+        let _ = writeln!(md, "| Rows of category 0 | {} | {} |", b.runbook_category0_rows, b.sync_category0_rows);
+        let _ = writeln!(
+            md,
+            "| Flagged qualified / success / fail | {} / {} / {} | {} / {} / {} |",
+            b.runbook_flagged[0],
+            b.runbook_flagged[1],
+            b.runbook_flagged[2],
+            b.sync_flagged[0],
+            b.sync_flagged[1],
+            b.sync_flagged[2]
+        );
+        let _ = writeln!(
+            md,
+            "\nThe runbook lists pipelines with `crm.dealcategory.list`, which leaves out the default pipeline: \
+         its {} stages of category 0 are never loaded (and the success / fail flags of category 0 have no row to \
+         land on). Its webhook form without the user id (`/rest/CODE/METHOD`) is answered HTTP {} by the portal; \
+         the script uses the URL with the user id. crm-connect's time includes the process start and the \
+         migrations of a fresh database; the runbook's tables were created beforehand, untimed.",
+            b.stages / b.categories.max(1) as usize,
+            b.without_user_id_status
+        );
+    } else {
+        let _ = writeln!(md, "Not measured in this run.");
+    }
+
+    let _ = writeln!(md, "\n### Rate-limit ceiling\n");
+    if let Some(c) = &r.ceiling {
+        let _ = writeln!(
+            md,
+            "{} tenant files with the same webhook, one `crm-connect sync` (exit code {}, {:.1} s): {} requests over \
+         {:.1} s at the portal, {:.2} requests/s on average, {:.2}/s sustained after the client's burst of 10, at \
+         most {} in any second; {} refused, {} violations of the portal's bucket (50 requests, draining 2/s); \
+         {} of {} tenants connected.",
+            c.tenants,
+            c.exit_code,
+            c.sync_secs,
+            c.requests,
+            c.span_secs,
+            c.mean_per_sec,
+            c.sustained_per_sec,
+            c.peak_1s,
+            c.refused,
+            c.violations,
+            c.connected_tenants,
+            c.tenants
+        );
+    } else {
+        let _ = writeln!(md, "Not measured in this run.");
+    }
+
+    let _ = writeln!(md, "\n## Method\n");
+    let method = [
+        format!(
+            "The harness (`examples/bench.rs`) builds the release binary with `cargo build --release --bin \
+             crm-connect` and runs it as a child process. The CRMs are the crate's sandboxes, in the harness \
+             process on loopback, each answering every request after {} ms; PostgreSQL is the crate's throwaway \
+             cluster (`fsync=off`), {} of them, so that {} tenants at 2 connections each stay under each cluster's \
+             300 connections. Harness, sandboxes, databases and daemon share the machine.",
+            o.latency_ms,
+            r.clusters,
+            r.cold_starts.iter().map(|c| c.tenants).max().unwrap_or(0)
+        ),
+        "Cold start: half the tenants AmoCRM, each its own account (its own sandbox, so the client's per-account \
+         request budget applies to each) connecting with a fresh authorization code; half Bitrix24, each its own \
+         portal with 8 deal categories of 6 stages. Each tenant has its own fresh database. The time runs from \
+         spawning `crm-connect run --listen …` until `/metrics` (polled every 25 ms) reports \
+         `crm_connect_tenants{state=\"connected\"} N`: a tenant is counted once its reconcile, stage sync included, \
+         has succeeded. Afterwards every tenant's `crm_connect_status` row is checked (connected, stages counted)."
+            .to_owned(),
+        "Memory is VmHWM from `/proc/<pid>/status` at the end of the idle period; CPU is utime + stime from \
+         `/proc/<pid>/stat`. Idle CPU is the daemon's CPU time over the period that starts when all tenants are \
+         connected, as a percentage of one core. The tenants keep the default `stage_resync` (every 15 minutes, \
+         on the quarter hour): an idle period across a quarter hour includes one resync of every tenant, and the \
+         table says so."
+            .to_owned(),
+        format!(
+            "Connections: `pg_stat_activity` rows with `application_name = 'crm-connect'` on the tenants' databases, \
+             sampled every 50 ms from the spawn until all are connected (highest count on one database, and highest \
+             total); then counted once more {} s after all were connected: the pool's idle timeout ({} s) plus the \
+             reaper's half-interval ({} s) plus 2 s.",
+            o.idle_timeout_secs + o.idle_timeout_secs / 2 + 2,
+            o.idle_timeout_secs,
+            o.idle_timeout_secs / 2
+        ),
+        "Edit latency, on the largest cold start's daemon after its idle period: the file is written aside and \
+         renamed over the tenant file (as editors save); the clock starts just before the rename and stops when \
+         a query (every 2 ms) sees the new stage flagged `is_qualified_stage` in the tenant's database. Edits are \
+         1 s apart, so each edit's two Bitrix24 requests fit the client's 2 requests/s per portal."
+            .to_owned(),
+        "Requests per stage sync: counted by the sandboxes. The daemon is started just after a 5-second tick; \
+         requests before the first tick belong to the connecting reconcile, those in each following 5-second \
+         window to one scheduled resync."
+            .to_owned(),
+        "Runbook baseline: `scripts/runbook.sh` is the manual runbook's Bitrix24 sequence (config UPDATE; \
+         `crm.dealcategory.list`, then `crm.dealcategory.stage.list?id=N` per category with one `psql … INSERT … \
+         ON CONFLICT DO NOTHING` per stage; the flag UPDATEs in one psql call), with curl and psql, flagging the \
+         same stages crm-connect flags. Against it, `crm-connect sync --config <file>` for the same portal, on a \
+         fresh database. Wall time from spawn to exit."
+            .to_owned(),
+        "Rate-limit ceiling: one Bitrix24 sandbox with the cloud portal's leaky bucket (50 requests, draining 2/s); \
+         the rate is taken from the sandbox's request log."
+            .to_owned(),
+    ];
+    for line in method {
+        let _ = writeln!(md, "- {line}");
+    }
+
+    let _ = writeln!(md, "\n## Command\n");
+    let _ = writeln!(md, "```sh\n{COMMAND}\n```\n");
+    let _ = writeln!(
+        md,
+        "It needs the PostgreSQL server binaries (`initdb`, `postgres`), bash, curl, psql and jq (or python3). \
+         Settings, as flags after `--` or environment variables: `BENCH_LATENCY_MS` (30), `BENCH_TENANTS` \
+         (10,100,500), `BENCH_IDLE_SECS` (60), `BENCH_IDLE_TIMEOUT_SECS` (30), `BENCH_EDITS` (100), \
+         `BENCH_RUNBOOK_RUNS` (5), `BENCH_PORTAL_TENANTS` (20), `BENCH_MAX_LOAD` (wait for a lower load average \
+         first), `BENCH_OUT` (where the two files go). A quick run: `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 \
+         BENCH_IDLE_TIMEOUT_SECS=5 BENCH_EDITS=20 BENCH_OUT=/tmp/bench {COMMAND}`."
+    );
+    md
+}
+
+pub fn json(r: &Results) -> Value {
+    let mut value = serde_json::to_value(r).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+    value["command"] = json!(COMMAND);
+    value["targets"] = serde_json::to_value(rows(r)).unwrap_or(Value::Null);
+    value
+}
+
+/// The results table as plain text, for the terminal.
+pub fn summary(r: &Results) -> String {
+    let mut text = String::new();
+    for row in rows(r) {
+        let _ = writeln!(text, "{:<90} {:<40} {:<18} {}", row.measure, row.result, row.target, met(row.met));
+    }
+    text
+}
