@@ -91,10 +91,12 @@ pub struct Options {
 
     /// Keep the daemons' logs (RUST_LOG=info) in this directory
     #[arg(long, env = "BENCH_LOGS")]
+    #[serde(skip)]
     pub logs: Option<PathBuf>,
 
     /// Where BENCHMARKS.md and BENCHMARKS.json go (default: the crate directory)
     #[arg(long, env = "BENCH_OUT")]
+    #[serde(skip)]
     pub out: Option<PathBuf>,
 }
 

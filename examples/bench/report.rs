@@ -517,8 +517,9 @@ pub fn markdown(r: &Results) -> String {
         "It needs the PostgreSQL server binaries (`initdb`, `postgres`), bash, curl, psql and jq (or python3). \
          Settings, as flags after `--` or environment variables: `BENCH_LATENCY_MS` (30), `BENCH_TENANTS` \
          (10,100,500), `BENCH_IDLE_SECS` (60), `BENCH_IDLE_TIMEOUT_SECS` (30), `BENCH_EDITS` (100), \
-         `BENCH_RUNBOOK_RUNS` (5), `BENCH_PORTAL_TENANTS` (20), `BENCH_MAX_LOAD` (wait for a lower load average \
-         first), `BENCH_OUT` (where the two files go). A quick run: `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 \
+         `BENCH_RUNBOOK_RUNS` (5), `BENCH_PORTAL_TENANTS` (20), `BENCH_PHASES` (cold,edits,resync,runbook,ceiling), \
+         `BENCH_CONCURRENCY` (the daemon's own), `BENCH_MAX_LOAD` (wait for a lower load average first), \
+         `BENCH_LOGS` (keep the daemons' logs there), `BENCH_OUT` (where the two files go). A quick run: `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 \
          BENCH_IDLE_TIMEOUT_SECS=5 BENCH_EDITS=20 BENCH_OUT=/tmp/bench {COMMAND}`."
     );
     md
