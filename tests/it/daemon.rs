@@ -2,59 +2,16 @@
 //! files, new and removed files, `..data` swaps, a recreated directory),
 //! and a clean shutdown.
 
-use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use crm_connect::cli::Cli;
-use crm_connect::daemon::{self, Hooks};
 use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use crate::support::{amocrm_tenant, connect, fast_context, postgres::fresh_database, write};
-
-/// A daemon running in this process on `dir`, until dropped or stopped.
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<ExitCode>,
-}
-
-impl Running {
-    async fn start(dir: &Path) -> Running {
-        let cli = Cli::try_parse_from(["crm-connect", "run", "--config", dir.to_str().unwrap()]).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (first_tx, first_pass) = oneshot::channel();
-        let hooks = Hooks { first_pass: Some(first_tx), context: Some(fast_context()) };
-        let handle = tokio::spawn(daemon::run(cli.global, hooks, async move {
-            let _ = stopped.await;
-        }));
-        tokio::time::timeout(Duration::from_secs(30), first_pass).await.expect("first pass in time").unwrap();
-        Running { stop: Some(stop), handle }
-    }
-
-    async fn stop(mut self) -> ExitCode {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), &mut self.handle).await.expect("stops within 10 s").unwrap()
-    }
-}
-
-/// Waits until `check` holds, polling an observable condition.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::support::daemon::{Running, eventually};
+use crate::support::{amocrm_tenant, connect, postgres::fresh_database, write};
 
 async fn qualified(client: &Client) -> Vec<String> {
     client
@@ -295,21 +252,8 @@ async fn with_a_lease_one_daemon_runs_a_tenant_and_a_standby_takes_over_when_it_
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "acme.toml", &b24_file(&db.url, &portal, "C1:NEW"));
-    let start = |dir: &Path| {
-        let cli =
-            Cli::try_parse_from(["crm-connect", "run", "--lease", "3s", "--config", dir.to_str().unwrap()]).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (first_tx, first_pass) = oneshot::channel();
-        let hooks = Hooks { first_pass: Some(first_tx), context: Some(fast_context()) };
-        let handle = tokio::spawn(daemon::run(cli.global, hooks, async move {
-            let _ = stopped.await;
-        }));
-        (Running { stop: Some(stop), handle }, first_pass)
-    };
-    let (a, a_ready) = start(dir.path());
-    a_ready.await.unwrap();
-    let (b, b_ready) = start(dir.path());
-    b_ready.await.unwrap();
+    let a = Running::start_with(&["--lease", "3s"], dir.path()).await;
+    let b = Running::start_with(&["--lease", "3s"], dir.path()).await;
     let client = connect(&db.url).await;
     let held: Option<String> = client.query_one("SELECT holder FROM crm_connect_lease", &[]).await.unwrap().get(0);
     let first_holder = held.expect("one daemon holds the lease");

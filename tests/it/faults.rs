@@ -4,25 +4,20 @@
 //! trickle. Every test asserts that nothing stored is lost and that the
 //! sync recovers by itself (or, where it cannot, stops cleanly and says so).
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use crm_connect::apply::{Applied, apply_tenant, resync_stages};
-use crm_connect::cli::Cli;
 use crm_connect::context::Context;
-use crm_connect::daemon::{self, Hooks};
 use crm_connect::model::CrmState;
 use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
 use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use crm_connect::sandbox::faults::{Fault, RecordedRequest};
 use crm_connect::sandbox::postgres::Cluster;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
+use crate::support::daemon::{Running, eventually};
 use crate::support::postgres::fresh_database;
 use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, tenant, write};
 
@@ -36,19 +31,6 @@ const BODY_LIMIT: usize = 8 << 20;
 
 // ---------------------------------------------------------------------------
 // Plumbing
-
-/// Waits until `check` holds, polling an observable condition.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A connection that may fail (the server may be down); its driver runs in a task.
 async fn try_connect(url: &str) -> Option<Client> {
@@ -78,31 +60,6 @@ async fn start_again(mut cluster: Cluster) -> Cluster {
     })
     .await
     .unwrap()
-}
-
-/// A daemon running in this process on `dir` with quick CRM retries.
-struct InProcess {
-    stop: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<ExitCode>,
-}
-
-impl InProcess {
-    async fn start(dir: &Path) -> InProcess {
-        let cli = Cli::try_parse_from(["crm-connect", "run", "--config", dir.to_str().unwrap()]).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (first_tx, first_pass) = oneshot::channel();
-        let hooks = Hooks { first_pass: Some(first_tx), context: Some(fast_context()) };
-        let handle = tokio::spawn(daemon::run(cli.global, hooks, async move {
-            let _ = stopped.await;
-        }));
-        tokio::time::timeout(Duration::from_secs(30), first_pass).await.expect("first pass in time").unwrap();
-        InProcess { stop: Some(stop), handle }
-    }
-
-    async fn stop(mut self) -> ExitCode {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), &mut self.handle).await.expect("stops within 10 s").unwrap()
-    }
 }
 
 /// `crm-connect run --config DIR` as a child process, its log in a file;
@@ -355,8 +312,8 @@ async fn a_daemon_started_while_postgres_is_down_keeps_running_and_connects_the_
 
     // The first pass fails on the database, before any CRM call: the
     // single-use code is not spent while it could not be stored.
-    let daemon = InProcess::start(dir.path()).await;
-    assert!(!daemon.handle.is_finished(), "the daemon gave up");
+    let daemon = Running::start(dir.path()).await;
+    assert!(daemon.is_running(), "the daemon gave up");
     assert!(amo.requests().is_empty(), "a CRM call without a database: {:?}", amo.requests());
 
     // Retries come 1, 2, 4 … s after the failure.
@@ -369,7 +326,7 @@ async fn a_daemon_started_while_postgres_is_down_keeps_running_and_connects_the_
     assert!(amo.is_access_token_valid(&access.unwrap()));
     assert!(refresh.is_some());
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
-    assert!(!daemon.handle.is_finished());
+    assert!(daemon.is_running());
     assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
 }
 
@@ -379,7 +336,7 @@ struct Refreshing {
     cluster: Cluster,
     url: String,
     amo: AmoSandbox,
-    daemon: InProcess,
+    daemon: Running,
     _dir: tempfile::TempDir,
 }
 
@@ -391,7 +348,7 @@ async fn refreshing() -> Refreshing {
     let dir = tempfile::tempdir().unwrap();
     let text = amocrm_tenant(&url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
     write(dir.path(), "acme.toml", &with_margin(&text, "9s"));
-    let daemon = InProcess::start(dir.path()).await;
+    let daemon = Running::start(dir.path()).await;
     Refreshing { cluster, url, amo, daemon, _dir: dir }
 }
 

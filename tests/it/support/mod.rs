@@ -1,3 +1,4 @@
+pub mod daemon;
 pub mod postgres;
 
 use std::path::Path;
