@@ -139,6 +139,9 @@ pub struct SyncArgs {
     /// Read the CRMs and databases and print the changes a sync would make, writing nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// How long each tenant may take (a token request in flight still runs to its end and its pair is stored)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+    pub timeout: std::time::Duration,
 }
 
 fn parse_lease(s: &str) -> Result<std::time::Duration, String> {

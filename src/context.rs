@@ -1,18 +1,20 @@
 //! Everything a tenant operation needs, passed explicitly: the database
-//! pools, the HTTP layer, token pairs waiting to be stored, retry timing.
+//! pools, the HTTP layer, the token pairs this process obtained, retry timing.
 
 use std::sync::Arc;
 
 use crate::crm::{Http, RetryPolicy};
 use crate::db::{PoolSettings, Pools};
 use crate::metrics::Metrics;
-use crate::tokens::PendingTokens;
+use crate::tokens::Vault;
 
 #[derive(Clone)]
 pub struct Context {
     pub pools: Pools,
     pub http: Http,
-    pub pending: PendingTokens,
+    /// Token pairs from the CRM's answer until their commit, and the token
+    /// requests in flight.
+    pub vault: Vault,
     /// How long CRM calls keep retrying transient failures, and how fast.
     pub retry: RetryPolicy,
     pub metrics: Arc<Metrics>,
@@ -25,7 +27,7 @@ impl Context {
         Context {
             pools: Pools::new(pool_settings),
             http: Http::new(Arc::clone(&metrics)),
-            pending: PendingTokens::default(),
+            vault: Vault::default(),
             retry: RetryPolicy::default(),
             metrics,
         }

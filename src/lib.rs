@@ -15,7 +15,7 @@ pub mod db;
 pub mod crm;
 /// Prometheus metrics, in the context.
 pub mod metrics;
-/// What every tenant operation needs: pools, HTTP, pending tokens, metrics.
+/// What every tenant operation needs: pools, HTTP, obtained token pairs, metrics.
 pub mod context;
 /// AmoCRM tokens: one exchange per code, refreshes under the row lock.
 pub mod tokens;

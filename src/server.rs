@@ -36,7 +36,7 @@ const STATE_RANDOM_BYTES: usize = 32;
 /// After the shutdown signal, connections get this long to finish (an
 /// exchange in flight, mostly) before `serve` returns anyway: the daemon
 /// must exit within 10 s.
-const DRAIN: Duration = Duration::from_secs(8);
+pub(crate) const DRAIN: Duration = Duration::from_secs(8);
 
 /// How long a callback waits for a token pair kept in memory to be stored
 /// before it answers; the daemon keeps trying after that.
@@ -319,8 +319,8 @@ async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Opti
     }
     let ctx = &app.ctx;
     let obtained = tokens::obtain(ctx, slug, &db, amo, Some(&Secret::new(code))).await.map_err(|e| fail(e.into()))?;
-    if ctx.pending.contains(slug)
-        && let Err(e) = tokens::store_pending_until(ctx, slug, &db, STORE_PENDING_WITHIN).await
+    if ctx.vault.contains(slug)
+        && let Err(e) = tokens::store_registered_within(ctx, slug, STORE_PENDING_WITHIN).await
     {
         // The pair stays in memory; the daemon stores it once the database is back.
         tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "exchanged tokens are not stored yet");

@@ -73,7 +73,7 @@ impl From<DbError> for Failure {
 
 /// Records a failed CRM step in its status row (best effort: the database
 /// may be what failed) and in the log.
-async fn record_failure(crm: Crm, slug: &str, db: &TenantDb, outcome: &CrmOutcome) {
+pub(crate) async fn record_failure(crm: Crm, slug: &str, db: &TenantDb, outcome: &CrmOutcome) {
     let Err(failure) = outcome else { return };
     let update =
         StatusUpdate { crm, state: failure.state, error: Some(&failure.message), success: false, stage_count: None };
@@ -150,16 +150,23 @@ pub async fn resync_stages(ctx: &Context, tenant: &TenantConfig) -> Result<Appli
 
 /// Writes the `config` columns that differ, with one event per CRM; when the
 /// AmoCRM account or integration changed, the stored tokens belong to the
-/// old one and are cleared with them.
+/// old one and are cleared with them. The change is decided again under the
+/// `config` row lock, in the transaction that clears: another process that
+/// applied the same edit first may have stored the new account's pair since.
 async fn apply_config_columns(tenant: &TenantConfig, db: &TenantDb) -> Result<Vec<ConfigColumn>, DbError> {
     let mut client = db.client().await?;
+    let desired = reconcile::desired_columns(tenant);
     let current = queries::read_config_columns(&**client).await.map_err(|e| db.query_error("reading config", e))?;
-    let changes = reconcile::config_changes(reconcile::desired_columns(tenant), &current);
+    if reconcile::config_changes(desired.clone(), &current).is_empty() {
+        return Ok(Vec::new());
+    }
+    let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;
+    let current = queries::lock_config_columns(&*tx).await.map_err(|e| db.query_error("locking config", e))?;
+    let changes = reconcile::config_changes(desired, &current);
     if changes.is_empty() {
         return Ok(Vec::new());
     }
     let account_changed = reconcile::amocrm_account_changed(&changes, &current);
-    let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;
     queries::update_config_columns(&*tx, &changes).await.map_err(|e| db.query_error("updating config", e))?;
     if account_changed {
         queries::clear_tokens(&*tx).await.map_err(|e| db.query_error("clearing tokens", e))?;

@@ -10,22 +10,19 @@ use crate::db::{self, PoolSettings};
 use crate::tokens::{self, Obtained};
 
 pub async fn run(global: &GlobalArgs, args: &AuthorizeArgs) -> ExitCode {
-    super::report(authorize(global, args).await)
+    let ctx = Context::new(PoolSettings::default());
+    super::report(super::settled(&ctx, authorize(&ctx, global, args)).await)
 }
 
-async fn authorize(global: &GlobalArgs, args: &AuthorizeArgs) -> Result<String, String> {
+async fn authorize(ctx: &Context, global: &GlobalArgs, args: &AuthorizeArgs) -> Result<String, String> {
     let tenant = super::load_tenant(global, &args.tenant)?;
     let amo = tenant.amocrm.as_ref().ok_or("the tenant has no [amocrm] table")?;
     if amo.long_lived_token.is_some() {
         return Err("the tenant uses `amocrm.long_lived_token`; remove it to use the code flow".into());
     }
-    let ctx = Context::new(PoolSettings::default());
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     db::migrate(&db).await.map_err(|e| e.to_string())?;
-    let obtained = tokens::obtain(&ctx, &tenant.slug, &db, amo, Some(&args.code)).await.map_err(|e| e.to_string())?;
-    if ctx.pending.contains(&tenant.slug) {
-        tokens::store_pending_until(&ctx, &tenant.slug, &db, ctx.retry.deadline).await.map_err(|e| e.to_string())?;
-    }
+    let obtained = tokens::obtain(ctx, &tenant.slug, &db, amo, Some(&args.code)).await.map_err(|e| e.to_string())?;
     match obtained {
         Obtained::Exchanged => Ok(format!("{}: authorized, tokens stored", tenant.slug)),
         Obtained::CodeAlreadySent => {

@@ -13,6 +13,28 @@ pub mod validate;
 use crate::cli::GlobalArgs;
 use crate::config::{self, Environment, LoadOptions, TenantConfig};
 
+/// How long a one-shot command keeps trying to store a token pair whose
+/// write failed, after its token requests have ended.
+pub(crate) const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A one-shot command's work, cut short by SIGINT or SIGTERM; either way the
+/// token pairs it obtained are stored before it returns (token requests in
+/// flight run to their end first). A pair that could not be stored is the
+/// command's error.
+pub(crate) async fn settled<T>(
+    ctx: &crate::context::Context,
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        () = crate::daemon::signals() => Err("interrupted".into()),
+    };
+    if let Some((_, e)) = crate::tokens::settle(ctx, SETTLE_WITHIN).await.pop() {
+        return Err(format!("a token pair was obtained but could not be stored: {e}"));
+    }
+    outcome
+}
+
 pub(crate) fn load_options(global: &GlobalArgs) -> LoadOptions {
     LoadOptions { database_url_template: global.database_url_template.clone(), env: Environment::process() }
 }

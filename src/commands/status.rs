@@ -8,7 +8,11 @@ use serde::Serialize;
 
 use crate::cli::{GlobalArgs, StatusArgs};
 use crate::config;
+use std::time::Duration;
+
+use crate::db::queries::StoredTokens;
 use crate::db::{PoolSettings, Pools, queries};
+use crate::tokens::{self, NextCheck};
 
 #[derive(Serialize)]
 struct Line {
@@ -27,6 +31,8 @@ struct Line {
     stage_resync_next_run: Option<DateTime<Utc>>,
     /// With `--lease`: the daemon process that runs this tenant now.
     lease_holder: Option<String>,
+    /// Something the operator should know that is not an error.
+    note: Option<String>,
 }
 
 impl Line {
@@ -44,6 +50,7 @@ impl Line {
             stage_resync_last_run: None,
             stage_resync_next_run: None,
             lease_holder: None,
+            note: None,
         }
     }
 }
@@ -68,7 +75,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
             crms.push("bitrix24");
         }
         match read(&pools, tenant).await {
-            Ok((rows, expires, schedule, holder)) => {
+            Ok((rows, stored, schedule, holder)) => {
                 for crm in crms {
                     let mut line = Line::new(&name, crm, "not_synced");
                     if let Some(row) = rows.iter().find(|r| r.crm == crm) {
@@ -80,7 +87,8 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
                         line.last_error_at = row.last_error_at;
                     }
                     if crm == "amocrm" {
-                        line.token_expires_at = expires;
+                        line.token_expires_at = stored.expires_at;
+                        line.note = margin_note(&stored, tenant.schedule.token_refresh_margin);
                     }
                     (line.stage_resync_last_run, line.stage_resync_next_run) = schedule;
                     line.lease_holder = holder.clone();
@@ -111,7 +119,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
 }
 
 type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-type Read = (Vec<queries::StatusRow>, Option<DateTime<Utc>>, Times, Option<String>);
+type Read = (Vec<queries::StatusRow>, StoredTokens, Times, Option<String>);
 
 /// The status rows, the AmoCRM token expiry, the resync schedule and the
 /// lease holder; the tables may not exist yet.
@@ -122,14 +130,26 @@ async fn read(pools: &Pools, tenant: &config::TenantConfig) -> Result<Read, Stri
         Ok(rows) => rows,
         // Never synced: the tables are not there yet.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
-            return Ok((Vec::new(), None, (None, None), None));
+            return Ok((Vec::new(), StoredTokens::default(), (None, None), None));
         }
         Err(e) => return Err(db.query_error("reading status", e).to_string()),
     };
-    let expires = queries::read_tokens(&**client).await.map(|t| t.expires_at).unwrap_or_default();
+    let stored = queries::read_tokens(&**client).await.unwrap_or_default();
     let schedule = queries::read_schedule(&**client, "stage_resync").await.ok().flatten().unwrap_or_default();
     let holder = queries::lease_holder(&**client).await.ok().flatten();
-    Ok((rows, expires, schedule, holder))
+    Ok((rows, stored, schedule, holder))
+}
+
+/// Says so when the margin is not shorter than the token's lifetime (the
+/// daemon then refreshes at half the lifetime).
+fn margin_note(stored: &StoredTokens, margin: Duration) -> Option<String> {
+    match tokens::next_check(stored, margin) {
+        NextCheck::Refresh { capped: true, .. } => Some(format!(
+            "token_refresh_margin ({}) is not shorter than the token lifetime: refreshed at half the token lifetime",
+            humantime::format_duration(margin)
+        )),
+        _ => None,
+    }
 }
 
 fn print_table(lines: &[Line]) {
@@ -153,4 +173,9 @@ fn print_table(lines: &[Line]) {
         .collect();
     let header = ["TENANT", "CRM", "STATE", "TOKEN EXPIRES", "STAGES", "NEXT RESYNC", "LAST ERROR"];
     super::stages::print_columns(&header, &rows);
+    for line in lines {
+        if let Some(note) = &line.note {
+            println!("{} {}: note: {note}", line.tenant, line.crm);
+        }
+    }
 }

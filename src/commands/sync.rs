@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -24,9 +25,22 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let ctx = Context::new(PoolSettings::default());
-    let sync = |ctx: Context, tenant: TenantConfig| async move { sync_one(&ctx, &tenant).await };
-    let (mut results, stopped) = fan_out(&ctx, global, tenants, sync).await;
+    let timeout = args.timeout;
+    let sync = move |ctx: Context, tenant: TenantConfig| async move { sync_one(&ctx, &tenant, timeout).await };
+    let (mut results, stopped) = tokio::select! {
+        done = fan_out(&ctx, global, tenants, sync) => done,
+        () = crate::daemon::signals() => {
+            println!("interrupted");
+            (Vec::new(), true)
+        }
+    };
     failed |= stopped;
+    // Token requests cut off by the timeout are still running: their pairs
+    // are stored before the process exits.
+    for (slug, e) in tokens::settle(&ctx, super::SETTLE_WITHIN).await {
+        println!("{slug}: amocrm error: a token pair could not be stored and is lost: {e}");
+        failed = true;
+    }
     for (slug, outcome) in results.drain(..) {
         match outcome {
             Ok(applied) => {
@@ -125,23 +139,13 @@ where
     (results, stopped)
 }
 
-/// One tenant, within the sync's deadline; a token pair that could not be
-/// stored is retried until the deadline rather than lost with the process.
-async fn sync_one(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, String> {
-    let deadline = ctx.retry.deadline;
-    let started = tokio::time::Instant::now();
-    let applied = match tokio::time::timeout(deadline, apply_tenant(ctx, tenant)).await {
-        Ok(applied) => applied.map_err(|e| e.to_string())?,
-        Err(_) => return Err(format!("gave up after {}s", deadline.as_secs())),
-    };
-    if ctx.pending.contains(&tenant.slug) {
-        let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
-        let left = deadline.saturating_sub(started.elapsed()).max(std::time::Duration::from_secs(30));
-        tokens::store_pending_until(ctx, &tenant.slug, &db, left)
-            .await
-            .map_err(|e| format!("refreshed tokens could not be stored and are lost: {e}"))?;
+/// One tenant within `timeout`. A token request it started is not cut by
+/// the timeout (`tokens::settle` waits for it before exit).
+async fn sync_one(ctx: &Context, tenant: &TenantConfig, timeout: Duration) -> Result<Applied, String> {
+    match tokio::time::timeout(timeout, apply_tenant(ctx, tenant)).await {
+        Ok(applied) => applied.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("gave up after {}", humantime::format_duration(timeout))),
     }
-    Ok(applied)
 }
 
 /// `sync --dry-run`: per tenant, the changes a sync would make, read from the

@@ -16,10 +16,11 @@ use crate::tokens;
 pub const TEST_LEAD_NAME: &str = "Тест crm-connect";
 
 pub async fn run(global: &GlobalArgs, args: &TestLeadArgs) -> ExitCode {
-    super::report(create(global, args).await)
+    let ctx = Context::new(PoolSettings::default());
+    super::report(super::settled(&ctx, create(&ctx, global, args)).await)
 }
 
-async fn create(global: &GlobalArgs, args: &TestLeadArgs) -> Result<String, String> {
+async fn create(ctx: &Context, global: &GlobalArgs, args: &TestLeadArgs) -> Result<String, String> {
     let tenant = super::load_tenant(global, &args.tenant)?;
     let crm = match (args.crm, &tenant.amocrm, &tenant.bitrix24) {
         (Some(crm), _, _) => crm,
@@ -30,7 +31,6 @@ async fn create(global: &GlobalArgs, args: &TestLeadArgs) -> Result<String, Stri
     };
     if crm == CrmArg::Bitrix24 {
         let b24 = tenant.bitrix24.as_ref().ok_or("the tenant has no [bitrix24] table")?;
-        let ctx = Context::new(PoolSettings::default());
         let api = B24Client::new(&ctx.http, &b24.webhook).with_retry(ctx.retry);
         return match b24.entity_type {
             EntityType::Deal => {
@@ -47,16 +47,15 @@ async fn create(global: &GlobalArgs, args: &TestLeadArgs) -> Result<String, Stri
     let amo = tenant.amocrm.as_ref().ok_or("the tenant has no [amocrm] table")?;
     let pipeline_id =
         amo.test_pipeline_id.ok_or("set `amocrm.test_pipeline_id` to the pipeline the test lead goes to")?;
-    let ctx = Context::new(PoolSettings::default());
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     db::migrate(&db).await.map_err(|e| e.to_string())?;
     let margin = tenant.schedule.token_refresh_margin;
     let mut tokens =
-        tokens::refresh_if_due(&ctx, &tenant.slug, &db, amo, margin, None).await.map_err(|e| e.to_string())?;
+        tokens::refresh_if_due(ctx, &tenant.slug, &db, amo, margin, None).await.map_err(|e| e.to_string())?;
     let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
     let id = match api.create_lead(&tokens.access, TEST_LEAD_NAME, pipeline_id).await {
         Err(CrmError::Unauthorized { .. }) => {
-            tokens = tokens::refresh_if_due(&ctx, &tenant.slug, &db, amo, margin, Some(&tokens.access))
+            tokens = tokens::refresh_if_due(ctx, &tenant.slug, &db, amo, margin, Some(&tokens.access))
                 .await
                 .map_err(|e| e.to_string())?;
             api.create_lead(&tokens.access, TEST_LEAD_NAME, pipeline_id).await

@@ -117,13 +117,15 @@ impl<'h> AmoClient<'h> {
         })
         .await?;
         let wire: TokenResponse = response.json()?;
-        if wire.access_token.is_empty() || wire.expires_in <= 0 {
-            return Err(CrmError::Malformed("the token response has no access token or no positive expires_in".into()));
-        }
+        let access = wire.access_token.filter(|a| !a.is_empty());
+        let Some(access) = access else {
+            return Err(CrmError::Malformed("the token response has no access token".into()));
+        };
+        let expires_at = token_expiry(wire.expires_in.as_ref(), &access, Utc::now());
         Ok(Tokens {
-            access: Secret::new(wire.access_token),
+            access: Secret::new(access),
             refresh: wire.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
-            expires_at: Utc::now() + chrono::Duration::seconds(wire.expires_in),
+            expires_at,
         })
     }
 
@@ -208,20 +210,65 @@ fn status_error(response: &RawResponse) -> CrmError {
     CrmError::Status { status: response.status, reason: response.summary(), transient }
 }
 
-/// The `exp` claim of a JWT access token (a long-lived token's expiry).
-pub fn jwt_expiry(token: &str) -> Option<DateTime<Utc>> {
+/// The latest time this program stores or computes with: later values are
+/// clamped to it, so that no arithmetic on a foreign or absurd number overflows.
+pub fn latest_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).single().unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// An `expires_in` is believed between a second and ten years; AmoCRM sends
+/// 86400 (as a number, though proxies have been seen to send a string).
+const SANE_LIFETIME_SECS: std::ops::RangeInclusive<f64> = 1.0..=(10.0 * 365.0 * 86_400.0);
+
+/// When a token pair answered at `now` expires: `expires_in` read as an
+/// integer, a float or a string; when absent or absurd, the access token's
+/// JWT `exp`; else 24 hours. A 200 that carries tokens is never refused for
+/// its `expires_in`: by then the CRM has rotated the refresh token.
+pub fn token_expiry(expires_in: Option<&serde_json::Value>, access: &str, now: DateTime<Utc>) -> DateTime<Utc> {
+    let seconds = match expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    let from_expires_in = seconds
+        .filter(|s| SANE_LIFETIME_SECS.contains(s))
+        .and_then(|s| chrono::Duration::try_milliseconds((s * 1000.0) as i64))
+        .and_then(|d| now.checked_add_signed(d));
+    let from_jwt = || jwt_expiry(access).filter(|exp| *exp > now);
+    let expiry = from_expires_in.or_else(from_jwt).unwrap_or_else(|| now + chrono::Duration::hours(24));
+    expiry.min(latest_time())
+}
+
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?.as_i64().or_else(|| claims.get("exp")?.as_f64().map(|f| f as i64))?;
-    Utc.timestamp_opt(exp, 0).single()
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn jwt_time(claims: &serde_json::Value, claim: &str) -> Option<DateTime<Utc>> {
+    let value = claims.get(claim)?;
+    let seconds = value.as_i64().or_else(|| value.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))?;
+    Some(Utc.timestamp_opt(seconds, 0).single().unwrap_or(latest_time()).min(latest_time()))
+}
+
+/// The `exp` claim of a JWT access token (a long-lived token's expiry).
+pub fn jwt_expiry(token: &str) -> Option<DateTime<Utc>> {
+    jwt_time(&jwt_claims(token)?, "exp")
+}
+
+/// The `iat` claim of a JWT access token: when it was issued.
+pub fn jwt_issued_at(token: &str) -> Option<DateTime<Utc>> {
+    jwt_time(&jwt_claims(token)?, "iat")
 }
 
 #[derive(Deserialize)]
 struct TokenResponse {
-    access_token: String,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
     refresh_token: Option<String>,
-    expires_in: i64,
+    #[serde(default)]
+    expires_in: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -303,5 +350,38 @@ mod tests {
         assert_eq!(jwt_expiry(&token), Utc.timestamp_opt(1893456000, 0).single());
         assert_eq!(jwt_expiry("not-a-jwt"), None);
         assert_eq!(jwt_expiry(&format!("x.{}.y", b64("{}"))), None);
+        assert_eq!(jwt_expiry(&format!("x.{}.y", b64(r#"{"exp":1e300}"#))), Some(latest_time()));
+    }
+
+    #[test]
+    fn expires_in_is_read_leniently_and_never_overflows() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 3, 12, 0, 0).single().unwrap();
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let exp = now + chrono::Duration::hours(30);
+        let jwt = format!("{}.{}.sig", b64("{}"), b64(&format!(r#"{{"exp":{}}}"#, exp.timestamp())));
+        let day = now + chrono::Duration::seconds(86_400);
+        let table: [(serde_json::Value, &str, DateTime<Utc>); 12] = [
+            (json!(86_400), "opaque", day),
+            (json!(86_400.0), "opaque", day),
+            (json!("86400"), "opaque", day),
+            (json!(" 86400 "), "opaque", day),
+            (json!(0), &jwt, exp),
+            (json!(-5), &jwt, exp),
+            (json!(1e300), &jwt, exp),
+            (json!(i64::MAX), &jwt, exp),
+            (json!("soon"), &jwt, exp),
+            (json!(null), &jwt, exp),
+            (json!(-5), "opaque", now + chrono::Duration::hours(24)),
+            (json!(u64::MAX), "opaque", now + chrono::Duration::hours(24)),
+        ];
+        for (expires_in, access, expected) in table {
+            assert_eq!(token_expiry(Some(&expires_in), access, now), expected, "expires_in {expires_in}, {access}");
+        }
+        assert_eq!(token_expiry(None, &jwt, now), exp);
+        let far = format!("{}.{}.sig", b64("{}"), b64(r#"{"exp":9223372036854775807}"#));
+        assert_eq!(token_expiry(None, &far, now), latest_time());
+        // An expired JWT says nothing about the new pair's lifetime.
+        let past = format!("{}.{}.sig", b64("{}"), b64(r#"{"exp":1}"#));
+        assert_eq!(token_expiry(None, &past, now), now + chrono::Duration::hours(24));
     }
 }

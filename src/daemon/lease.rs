@@ -1,8 +1,15 @@
 //! The opt-in lease (`--lease`): one active daemon per tenant, with the
 //! tenant's database as the coordination point. Taken or renewed with one
 //! conditional UPDATE; the others stand by and take over when it lapses.
+//!
+//! The holder's own view is stricter than the database's: its lease ends at
+//! the moment its last successful renewal was *sent*, plus the duration,
+//! less 10 %. A failed or unanswered renewal never extends it, so a holder
+//! cut off from its database stops before a standby can take over.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
 
 use crate::config::TenantConfig;
 use crate::context::Context;
@@ -19,20 +26,52 @@ pub(crate) fn holder_id() -> String {
     format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
-/// Takes or renews the lease; the tables are created first if needed
-/// (migrations touch only the database, never the CRM).
-pub(crate) async fn take(
-    ctx: &Context,
-    config: &TenantConfig,
-    holder: &str,
-    duration: Duration,
-) -> Result<bool, String> {
-    let db = ctx.pools.get(&config.slug, &config.database_url).map_err(|e| e.to_string())?;
-    db::migrate(&db).await.map_err(|e| e.to_string())?;
-    let client = db.client().await.map_err(|e| e.to_string())?;
-    queries::take_lease(&**client, holder, duration)
-        .await
-        .map_err(|e| db.query_error("taking the lease", e).to_string())
+/// Renewed at about a third of the duration.
+pub(crate) fn renew_every(duration: Duration) -> Duration {
+    (duration / 3).max(Duration::from_millis(100))
+}
+
+/// How long this process may act on a lease renewed by a request sent at `sent_at`.
+pub(crate) fn held_until(sent_at: Instant, duration: Duration) -> Instant {
+    sent_at + duration.mul_f64(0.9)
+}
+
+/// The answer to one attempt to take or renew a lease.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    /// When the UPDATE was sent: the lease counts from here, not from the answer.
+    pub(crate) sent_at: Instant,
+    pub(crate) held: Result<bool, String>,
+}
+
+/// Takes or renews the lease. The tables are created only when they are
+/// missing (a renewal is one UPDATE, never a migration); the attempt gives
+/// up after a third of the duration (an unanswered renewal is a failed one).
+pub(crate) async fn take(ctx: &Context, config: &TenantConfig, holder: &str, duration: Duration) -> Answer {
+    let mut sent_at = Instant::now();
+    let attempt = async {
+        let db = ctx.pools.get(&config.slug, &config.database_url)?;
+        let client = db.client().await?;
+        sent_at = Instant::now();
+        match queries::take_lease(&**client, holder, duration).await {
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                drop(client);
+                db::migrate(&db).await?;
+                let client = db.client().await?;
+                sent_at = Instant::now();
+                queries::take_lease(&**client, holder, duration)
+                    .await
+                    .map_err(|e| db.query_error("taking the lease", e))
+            }
+            other => other.map_err(|e| db.query_error("taking the lease", e)),
+        }
+    };
+    let held = match tokio::time::timeout(renew_every(duration), attempt).await {
+        Ok(Ok(held)) => Ok(held),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {:?}", renew_every(duration))),
+    };
+    Answer { sent_at, held }
 }
 
 /// Gives the lease up at once, so that a standby takes over without waiting.

@@ -27,16 +27,20 @@ use crate::commands::load_options;
 use crate::config::{self, TenantConfig};
 use crate::context::Context;
 use crate::db::PoolSettings;
+use crate::model::CrmState;
 use crate::watch::ConfigWatcher;
 
-use schedule::Crons;
+use schedule::{Crons, timer};
 use tenant::{Outcome, Tenant, Work};
 
 /// A periodic rescan catches what file events miss (inotify overflows,
 /// network file systems without events).
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
-/// In-flight work gets this long to finish after SIGTERM (systemd allows 15 s).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+/// At SIGTERM, work other than token requests gets this long to finish
+/// before it is stopped (token requests run to their own end).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Then registered pairs get this long to be written.
+const SHUTDOWN_PAIRS_WITHIN: Duration = Duration::from_secs(2);
 
 /// Ways for an embedding caller (tests, `demo`) to observe and steer a run.
 #[derive(Default)]
@@ -100,10 +104,17 @@ pub(crate) enum Event {
     TokenDue(String),
     /// A tenant's failed work may be tried again.
     Retry(String),
-    /// A tenant's work finished.
-    Done(String, Outcome),
-    /// Whether this process holds a tenant's lease now (`--lease`).
-    Lease(String, Result<bool, String>),
+    /// A tenant's work (its job number) finished.
+    Done(String, u64, Outcome),
+    /// A tenant's lease is due for renewal, or (not held) for another try.
+    LeaseDue(String),
+    /// The answer of an attempt to take or renew a tenant's lease.
+    Lease(String, lease::Answer),
+    /// This process's own view of a tenant's lease may have ended.
+    LeaseExpired(String),
+    /// A pair was exchanged and stored for a tenant outside its work (the
+    /// OAuth callback): its token timer is re-armed.
+    Exchanged(String),
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -148,6 +159,8 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         in_first_pass: true,
         first_pass_left: 0,
         http_stop: None,
+        http_task: None,
+        next_job: 0,
     };
     daemon.serve_http().await;
     daemon.main_loop(receiver, shutdown).await
@@ -169,8 +182,11 @@ struct Daemon {
     /// Until the first pass is over: READY is sent, the hook told, once.
     in_first_pass: bool,
     first_pass_left: usize,
-    /// Dropped at shutdown, which stops the HTTP endpoint.
+    /// Dropped at shutdown, which stops the HTTP endpoint; the task ends
+    /// once its open requests are done.
     http_stop: Option<oneshot::Sender<()>>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
+    next_job: u64,
 }
 
 impl Daemon {
@@ -191,9 +207,7 @@ impl Daemon {
         let mut rescan = tokio::time::interval(RESCAN_EVERY);
         rescan.tick().await;
         let mut heartbeat = tokio::time::interval(systemd::heartbeat_interval());
-        // Renewed at about a third of its length; without --lease, never.
-        let mut lease_tick = tokio::time::interval(self.global.lease.map_or(Duration::from_secs(3600), |l| l / 3));
-        lease_tick.tick().await;
+        let mut exchanged = self.ctx.vault.subscribe_exchanges();
         tokio::pin!(shutdown);
 
         self.liveness.beat();
@@ -215,12 +229,7 @@ impl Daemon {
                     systemd::ready();
                 }
                 _ = rescan.tick() => self.rescan(false).await,
-                _ = lease_tick.tick(), if self.global.lease.is_some() => {
-                    let slugs: Vec<String> = self.tenants.values().map(|t| t.config.slug.clone()).collect();
-                    for slug in slugs {
-                        self.check_lease(&slug);
-                    }
-                }
+                Some(slug) = exchanged.recv() => self.handle(Event::Exchanged(slug)).await,
                 _ = heartbeat.tick() => {
                     self.liveness.beat();
                     systemd::watchdog();
@@ -246,60 +255,110 @@ impl Daemon {
                     self.request(&slug, Work::Resync);
                 }
             }
-            Event::TokenDue(slug) => self.request(&slug, Work::Refresh),
+            Event::TokenDue(slug) | Event::Exchanged(slug) => self.request(&slug, Work::Refresh),
             Event::Retry(slug) => self.request(&slug, Work::Reconcile),
-            Event::Done(slug, outcome) => self.done(&slug, outcome),
-            Event::Lease(slug, held) => self.lease(&slug, held),
+            Event::Done(slug, job, outcome) => self.done(&slug, job, outcome),
+            Event::LeaseDue(slug) => self.check_lease(&slug),
+            Event::Lease(slug, answer) => self.lease(&slug, answer),
+            Event::LeaseExpired(slug) => self.lease_expired(&slug),
         }
     }
 
-    /// Asks the tenant's database whether this process holds its lease.
+    /// Asks the tenant's database whether this process holds its lease;
+    /// the attempt waits for a work permit like everything else.
     fn check_lease(&mut self, slug: &str) {
-        let (Some(duration), Some(tenant)) = (self.global.lease, self.by_slug(slug)) else { return };
-        let (ctx, config, holder, events) =
-            (self.ctx.clone(), tenant.config.clone(), self.holder.clone(), self.events.clone());
+        let Some(duration) = self.global.lease else { return };
+        let (ctx, holder, events, permits) =
+            (self.ctx.clone(), self.holder.clone(), self.events.clone(), self.permits.clone());
+        let Some(tenant) = self.by_slug_mut(slug) else { return };
+        if std::mem::replace(&mut tenant.lease_checking, true) {
+            return;
+        }
+        let config = tenant.config.clone();
         self.tasks.spawn(async move {
-            let held = lease::take(&ctx, &config, &holder, duration).await;
-            let _ = events.send(Event::Lease(config.slug.clone(), held));
+            let _permit = permits.acquire_owned().await;
+            let answer = lease::take(&ctx, &config, &holder, duration).await;
+            let _ = events.send(Event::Lease(config.slug.clone(), answer));
         });
     }
 
-    fn lease(&mut self, slug: &str, held: Result<bool, String>) {
+    fn lease(&mut self, slug: &str, answer: lease::Answer) {
         let Some(duration) = self.global.lease else { return };
+        let events = self.events.clone();
         let Some(tenant) = self.by_slug_mut(slug) else { return };
-        let now = std::time::Instant::now();
-        let holds = match held {
-            Ok(held) => held,
-            // Unrenewed, the lease lapses in the database after its length:
-            // stop acting before another daemon starts.
+        tenant.lease_checking = false;
+        // The next renewal (or, standing by, the next try): the first one
+        // after a start lands anywhere in the interval, so that tenants
+        // loaded together do not all renew on one tick.
+        let every = lease::renew_every(duration);
+        let next = if tenant.lease_until.is_none() { every.mul_f64(rand::random_range(0.2..=1.0)) } else { every };
+        tenant.cancel_lease_timers();
+        tenant.lease_timers.push(timer(next, events.clone(), Event::LeaseDue(slug.to_string())));
+        let holds = match answer.held {
+            Ok(held) => {
+                if held {
+                    tenant.lease_until = Some(lease::held_until(answer.sent_at, duration));
+                }
+                held
+            }
             Err(e) => {
+                // Never extended by a failure: the local expiry stands.
                 tracing::warn!(tenant = slug, error = %e, "cannot renew the lease");
-                tenant.holds_lease && tenant.lease_renewed.is_some_and(|at| now.duration_since(at) < duration)
+                tenant.holds_lease && tenant.lease_until.is_some_and(|until| until > std::time::Instant::now())
             }
         };
-        if holds {
-            tenant.lease_renewed = Some(now);
+        if let Some(until) = tenant.lease_until.filter(|_| holds) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            tenant.lease_timers.push(timer(left, events, Event::LeaseExpired(slug.to_string())));
         }
-        let was = std::mem::replace(&mut tenant.holds_lease, holds);
+        let was = tenant.holds_lease;
         let first = tenant.in_first_pass;
         match (was, holds) {
             (false, true) => {
+                tenant.holds_lease = true;
                 tracing::info!(tenant = slug, "took the lease: this daemon runs the tenant");
                 self.request(slug, Work::Reconcile);
             }
-            (true, false) => {
-                tracing::info!(tenant = slug, "lost the lease: standing by");
-                tenant.cancel_timers();
-            }
+            (true, false) => self.lose_lease(slug),
             (false, false) if first => {
                 // Another daemon runs it: this one's first pass is done with it.
                 tenant.in_first_pass = false;
-                self.first_pass_left = self.first_pass_left.saturating_sub(1);
-                if self.in_first_pass && self.first_pass_left == 0 {
-                    self.finish_first_pass();
-                }
+                self.first_pass_done_with_one();
             }
             _ => {}
+        }
+    }
+
+    /// The local expiry timer fired: unless a renewal moved it on, the lease
+    /// is over for this process.
+    fn lease_expired(&mut self, slug: &str) {
+        let Some(tenant) = self.by_slug(slug) else { return };
+        let over = tenant.lease_until.is_none_or(|until| until <= std::time::Instant::now());
+        if tenant.holds_lease && over {
+            tracing::warn!(tenant = slug, "the lease expired without a successful renewal");
+            self.lose_lease(slug);
+        }
+    }
+
+    /// Stands by at once: no more work, no CRM call (a token request in
+    /// flight runs to its end in a task of its own, its pair registered).
+    fn lose_lease(&mut self, slug: &str) {
+        let Some(tenant) = self.by_slug_mut(slug) else { return };
+        tenant.holds_lease = false;
+        tenant.lease_until = None;
+        let was_running = tenant.running.is_some();
+        tenant.stop_work();
+        let first = was_running && std::mem::take(&mut tenant.in_first_pass);
+        tracing::info!(tenant = slug, "lost the lease: standing by");
+        if first {
+            self.first_pass_done_with_one();
+        }
+    }
+
+    fn first_pass_done_with_one(&mut self) {
+        self.first_pass_left = self.first_pass_left.saturating_sub(1);
+        if self.in_first_pass && self.first_pass_left == 0 {
+            self.finish_first_pass();
         }
     }
 
@@ -395,13 +454,21 @@ impl Daemon {
             self.crons.unsubscribe(&expr).await;
         }
         tenant.cancel_timers();
+        tenant.cancel_lease_timers();
         if tenant.in_first_pass {
             self.first_pass_left = self.first_pass_left.saturating_sub(1);
         }
         self.view.remove(&slug);
         self.ctx.metrics.forget_tenant(&slug);
-        let (ctx, config) = (self.ctx.clone(), tenant.config.clone());
-        self.tasks.spawn(async move { tenant::mark_unmanaged(&ctx, &config).await });
+        let (ctx, config, holder) = (self.ctx.clone(), tenant.config.clone(), self.holder.clone());
+        let release = tenant.holds_lease;
+        self.tasks.spawn(async move {
+            // A standby takes over at once, should the file live on elsewhere.
+            if release {
+                lease::release(&ctx, &config, &holder).await;
+            }
+            tenant::mark_unmanaged(&ctx, &config).await
+        });
         self.publish_states();
     }
 
@@ -409,8 +476,11 @@ impl Daemon {
     fn request(&mut self, slug: &str, work: Work) {
         let ctx = self.ctx.clone();
         let leased = self.global.lease.is_some();
+        self.next_job += 1;
+        let job_id = self.next_job;
         let Some(tenant) = self.by_slug_mut(slug) else { return };
-        if leased && !tenant.holds_lease {
+        let lease_over = tenant.lease_until.is_none_or(|until| until <= std::time::Instant::now());
+        if leased && (!tenant.holds_lease || lease_over) {
             return;
         }
         if tenant.running.is_some() {
@@ -426,19 +496,31 @@ impl Daemon {
             config: tenant.config.clone(),
             work,
             schedule: (tenant.last_resync, tenant.next_resync),
+            awaiting_authorization: tenant.state == CrmState::NeedsAuthorization.as_str(),
         };
-        let (events, permits, slug) = (self.events.clone(), self.permits.clone(), slug.to_string());
-        self.tasks.spawn(async move {
+        tenant.job_id = job_id;
+        let (events, permits, name) = (self.events.clone(), self.permits.clone(), slug.to_string());
+        let handle = self.tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
             let outcome = job.run().await;
-            let _ = events.send(Event::Done(slug, outcome));
+            let _ = events.send(Event::Done(name, job_id, outcome));
         });
+        if let Some(tenant) = self.by_slug_mut(slug) {
+            tenant.job = Some(handle);
+        }
     }
 
-    fn done(&mut self, slug: &str, outcome: Outcome) {
+    fn done(&mut self, slug: &str, job_id: u64, outcome: Outcome) {
+        // Finished tasks leave nothing behind.
+        while self.tasks.try_join_next().is_some() {}
         let events = self.events.clone();
         let Some(tenant) = self.by_slug_mut(slug) else { return };
+        if tenant.job_id != job_id || tenant.running.is_none() {
+            // Work that was stopped (the lease was lost) and ended anyway.
+            return;
+        }
         tenant.running = None;
+        tenant.job = None;
         let finished_first = std::mem::take(&mut tenant.in_first_pass);
         tenant.after(&outcome, &events);
         let queued = tenant.queued.take();
@@ -490,27 +572,37 @@ impl Daemon {
         tracing::info!(tenants = self.tenants.len(), "first reconcile pass done");
     }
 
-    /// Stops the schedules, lets in-flight work (token writes above all)
-    /// finish within the grace period, stores pairs still kept in memory.
+    /// Shuts down in the order that loses nothing: no new OAuth callback
+    /// (open ones finish), no new schedule or token request, other work
+    /// given a grace period and then stopped, token requests in flight run
+    /// to their end and every registered pair written, leases released all
+    /// at once.
     async fn stop(mut self) {
         systemd::stopping();
         tracing::info!("shutting down");
+        drop(self.http_stop.take());
+        if let Some(http) = self.http_task.take() {
+            let _ = tokio::time::timeout(crate::server::DRAIN + Duration::from_secs(1), http).await;
+        }
         for tenant in self.tenants.values_mut() {
             tenant.cancel_timers();
+            tenant.cancel_lease_timers();
         }
         self.crons.shutdown().await;
+        self.ctx.vault.close();
         let drained =
             tokio::time::timeout(SHUTDOWN_GRACE, async { while self.tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("work still running after {}s; stopping it", SHUTDOWN_GRACE.as_secs());
             self.tasks.abort_all();
         }
-        for tenant in self.tenants.values() {
-            tenant::store_pending_briefly(&self.ctx, &tenant.config).await;
-            if tenant.holds_lease {
-                lease::release(&self.ctx, &tenant.config, &self.holder).await;
-            }
+        crate::tokens::settle(&self.ctx, SHUTDOWN_PAIRS_WITHIN).await;
+        let mut releases = JoinSet::new();
+        for tenant in self.tenants.values().filter(|t| t.holds_lease) {
+            let (ctx, config, holder) = (self.ctx.clone(), tenant.config.clone(), self.holder.clone());
+            releases.spawn(async move { lease::release(&ctx, &config, &holder).await });
         }
+        while releases.join_next().await.is_some() {}
     }
 
     async fn serve_http(&mut self) {
@@ -523,14 +615,14 @@ impl Daemon {
                 let ctx = self.ctx.clone();
                 let (stop_tx, stop_rx) = oneshot::channel::<()>();
                 self.http_stop = Some(stop_tx);
-                tokio::spawn(async move {
+                self.http_task = Some(tokio::spawn(async move {
                     let stopped = async move {
                         let _ = stop_rx.await;
                     };
                     if let Err(e) = crate::server::serve(listener, ctx, lookup, loop_age, stopped).await {
                         tracing::error!(error = %e, "the HTTP endpoint stopped");
                     }
-                });
+                }));
                 tracing::info!(%addr, "serving /healthz, /metrics and /oauth/amocrm/callback");
             }
             Err(e) => tracing::error!(%addr, error = %e, "cannot listen"),

@@ -85,14 +85,12 @@ pub(crate) fn timer(delay: Duration, events: UnboundedSender<Event>, event: Even
     .abort_handle()
 }
 
-/// When to refresh a token expiring at `expires_at`: `margin` before, but at
-/// least monthly (a refresh token unused for three months dies) and never
-/// sooner than a second from now (no busy loop when the margin exceeds the
-/// token's lifetime).
-pub(crate) fn refresh_delay(expires_at: DateTime<Utc>, margin: Duration, now: DateTime<Utc>) -> Duration {
+/// How long until `at`: at least a second (no busy loop, whatever the
+/// clock says) and at most a month (a refresh token unused for three months
+/// dies; the month also bounds a long-lived token's wait).
+pub(crate) fn delay_until(at: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
     const MONTH: Duration = Duration::from_secs(30 * 86_400);
-    let due = expires_at - chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX);
-    let wait = (due - now).to_std().unwrap_or(Duration::ZERO);
+    let wait = at.signed_duration_since(now).to_std().unwrap_or(Duration::ZERO);
     wait.clamp(Duration::from_secs(1), MONTH)
 }
 
@@ -101,15 +99,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refreshes_come_a_margin_before_expiry_at_least_monthly_and_never_in_a_loop() {
+    fn timers_wait_at_least_a_second_and_at_most_a_month() {
         let now = Utc::now();
         let secs = |s: i64| now + chrono::Duration::seconds(s);
-        assert_eq!(refresh_delay(secs(20), Duration::from_secs(15), now), Duration::from_secs(5));
-        assert_eq!(refresh_delay(secs(86_400), Duration::from_secs(3600), now), Duration::from_secs(82_800));
-        assert_eq!(refresh_delay(secs(10), Duration::from_secs(3600), now), Duration::from_secs(1));
-        assert_eq!(
-            refresh_delay(secs(5 * 365 * 86_400), Duration::from_secs(3600), now),
-            Duration::from_secs(30 * 86_400)
-        );
+        assert_eq!(delay_until(secs(5), now), Duration::from_secs(5));
+        assert_eq!(delay_until(secs(-10), now), Duration::from_secs(1));
+        assert_eq!(delay_until(secs(5 * 365 * 86_400), now), Duration::from_secs(30 * 86_400));
+        assert_eq!(delay_until(DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC), Duration::from_secs(30 * 86_400));
     }
 }

@@ -9,17 +9,21 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::AbortHandle;
 
 use super::Event;
-use super::schedule::{refresh_delay, timer};
-use crate::apply::{Applied, Failure, Report, apply_tenant, resync_stages};
+use super::schedule::{delay_until, timer};
+use crate::apply::{Applied, Failure, Report, apply_tenant, record_failure, resync_stages};
 use crate::config::TenantConfig;
 use crate::context::Context;
 use crate::db::queries;
 use crate::model::{Crm, CrmState};
-use crate::tokens;
+use crate::tokens::{self, NextCheck};
 
 /// Failed work is tried again after this, doubling up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// A tenant waiting for authorisation looks at its stored tokens this often
+/// (one query, no CRM call): `crm-connect authorize` in another process
+/// stores a pair this daemon would otherwise not hear of.
+const AUTHORIZATION_RECHECK: Duration = Duration::from_secs(600);
 
 /// What a tenant can be asked to do; a larger one includes the smaller
 /// (a reconcile refreshes a due token and syncs stages).
@@ -41,13 +45,20 @@ pub(crate) struct Tenant {
     pub(crate) next_resync: Option<DateTime<Utc>>,
     pub(crate) token_timer: Option<AbortHandle>,
     pub(crate) retry_timer: Option<AbortHandle>,
+    /// The running work's task (aborted when the lease is lost), and its
+    /// number: a `Done` of an aborted job is not taken for the next one's.
+    pub(crate) job: Option<AbortHandle>,
+    pub(crate) job_id: u64,
     retry_backoff: Duration,
     token_backoff: Duration,
     pub(crate) in_first_pass: bool,
-    /// With `--lease`: whether this process runs the tenant, and when the
-    /// lease was last renewed.
+    /// With `--lease`: whether this process runs the tenant, until when its
+    /// own view of the lease lasts, whether a renewal is under way, and the
+    /// timers of the next renewal and of the local expiry.
     pub(crate) holds_lease: bool,
-    pub(crate) lease_renewed: Option<std::time::Instant>,
+    pub(crate) lease_until: Option<Instant>,
+    pub(crate) lease_checking: bool,
+    pub(crate) lease_timers: Vec<AbortHandle>,
     /// For metrics: `pending` until the first outcome, then the worst CRM state.
     pub(crate) state: &'static str,
 }
@@ -64,11 +75,15 @@ impl Tenant {
             next_resync: None,
             token_timer: None,
             retry_timer: None,
+            job: None,
+            job_id: 0,
             retry_backoff: FIRST_BACKOFF,
             token_backoff: FIRST_BACKOFF,
             in_first_pass: false,
             holds_lease: false,
-            lease_renewed: None,
+            lease_until: None,
+            lease_checking: false,
+            lease_timers: Vec::new(),
             state: "pending",
         }
     }
@@ -83,6 +98,24 @@ impl Tenant {
         for handle in [self.token_timer.take(), self.retry_timer.take()].into_iter().flatten() {
             handle.abort();
         }
+    }
+
+    pub(crate) fn cancel_lease_timers(&mut self) {
+        for handle in self.lease_timers.drain(..) {
+            handle.abort();
+        }
+    }
+
+    /// Stops everything the tenant does now: queued work dropped, the
+    /// running work aborted (its CRM calls with it; a token request runs on
+    /// in a task of its own), timers cancelled.
+    pub(crate) fn stop_work(&mut self) {
+        self.queued = None;
+        self.running = None;
+        if let Some(job) = self.job.take() {
+            job.abort();
+        }
+        self.cancel_timers();
     }
 
     /// Updates state and timers from a finished piece of work.
@@ -106,17 +139,23 @@ impl Tenant {
             return;
         }
         let amo_failure = outcome.crm_failure(Crm::AmoCrm);
-        let delay = match (amo_failure, outcome.token_expires_at) {
-            // No further attempts until a new code or token arrives.
-            (Some(f), _) if f.state == CrmState::NeedsAuthorization => None,
-            // A pair waiting in memory, a failure that may pass, or an expiry
-            // that could not be read (database down): try again soon.
-            (Some(f), _) if f.transient => Some(self.next_token_backoff()),
+        let now = Utc::now();
+        let delay = match (amo_failure, outcome.next_token_check) {
+            // No refresh until a new code or token arrives; only a look at
+            // what is stored, now and then.
+            (Some(f), _) if f.state == CrmState::NeedsAuthorization => Some(AUTHORIZATION_RECHECK),
+            // Every failure backs off, whatever its kind: never a loop.
+            (Some(_), _) => Some(self.next_token_backoff()),
+            // A pair waiting in memory, or an expiry that could not be read.
             _ if outcome.tokens_pending => Some(self.next_token_backoff()),
-            (_, None) => Some(self.next_token_backoff()),
-            (_, Some(expires_at)) => {
+            (None, None) => Some(self.next_token_backoff()),
+            (None, Some(NextCheck::Nothing)) => Some(AUTHORIZATION_RECHECK),
+            // Due again right after the work: the lifetime is unknown and
+            // the margin exceeds it. Back off rather than loop.
+            (None, Some(NextCheck::Refresh { at, .. })) if at <= now => Some(self.next_token_backoff()),
+            (None, Some(NextCheck::Refresh { at, .. } | NextCheck::Expires(at))) => {
                 self.token_backoff = FIRST_BACKOFF;
-                Some(refresh_delay(expires_at, self.config.schedule.token_refresh_margin, Utc::now()))
+                Some(delay_until(at, now))
             }
         };
         if let Some(delay) = delay {
@@ -136,6 +175,9 @@ pub(crate) struct Job {
     pub(crate) work: Work,
     /// The stage resync's last and next run, recorded in the database.
     pub(crate) schedule: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    /// The tenant is known to wait for authorisation already: a timed look
+    /// that finds it still waiting records nothing.
+    pub(crate) awaiting_authorization: bool,
 }
 
 /// What a piece of work did.
@@ -143,9 +185,9 @@ pub(crate) struct Outcome {
     pub(crate) work: Work,
     pub(crate) applied: Result<Applied, (String, bool)>,
     pub(crate) elapsed: Option<Duration>,
-    /// The stored token expiry after the work, to time the next refresh.
-    pub(crate) token_expires_at: Option<DateTime<Utc>>,
-    /// A refreshed pair is kept in memory, not yet stored.
+    /// When the stored token needs a look next (`None`: unreadable).
+    pub(crate) next_token_check: Option<NextCheck>,
+    /// A pair obtained by this process waits to be stored.
     pub(crate) tokens_pending: bool,
 }
 
@@ -186,43 +228,58 @@ impl Job {
         let applied = match self.work {
             Work::Reconcile => apply_tenant(ctx, config).await.map_err(|e| (e.to_string(), e.is_transient())),
             Work::Resync => resync_stages(ctx, config).await.map_err(|e| (e.to_string(), e.is_transient())),
-            Work::Refresh => Ok(refresh(ctx, config).await),
+            Work::Refresh => Ok(refresh(ctx, config, self.awaiting_authorization).await),
         };
         if let Err((message, _)) = &applied {
             tracing::error!(tenant = %config.slug, error = %message, "work failed");
         }
-        let token_expires_at = match config.amocrm {
-            Some(_) => stored_expiry(ctx, config).await,
+        let next_token_check = match config.amocrm {
+            Some(_) => next_token_check(ctx, config).await,
             None => None,
         };
         if self.work == Work::Resync {
             record_schedule(ctx, config, self.schedule).await;
         }
-        let tokens_pending = ctx.pending.contains(&config.slug);
-        Outcome { work: self.work, applied, elapsed: Some(started.elapsed()), token_expires_at, tokens_pending }
+        let tokens_pending = ctx.vault.contains(&config.slug);
+        Outcome { work: self.work, applied, elapsed: Some(started.elapsed()), next_token_check, tokens_pending }
     }
 }
 
 /// A timed refresh: only if due, under the row lock, as everywhere.
-async fn refresh(ctx: &Context, config: &TenantConfig) -> Applied {
+async fn refresh(ctx: &Context, config: &TenantConfig, awaiting_authorization: bool) -> Applied {
     let Some(amo) = &config.amocrm else { return Applied::default() };
     let outcome = match ctx.pools.get(&config.slug, &config.database_url) {
-        Ok(db) => tokens::refresh_if_due(ctx, &config.slug, &db, amo, config.schedule.token_refresh_margin, None)
-            .await
-            .map(|_| Report::default())
-            .map_err(Failure::from),
+        Ok(db) => {
+            let outcome =
+                tokens::refresh_if_due(ctx, &config.slug, &db, amo, config.schedule.token_refresh_margin, None)
+                    .await
+                    .map(|_| Report::default())
+                    .map_err(Failure::from);
+            // A long-lived token that expired, say, is recorded as such; a
+            // failure that may pass is not an `error` while the token lives.
+            let needs_authorization = matches!(&outcome, Err(f) if f.state == CrmState::NeedsAuthorization);
+            match &outcome {
+                Err(_) if needs_authorization && !awaiting_authorization => {
+                    record_failure(Crm::AmoCrm, &config.slug, &db, &outcome).await
+                }
+                Err(f) if needs_authorization => {
+                    tracing::debug!(tenant = %config.slug, crm = "amocrm", error = %f.message, "still waiting for authorisation")
+                }
+                Err(f) => {
+                    tracing::warn!(tenant = %config.slug, crm = "amocrm", error = %f.message, "token refresh failed")
+                }
+                Ok(_) => {}
+            }
+            outcome
+        }
         Err(e) => Err(Failure::from(e)),
     };
-    if let Err(failure) = &outcome {
-        tracing::warn!(tenant = %config.slug, crm = "amocrm", error = %failure.message, "token refresh failed");
-    }
     Applied { changed_columns: Vec::new(), crms: vec![(Crm::AmoCrm, outcome)] }
 }
 
-async fn stored_expiry(ctx: &Context, config: &TenantConfig) -> Option<DateTime<Utc>> {
+async fn next_token_check(ctx: &Context, config: &TenantConfig) -> Option<NextCheck> {
     let db = ctx.pools.get(&config.slug, &config.database_url).ok()?;
-    let client = db.client().await.ok()?;
-    queries::token_expiry(&**client).await.ok().flatten()
+    tokens::next_check_for(ctx, &config.slug, &db, config.schedule.token_refresh_margin).await.ok()
 }
 
 async fn record_schedule(
@@ -253,16 +310,4 @@ pub(crate) async fn mark_unmanaged(ctx: &Context, config: &TenantConfig) {
         tracing::warn!(tenant = %config.slug, error = %e, "cannot mark the tenant unmanaged");
     }
     ctx.pools.remove(&config.slug);
-}
-
-/// At shutdown: one short try to store a refreshed pair kept in memory.
-pub(crate) async fn store_pending_briefly(ctx: &Context, config: &TenantConfig) {
-    if !ctx.pending.contains(&config.slug) {
-        return;
-    }
-    let Ok(db) = ctx.pools.get(&config.slug, &config.database_url) else { return };
-    let stored = tokio::time::timeout(Duration::from_secs(1), tokens::store_pending(ctx, &config.slug, &db)).await;
-    if !matches!(stored, Ok(Ok(()))) {
-        tracing::error!(tenant = %config.slug, "a refreshed token pair could not be stored before exit");
-    }
 }

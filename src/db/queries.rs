@@ -23,8 +23,18 @@ pub async fn unlock_migrations(client: &impl GenericClient) -> Result<(), tokio_
 
 /// The managed columns of the `config` row, as stored now.
 pub async fn read_config_columns(client: &impl GenericClient) -> Result<CurrentColumns, tokio_postgres::Error> {
+    config_columns(client, "").await
+}
+
+/// The same, holding the row lock until the transaction ends: an account
+/// change is decided under the lock every token write takes.
+pub async fn lock_config_columns(tx: &impl GenericClient) -> Result<CurrentColumns, tokio_postgres::Error> {
+    config_columns(tx, " FOR UPDATE").await
+}
+
+async fn config_columns(client: &impl GenericClient, lock: &str) -> Result<CurrentColumns, tokio_postgres::Error> {
     let names: Vec<&str> = ConfigColumn::ALL.iter().map(|c| c.name()).collect();
-    let sql = format!("SELECT {} FROM config WHERE id = 1", names.join(", "));
+    let sql = format!("SELECT {} FROM config WHERE id = 1{lock}", names.join(", "));
     let row = client.query_one(&sql, &[]).await?;
     let mut current = CurrentColumns::default();
     for (i, column) in ConfigColumn::ALL.iter().enumerate() {
@@ -84,17 +94,28 @@ pub async fn insert_event(
         .map(drop)
 }
 
-/// The AmoCRM token columns of the `config` row.
+/// The AmoCRM token columns of the `config` row, and the account they
+/// belong to.
 #[derive(Clone, Debug, Default)]
 pub struct StoredTokens {
     pub access: Option<Secret>,
     pub refresh: Option<Secret>,
     pub expires_at: Option<DateTime<Utc>>,
     pub code_sha256: Option<String>,
+    pub account: AmoAccount,
 }
 
-const TOKEN_COLUMNS: &str =
-    "amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at, amocrm_auth_code_sha256";
+/// Which AmoCRM account and integration a pair belongs to, as the `config`
+/// row names them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AmoAccount {
+    pub subdomain: Option<String>,
+    pub domain: Option<String>,
+    pub client_id: Option<String>,
+}
+
+const TOKEN_COLUMNS: &str = "amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at, \
+     amocrm_auth_code_sha256, amocrm_subdomain, amocrm_domain, amocrm_client_id";
 
 fn stored_tokens(row: &tokio_postgres::Row) -> StoredTokens {
     StoredTokens {
@@ -102,7 +123,17 @@ fn stored_tokens(row: &tokio_postgres::Row) -> StoredTokens {
         refresh: row.get::<_, Option<String>>(1).map(Secret::new),
         expires_at: row.get(2),
         code_sha256: row.get(3),
+        account: AmoAccount { subdomain: row.get(4), domain: row.get(5), client_id: row.get(6) },
     }
+}
+
+/// Keeps a token transaction's session alive while it waits for the CRM
+/// with the row lock held: a server-wide `idle_in_transaction_session_timeout`
+/// shorter than a token request would end the session and free the lock
+/// mid-refresh. Local to the transaction.
+pub async fn keep_token_transaction_alive(tx: &impl GenericClient, for_secs: u64) -> Result<(), tokio_postgres::Error> {
+    let sql = format!("SET LOCAL idle_in_transaction_session_timeout = '{for_secs}s'");
+    tx.batch_execute(&sql).await
 }
 
 pub async fn read_tokens(client: &impl GenericClient) -> Result<StoredTokens, tokio_postgres::Error> {
@@ -494,11 +525,6 @@ pub async fn mark_unmanaged(client: &impl GenericClient, crm: Crm) -> Result<(),
         )
         .await
         .map(drop)
-}
-
-/// The stored AmoCRM token expiry, for timing the next refresh.
-pub async fn token_expiry(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
-    Ok(client.query_one("SELECT amocrm_token_expires_at FROM config WHERE id = 1", &[]).await?.get(0))
 }
 
 /// Records a browser-authorisation state by its hash, usable for

@@ -181,6 +181,14 @@ impl AmoSandbox {
         state.clock_offset = state.clock_offset.saturating_add(by);
     }
 
+    /// From now on the token endpoint writes `expires_in` as `value` (a
+    /// string, a float, a negative or huge number, `null` for absent) while
+    /// its tokens still live `expires_in` of the configuration: the shapes
+    /// other OAuth servers and proxies have been seen to send.
+    pub fn set_expires_in_wire(&self, value: Option<serde_json::Value>) {
+        lock(&self.shared.state).expires_in_wire = value;
+    }
+
     /// Invalidates every access and refresh token issued so far.
     pub fn revoke_all_tokens(&self) {
         let mut state = lock(&self.shared.state);
@@ -277,6 +285,8 @@ struct State {
     leads: Vec<SandboxLead>,
     next_lead_id: i64,
     stats: TokenStats,
+    /// What the token endpoint writes as `expires_in`, when not the number.
+    expires_in_wire: Option<serde_json::Value>,
 }
 
 impl State {
@@ -290,6 +300,7 @@ impl State {
             leads: Vec::new(),
             next_lead_id: FIRST_LEAD_ID,
             stats: TokenStats::default(),
+            expires_in_wire: None,
         }
     }
 
@@ -413,13 +424,18 @@ impl Shared {
         let refresh_token = opaque_token();
         state.access.insert(access_token.clone(), exp);
         state.refresh.insert(refresh_token.clone(), now.saturating_add(REFRESH_LIFETIME_SECS));
-        let body = json!({
+        let mut body = json!({
             "token_type": "Bearer",
             "expires_in": expires_in,
             "server_time": now,
             "access_token": access_token,
             "refresh_token": refresh_token,
         });
+        match &state.expires_in_wire {
+            Some(serde_json::Value::Null) => drop(body.as_object_mut().map(|o| o.remove("expires_in"))),
+            Some(value) => body["expires_in"] = value.clone(),
+            None => {}
+        }
         respond(200, JSON, body.to_string())
     }
 

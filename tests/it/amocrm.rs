@@ -210,7 +210,7 @@ async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back(
     admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&name]).await.unwrap();
 
     let new = refresh.await.unwrap().expect("the refreshed pair is usable even though it is not stored");
-    assert!(ctx.pending.contains("acme"), "the pair is kept in memory");
+    assert!(ctx.vault.contains("acme"), "the pair is kept in memory");
     assert!(amo.is_access_token_valid(new.access.expose()));
 
     // No second refresh while the pair waits: the next attempt only tries to store it.
@@ -219,8 +219,8 @@ async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back(
     assert_eq!(amo.token_stats().refreshed, 1);
 
     admin.execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"), &[]).await.unwrap();
-    tokens::store_pending_until(&ctx, "acme", &tenant_db, Duration::from_secs(20)).await.unwrap();
-    assert!(!ctx.pending.contains("acme"));
+    tokens::store_registered_within(&ctx, "acme", Duration::from_secs(20)).await.unwrap();
+    assert!(!ctx.vault.contains("acme"));
     let client = connect(&db.url).await;
     assert_eq!(stored_access_token(&client).await, new.access.expose());
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, refreshed: 1, ..TokenStats::default() });

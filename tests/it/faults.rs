@@ -21,7 +21,7 @@ use crate::support::daemon::{Running, eventually};
 use crate::support::postgres::fresh_database;
 use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, tenant, write};
 
-const TOKEN_PATH: &str = "/oauth2/access_token";
+pub(crate) const TOKEN_PATH: &str = "/oauth2/access_token";
 const ACCOUNT_PATH: &str = "/api/v4/account";
 const PIPELINES_PATH: &str = "/api/v4/leads/pipelines";
 /// The sandbox's default pipelines, with the statuses every pipeline gets.
@@ -33,7 +33,7 @@ const BODY_LIMIT: usize = 8 << 20;
 // Plumbing
 
 /// A connection that may fail (the server may be down); its driver runs in a task.
-async fn try_connect(url: &str) -> Option<Client> {
+pub(crate) async fn try_connect(url: &str) -> Option<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.ok()?;
     tokio::spawn(connection);
     Some(client)
@@ -64,13 +64,13 @@ async fn start_again(mut cluster: Cluster) -> Cluster {
 
 /// `crm-connect run --config DIR` as a child process, its log in a file;
 /// killed if the test ends first.
-struct Binary {
+pub(crate) struct Binary {
     child: tokio::process::Child,
     log: PathBuf,
 }
 
 impl Binary {
-    fn run(dir: &Path, log: PathBuf) -> Binary {
+    pub(crate) fn run(dir: &Path, log: PathBuf) -> Binary {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-connect"));
         for (key, _) in std::env::vars() {
             if key.starts_with("CRM_CONNECT_") || key == "CREDENTIALS_DIRECTORY" || key == "NOTIFY_SOCKET" {
@@ -89,12 +89,21 @@ impl Binary {
         Binary { child, log }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, and how the process ended (waiting up to `within`).
+    pub(crate) async fn terminate(mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().expect("the daemon runs").to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let status = tokio::time::timeout(within, self.child.wait()).await.expect("exits in time").unwrap();
+        (status, self.log())
+    }
+
     /// SIGKILL: no destructor, no shutdown, no rollback of its own.
-    async fn kill(mut self) -> String {
+    pub(crate) async fn kill(mut self) -> String {
         self.child.start_kill().unwrap();
         let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.unwrap().unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{status:?}");
@@ -102,27 +111,27 @@ impl Binary {
     }
 }
 
-fn is_refresh(request: &RecordedRequest) -> bool {
+pub(crate) fn is_refresh(request: &RecordedRequest) -> bool {
     request.path == TOKEN_PATH && request.form_or_json_field("grant_type").as_deref() == Some("refresh_token")
 }
 
-fn refreshes(log: &[RecordedRequest]) -> usize {
+pub(crate) fn refreshes(log: &[RecordedRequest]) -> usize {
     log.iter().filter(|r| is_refresh(r)).count()
 }
 
 /// Refresh requests the sandbox answered with a new pair.
-fn refreshed(log: &[RecordedRequest]) -> usize {
+pub(crate) fn refreshed(log: &[RecordedRequest]) -> usize {
     log.iter().filter(|r| is_refresh(r) && r.status == 200).count()
 }
 
-fn with_margin(text: &str, margin: &str) -> String {
+pub(crate) fn with_margin(text: &str, margin: &str) -> String {
     // The stage resync (which would also store a pair kept in memory) is
     // kept out of the way: once a year.
     let schedule = format!("[schedule]\ntoken_refresh_margin = \"{margin}\"\nstage_resync = \"0 0 1 1 *\"\n\n");
     text.replace("[amocrm]", &format!("{schedule}[amocrm]"))
 }
 
-fn b24_tenant(database_url: &str, portal: &B24Sandbox) -> String {
+pub(crate) fn b24_tenant(database_url: &str, portal: &B24Sandbox) -> String {
     format!("[tenant]\ndatabase_url = \"{database_url}\"\n\n[bitrix24]\nwebhook_url = \"{}\"\n", portal.webhook_url())
 }
 
@@ -136,7 +145,9 @@ fn b24_stage_count() -> usize {
 }
 
 /// (access, refresh, expires_at) as stored.
-async fn stored_tokens(client: &Client) -> (Option<String>, Option<String>, Option<chrono::DateTime<chrono::Utc>>) {
+pub(crate) async fn stored_tokens(
+    client: &Client,
+) -> (Option<String>, Option<String>, Option<chrono::DateTime<chrono::Utc>>) {
     let row = client
         .query_one("SELECT amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at FROM config", &[])
         .await
@@ -144,7 +155,7 @@ async fn stored_tokens(client: &Client) -> (Option<String>, Option<String>, Opti
     (row.get(0), row.get(1), row.get(2))
 }
 
-async fn state(client: &Client, crm: &str) -> Option<(String, Option<String>)> {
+pub(crate) async fn state(client: &Client, crm: &str) -> Option<(String, Option<String>)> {
     client
         .query_opt("SELECT state, last_error FROM crm_connect_status WHERE crm = $1", &[&crm])
         .await
@@ -154,7 +165,7 @@ async fn state(client: &Client, crm: &str) -> Option<(String, Option<String>)> {
 }
 
 /// The CRM's last sync succeeded (state `connected`, stages stored) after `since`.
-async fn synced_since(url: &str, crm: &str, since: chrono::DateTime<chrono::Utc>) -> bool {
+pub(crate) async fn synced_since(url: &str, crm: &str, since: chrono::DateTime<chrono::Utc>) -> bool {
     let Some(client) = try_connect(url).await else { return false };
     client
         .query_opt(
@@ -165,11 +176,11 @@ async fn synced_since(url: &str, crm: &str, since: chrono::DateTime<chrono::Utc>
         .is_ok_and(|row| row.is_some())
 }
 
-async fn db_now(client: &Client) -> chrono::DateTime<chrono::Utc> {
+pub(crate) async fn db_now(client: &Client) -> chrono::DateTime<chrono::Utc> {
     client.query_one("SELECT now()", &[]).await.unwrap().get(0)
 }
 
-async fn state_is(url: &str, crm: &str, expected: &str) -> bool {
+pub(crate) async fn state_is(url: &str, crm: &str, expected: &str) -> bool {
     let Some(client) = try_connect(url).await else { return false };
     state(&client, crm).await.is_some_and(|(state, _)| state == expected)
 }
@@ -199,7 +210,7 @@ async fn stage_rows(client: &Client, table: &str) -> i64 {
 /// A connection to the tenant's database sits "idle in transaction" holding
 /// the `config` row lock (`SELECT … FOR UPDATE` takes RowShareLock on the
 /// table): a token request is in flight.
-async fn row_lock_held_while_idle(client: &Client) -> bool {
+pub(crate) async fn row_lock_held_while_idle(client: &Client) -> bool {
     client
         .query_one(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -232,20 +243,20 @@ fn amo_failure(applied: &Applied) -> String {
     }
 }
 
-fn succeeded(applied: &Applied) {
+pub(crate) fn succeeded(applied: &Applied) {
     assert!(!applied.failed(), "{:?}", applied.crms);
 }
 
 /// An AmoCRM tenant applied once (code exchanged, stages stored), in
 /// this process.
-struct AmoSetup {
-    amo: AmoSandbox,
-    tenant: crm_connect::config::TenantConfig,
-    ctx: Context,
-    client: Client,
+pub(crate) struct AmoSetup {
+    pub(crate) amo: AmoSandbox,
+    pub(crate) tenant: crm_connect::config::TenantConfig,
+    pub(crate) ctx: Context,
+    pub(crate) client: Client,
 }
 
-async fn amo_connected() -> AmoSetup {
+pub(crate) async fn amo_connected() -> AmoSetup {
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let db = fresh_database().await;
     let tenant =

@@ -15,5 +15,6 @@ mod server;
 mod support;
 mod support_selftest;
 mod sync;
+mod token_pairs;
 mod systemd;
 mod validate;

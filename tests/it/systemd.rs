@@ -83,7 +83,7 @@ fn both_units_keep_what_the_daemon_relies_on() {
         assert_eq!(one("Restart"), "on-failure", "{name}");
         assert_eq!(one("RestartSec"), "5s", "{name}");
         assert!(one("RestartPreventExitStatus").split_whitespace().any(|s| s == "2"), "{name}: usage errors");
-        assert_eq!(one("TimeoutStopSec"), "15s", "{name}");
+        assert_eq!(one("TimeoutStopSec"), "2min", "{name}");
         assert_eq!(one("WatchdogSec"), "30s", "{name}");
         let user = one("User");
         assert!(!user.is_empty() && user != "root", "{name}: User={user}");

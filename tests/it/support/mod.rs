@@ -1,5 +1,6 @@
 pub mod daemon;
 pub mod postgres;
+pub mod proxy;
 
 use std::path::Path;
 use std::process::Stdio;
