@@ -51,9 +51,20 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "CRM_CONNECT_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
 
+    /// Connections to one PostgreSQL server at most, shared by every tenant database on it
+    #[arg(long, global = true, env = "CRM_CONNECT_DB_CONNECTIONS", default_value = "10")]
+    pub db_connections: NonZeroUsize,
+
     /// One active daemon per tenant: hold a lease of this length in its database (e.g. 2m)
     #[arg(long, global = true, env = "CRM_CONNECT_LEASE", value_parser = parse_lease)]
     pub lease: Option<std::time::Duration>,
+}
+
+impl GlobalArgs {
+    /// Database pools as the flags size them.
+    pub fn pool_settings(&self) -> crate::db::PoolSettings {
+        crate::db::PoolSettings { server_connections: self.db_connections.get(), ..crate::db::PoolSettings::default() }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

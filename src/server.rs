@@ -45,11 +45,17 @@ const STORE_PENDING_WITHIN: Duration = Duration::from_secs(20);
 type Lookup = dyn Fn(&str) -> Option<TenantConfig> + Send + Sync;
 type LoopAge = dyn Fn() -> Duration + Send + Sync;
 
+/// Callbacks served at once, and how long one may take: each holds a
+/// database connection from the server's budget while it exchanges.
+const CALLBACKS_AT_ONCE: usize = 4;
+const CALLBACK_WITHIN: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 struct AppState {
     ctx: Context,
     tenants: Arc<Lookup>,
     loop_age: Arc<LoopAge>,
+    callbacks: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves until `shutdown` resolves, then lets open requests finish (for
@@ -63,7 +69,12 @@ pub async fn serve(
     loop_age: impl Fn() -> Duration + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = AppState { ctx, tenants: Arc::new(tenants), loop_age: Arc::new(loop_age) };
+    let state = AppState {
+        ctx,
+        tenants: Arc::new(tenants),
+        loop_age: Arc::new(loop_age),
+        callbacks: Arc::new(tokio::sync::Semaphore::new(CALLBACKS_AT_ONCE)),
+    };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
@@ -261,7 +272,28 @@ impl CallbackError {
 
 async fn amocrm_callback(State(app): State<AppState>, RawQuery(raw): RawQuery) -> Response {
     let query = CallbackQuery::parse(raw.as_deref());
-    match complete(&app, &query).await {
+    // A malformed state never costs a database connection or a wait.
+    if query.state.as_deref().and_then(state_slug).is_none() {
+        return CallbackError::UnknownState.page();
+    }
+    let bounded = async {
+        let _turn = app.callbacks.acquire().await;
+        let outcome = complete(&app, &query).await;
+        if let Some(slug) = query.state.as_deref().and_then(state_slug) {
+            app.ctx.pools.close_idle(slug);
+        }
+        outcome
+    };
+    // The exchange itself runs on if the answer is late (its pair is stored).
+    let Ok(outcome) = tokio::time::timeout(CALLBACK_WITHIN, bounded).await else {
+        tracing::warn!(crm = "amocrm", within = ?CALLBACK_WITHIN, "a browser authorisation took too long to answer");
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Try again",
+            "The authorisation is taking longer than expected. Check `crm-connect status` in a minute.",
+        );
+    };
+    match outcome {
         Ok(slug) => {
             tracing::info!(tenant = slug, crm = "amocrm", "browser authorisation completed, tokens stored");
             page(

@@ -228,12 +228,12 @@ async fn savepoint<'a>(
 /// the read hit a table or column the migrations would create.
 async fn settle<T>(
     sp: deadpool_postgres::Transaction<'_>,
-    result: Result<T, tokio_postgres::Error>,
+    result: Result<T, impl Into<queries::QueryError>>,
     missing: &mut bool,
     db: &TenantDb,
     what: &'static str,
 ) -> Result<Option<T>, DbError> {
-    match result {
+    match result.map_err(Into::into) {
         Ok(value) => {
             sp.commit().await.map_err(|e| db.query_error(what, e))?;
             Ok(Some(value))

@@ -10,7 +10,7 @@ use tokio_postgres::GenericClient;
 
 use crate::config::{AmoStageRef, Bitrix24StageRef, StageMapping};
 use crate::db::TenantDb;
-use crate::db::queries::{self, StatusUpdate};
+use crate::db::queries::{self, QueryError, StatusUpdate};
 use crate::model::{AmoStage, B24Stage, Crm, CrmState, EntityType, StageFlags};
 use crate::reconcile::{Reference, StageMatch, StageRow, StoredStage, map_flags, plan_stages};
 
@@ -29,7 +29,7 @@ pub(crate) trait StageTable: StageRow + StageMatch<Self::Ref> + Send + Sync + Si
     fn read(
         tx: &(impl GenericClient + Sync),
         scope: Self::Scope,
-    ) -> impl Future<Output = PgResult<Vec<StoredStage<Self>>>> + Send;
+    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, QueryError>> + Send;
     fn upsert(
         tx: &(impl GenericClient + Sync),
         rows: &[(Self, StageFlags)],
@@ -43,7 +43,10 @@ impl StageTable for AmoStage {
     const CRM: Crm = Crm::AmoCrm;
     const MAPPING: &'static str = "amocrm.stages";
 
-    fn read(tx: &(impl GenericClient + Sync), (): ()) -> impl Future<Output = PgResult<Vec<StoredStage<Self>>>> + Send {
+    fn read(
+        tx: &(impl GenericClient + Sync),
+        (): (),
+    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, QueryError>> + Send {
         queries::read_amocrm_stages(tx)
     }
 
@@ -68,7 +71,7 @@ impl StageTable for B24Stage {
     fn read(
         tx: &(impl GenericClient + Sync),
         entity: EntityType,
-    ) -> impl Future<Output = PgResult<Vec<StoredStage<Self>>>> + Send {
+    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, QueryError>> + Send {
         queries::read_bitrix24_stages(tx, entity)
     }
 

@@ -8,7 +8,7 @@ use crate::cli::{GlobalArgs, TenantArg};
 use crate::config::AmoCrmConfig;
 use crate::context::Context;
 use crate::crm::amocrm::Credentials;
-use crate::db::{self, PoolSettings};
+use crate::db;
 use crate::model::AmoDomain;
 use crate::secret::Secret;
 use crate::server;
@@ -35,7 +35,7 @@ async fn auth_url(global: &GlobalArgs, args: &TenantArg) -> Result<String, Strin
     // The callback will need all three to exchange the code: say so now,
     // not after the user has clicked through.
     let credentials = Credentials::of(amo).map_err(|e| e.to_string())?;
-    let ctx = Context::new(PoolSettings::default());
+    let ctx = Context::new(global.pool_settings());
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     db::migrate(&db).await.map_err(|e| e.to_string())?;
     let state = server::issue_state(&db, &tenant.slug).await.map_err(|e| e.to_string())?;

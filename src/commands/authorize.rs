@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use crate::cli::{AuthorizeArgs, GlobalArgs};
 use crate::context::Context;
-use crate::db::{self, PoolSettings};
+use crate::db;
 use crate::tokens::{self, Obtained};
 
 pub async fn run(global: &GlobalArgs, args: &AuthorizeArgs) -> ExitCode {
-    let ctx = Context::new(PoolSettings::default());
+    let ctx = Context::new(global.pool_settings());
     super::report(super::settled(&ctx, authorize(&ctx, global, args)).await)
 }
 

@@ -3,8 +3,10 @@
 
 use std::process::ExitCode;
 
+use tokio_postgres::error::SqlState;
+
 use crate::cli::{GlobalArgs, TenantArg};
-use crate::db::{self, PoolSettings, Pools, queries};
+use crate::db::{self, Pools, queries};
 use crate::model::EntityType;
 
 pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
@@ -15,12 +17,15 @@ pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let pools = Pools::new(PoolSettings::default());
+    let pools = Pools::new(global.pool_settings());
     let result = async {
+        // Read-only: no migration. Tables not there yet mean nothing synced yet.
         let db = pools.get(&tenant.slug, &tenant.database_url)?;
-        db::migrate(&db).await?;
         let client = db.client().await?;
-        let amocrm = queries::read_amocrm_stages(&**client).await.map_err(|e| db.query_error("reading stages", e))?;
+        let amocrm = match queries::read_amocrm_stages(&**client).await {
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok((Vec::new(), Vec::new())),
+            other => other.map_err(|e| db.query_error("reading stages", e))?,
+        };
         let entity = tenant.bitrix24.as_ref().map_or(EntityType::Deal, |b| b.entity_type);
         let bitrix24 =
             queries::read_bitrix24_stages(&**client, entity).await.map_err(|e| db.query_error("reading stages", e))?;

@@ -11,7 +11,7 @@ use crate::config;
 use std::time::Duration;
 
 use crate::db::queries::StoredTokens;
-use crate::db::{PoolSettings, Pools, queries};
+use crate::db::{Pools, queries};
 use crate::tokens::{self, NextCheck};
 
 #[derive(Serialize)]
@@ -57,7 +57,7 @@ impl Line {
 
 pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
     let loaded = config::load(&global.config, &super::load_options(global));
-    let pools = Pools::new(PoolSettings::default());
+    let pools = Pools::new(global.pool_settings());
     let mut lines = Vec::new();
     for file in loaded.files.iter().filter(|f| args.tenant.is_none() || f.slug == args.tenant) {
         let name = file.name();

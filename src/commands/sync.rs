@@ -14,7 +14,6 @@ use crate::apply::{Applied, apply_tenant};
 use crate::cli::{GlobalArgs, SyncArgs};
 use crate::config::{self, TenantConfig};
 use crate::context::Context;
-use crate::db::PoolSettings;
 use crate::tokens;
 
 pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
@@ -24,7 +23,7 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     let Some((tenants, mut failed)) = selected(global, args) else {
         return ExitCode::FAILURE;
     };
-    let ctx = Context::new(PoolSettings::default());
+    let ctx = Context::new(global.pool_settings());
     let timeout = args.timeout;
     let sync = move |ctx: Context, tenant: TenantConfig| async move { sync_one(&ctx, &tenant, timeout).await };
     let (mut results, stopped) = tokio::select! {
@@ -155,7 +154,7 @@ async fn dry_run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     let Some((tenants, _)) = selected(global, args) else {
         return ExitCode::FAILURE;
     };
-    let ctx = Context::new(PoolSettings::default());
+    let ctx = Context::new(global.pool_settings());
     let preview = |ctx: Context, tenant: TenantConfig| async move {
         let deadline = ctx.retry.deadline;
         match tokio::time::timeout(deadline, preview_tenant(&ctx, &tenant)).await {

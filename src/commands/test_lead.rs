@@ -9,14 +9,14 @@ use crate::context::Context;
 use crate::crm::CrmError;
 use crate::crm::amocrm::AmoClient;
 use crate::crm::bitrix24::B24Client;
-use crate::db::{self, PoolSettings};
+use crate::db;
 use crate::model::EntityType;
 use crate::tokens;
 
 pub const TEST_LEAD_NAME: &str = "Тест crm-connect";
 
 pub async fn run(global: &GlobalArgs, args: &TestLeadArgs) -> ExitCode {
-    let ctx = Context::new(PoolSettings::default());
+    let ctx = Context::new(global.pool_settings());
     super::report(super::settled(&ctx, create(&ctx, global, args)).await)
 }
 

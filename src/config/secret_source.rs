@@ -110,8 +110,29 @@ fn resolve(kind: &str, name: &str, dir: &Path, env: &Environment) -> Result<Stri
 }
 
 /// The file's contents with one trailing newline stripped.
+/// A secret file is at most this long: a key, a token, a password.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Reads a secret file: a regular file (after symlinks) of at most 64 KiB.
+/// The type is checked before opening, so a FIFO (whose open would wait
+/// for a writer), a device or a directory is an error, not a hang; the read
+/// stops past the limit, so `/dev/zero`-like files cannot exhaust memory.
 fn read_file(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.kind().to_string())?;
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.kind().to_string())?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(format!("larger than {} KiB", MAX_SECRET_FILE / 1024));
+    }
+    let file = std::fs::File::open(path).map_err(|e| e.kind().to_string())?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes).map_err(|e| e.kind().to_string())?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!("larger than {} KiB", MAX_SECRET_FILE / 1024));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
     let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
     Ok(text.to_string())
 }

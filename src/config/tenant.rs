@@ -17,6 +17,9 @@ use crate::secret::Secret;
 
 pub const ROOT_KEYS: &[&str] = &["tenant", "schedule", "amocrm", "bitrix24"];
 pub const TENANT_KEYS: &[&str] = &["slug", "database_url"];
+/// Durations are capped at validation: no arithmetic on them can overflow.
+const MAX_TOKEN_REFRESH_MARGIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
 pub const SCHEDULE_KEYS: &[&str] = &["stage_resync", "token_refresh_margin"];
 pub const AMOCRM_KEYS: &[&str] = &[
     "subdomain",
@@ -156,6 +159,13 @@ fn read_schedule(table: Option<Table>, problems: &mut Problems) -> Option<Schedu
     };
     let margin = match table.as_ref().and_then(|t| t.str("token_refresh_margin", problems)) {
         Some(text) => match humantime::parse_duration(text.get_ref()) {
+            Ok(d) if d > MAX_TOKEN_REFRESH_MARGIN => {
+                problems.error(
+                    Some(text.span()),
+                    "`schedule.token_refresh_margin` must be at most 30 days (a refresh token lives 3 months)",
+                );
+                None
+            }
             Ok(d) if !d.is_zero() => Some(d),
             Ok(_) => {
                 problems.error(Some(text.span()), "`schedule.token_refresh_margin` must be longer than zero");

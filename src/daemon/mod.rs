@@ -9,7 +9,7 @@ mod schedule;
 mod systemd;
 mod tenant;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +26,6 @@ use crate::cli::GlobalArgs;
 use crate::commands::load_options;
 use crate::config::{self, TenantConfig};
 use crate::context::Context;
-use crate::db::PoolSettings;
 use crate::model::CrmState;
 use crate::watch::ConfigWatcher;
 
@@ -36,6 +35,11 @@ use tenant::{Outcome, Tenant, Work};
 /// A periodic rescan catches what file events miss (inotify overflows,
 /// network file systems without events).
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
+/// Reading the files (secret files among them) gives up after this.
+const RESCAN_WITHIN: Duration = Duration::from_secs(10);
+/// READY=1 (and the first-pass hook) at the latest this long after start:
+/// slow tenants go on connecting, the service counts as started.
+const READY_WITHIN: Duration = Duration::from_secs(60);
 /// At SIGTERM, work other than token requests gets this long to finish
 /// before it is stopped (token requests run to their own end).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -135,7 +139,7 @@ pub async fn signals() {
 
 /// Runs until `shutdown` resolves; exit code 0 after a clean shutdown.
 pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output = ()> + Send) -> ExitCode {
-    let ctx = hooks.context.unwrap_or_else(|| Context::new(PoolSettings::default()));
+    let ctx = hooks.context.unwrap_or_else(|| Context::new(global.pool_settings()));
     let (events, receiver) = mpsc::unbounded_channel();
     let crons = match Crons::start().await {
         Ok(crons) => crons,
@@ -151,6 +155,7 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         events,
         crons,
         tenants: HashMap::new(),
+        invalid: HashMap::new(),
         tasks: JoinSet::new(),
         view: TenantsView::default(),
         liveness: Liveness::default(),
@@ -162,7 +167,11 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         http_task: None,
         next_job: 0,
     };
-    daemon.serve_http().await;
+    if let Err(e) = daemon.serve_http().await {
+        tracing::error!(error = %e, "cannot listen");
+        eprintln!("crm-connect: {e}");
+        return ExitCode::from(2);
+    }
     daemon.main_loop(receiver, shutdown).await
 }
 
@@ -171,7 +180,10 @@ struct Daemon {
     ctx: Context,
     events: UnboundedSender<Event>,
     crons: Crons,
-    tenants: HashMap<PathBuf, Tenant>,
+    /// The tenants in force, by slug.
+    tenants: HashMap<String, Tenant>,
+    /// Invalid files and the content last reported (reported once each).
+    invalid: HashMap<PathBuf, Option<[u8; 32]>>,
     tasks: JoinSet<()>,
     permits: Arc<Semaphore>,
     view: TenantsView,
@@ -208,7 +220,8 @@ impl Daemon {
         rescan.tick().await;
         let mut heartbeat = tokio::time::interval(systemd::heartbeat_interval());
         let mut exchanged = self.ctx.vault.subscribe_exchanges();
-        tokio::pin!(shutdown);
+        let ready_at_the_latest = tokio::time::sleep(READY_WITHIN);
+        tokio::pin!(shutdown, ready_at_the_latest);
 
         self.liveness.beat();
         self.rescan(true).await;
@@ -230,6 +243,12 @@ impl Daemon {
                 }
                 _ = rescan.tick() => self.rescan(false).await,
                 Some(slug) = exchanged.recv() => self.handle(Event::Exchanged(slug)).await,
+                // Finished tasks leave nothing behind.
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+                () = &mut ready_at_the_latest, if self.in_first_pass => {
+                    tracing::warn!(left = self.first_pass_left, "first pass not done after {}s; ready anyway", READY_WITHIN.as_secs());
+                    self.finish_first_pass();
+                }
                 _ = heartbeat.tick() => {
                     self.liveness.beat();
                     systemd::watchdog();
@@ -364,40 +383,65 @@ impl Daemon {
 
     /// Reads every file and applies what changed; with `all`, every valid
     /// tenant is reconciled whatever changed (start, SIGHUP: secrets from
-    /// the environment or credentials may have changed).
+    /// the environment or credentials may have changed). Tenants are their
+    /// slugs: a file renamed with its slug kept is the same tenant. The
+    /// files are read off the loop, within a time limit (a secret file on
+    /// a hung network mount must not stop the daemon).
     async fn rescan(&mut self, all: bool) {
-        let loaded = config::load(&self.global.config, &load_options(&self.global));
+        let (dir, options) = (self.global.config.clone(), load_options(&self.global));
+        let reading = tokio::task::spawn_blocking(move || config::load(&dir, &options));
+        let loaded = match tokio::time::timeout(RESCAN_WITHIN, reading).await {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading the configuration failed; the tenants in force stay");
+                return;
+            }
+            Err(_) => {
+                tracing::error!(within = ?RESCAN_WITHIN, "reading the configuration took too long; the tenants in force stay");
+                return;
+            }
+        };
         for problem in loaded.problems.iter() {
             tracing::warn!(problem = %problem, "configuration");
         }
-        let mut seen = Vec::new();
+        let mut present = HashSet::new();
+        let mut invalid = HashMap::new();
         for file in loaded.files {
-            seen.push(file.path.clone());
-            let known = self.tenants.get(&file.path);
-            let unchanged = known.is_some_and(|t| t.digest == file.digest);
-            if unchanged && !all {
-                continue;
-            }
             let Some(config) = file.tenant else {
-                // The last good configuration stays in force.
-                if !unchanged {
+                // The last good configuration of the tenant at this path stays in force.
+                if let Some(known) = self.tenants.values().find(|t| t.config.file == file.path) {
+                    present.insert(known.config.slug.clone());
+                }
+                if self.invalid.get(&file.path) != Some(&file.digest) {
                     for problem in file.problems.iter().filter(|p| p.is_error()) {
                         tracing::error!(problem = %problem, "invalid tenant file; keeping its last good configuration");
                     }
-                    if let Some(tenant) = self.tenants.get_mut(&file.path) {
-                        tenant.digest = file.digest;
-                    }
                 }
+                invalid.insert(file.path, file.digest);
                 continue;
             };
-            if known.is_some_and(|t| t.config.slug != config.slug) {
-                self.remove(&file.path).await;
+            present.insert(config.slug.clone());
+            let known = self.tenants.get_mut(&config.slug);
+            let renamed = known.as_ref().is_some_and(|t| t.config.file != config.file);
+            let unchanged = known.as_ref().is_some_and(|t| t.digest == file.digest);
+            if let (Some(tenant), true) = (known, renamed) {
+                tracing::info!(tenant = %config.slug, file = %config.file.display(), "tenant file renamed; same tenant");
+                if unchanged {
+                    tenant.config.file = config.file.clone();
+                    self.view.set(tenant.config.clone());
+                }
             }
-            self.upsert(file.path, file.digest, config).await;
+            if unchanged && !all {
+                continue;
+            }
+            self.upsert(file.digest, config).await;
         }
-        let gone: Vec<PathBuf> = self.tenants.keys().filter(|p| !seen.contains(p)).cloned().collect();
-        for path in gone {
-            self.remove(&path).await;
+        // Checked again on every rescan: a file invalid only because a
+        // secret is missing applies once the secret appears.
+        self.invalid = invalid;
+        let gone: Vec<String> = self.tenants.keys().filter(|slug| !present.contains(*slug)).cloned().collect();
+        for slug in gone {
+            self.remove(&slug).await;
         }
         if self.in_first_pass && self.first_pass_left == 0 {
             self.finish_first_pass();
@@ -406,11 +450,11 @@ impl Daemon {
 
     /// A new or changed tenant: keep its configuration, (re)arm its cron job
     /// when the expression changed, reconcile it.
-    async fn upsert(&mut self, path: PathBuf, digest: Option<[u8; 32]>, config: TenantConfig) {
+    async fn upsert(&mut self, digest: Option<[u8; 32]>, config: TenantConfig) {
         let slug = config.slug.clone();
         let expr = config.schedule.stage_resync.with_seconds.clone();
-        let is_new = !self.tenants.contains_key(&path);
-        let tenant = self.tenants.entry(path).or_insert_with(|| Tenant::new(config.clone()));
+        let is_new = !self.tenants.contains_key(&slug);
+        let tenant = self.tenants.entry(slug.clone()).or_insert_with(|| Tenant::new(config.clone()));
         tenant.config = config.clone();
         tenant.digest = digest;
         if tenant.cron_expr.as_deref() != Some(expr.as_str()) {
@@ -446,8 +490,8 @@ impl Daemon {
     }
 
     /// A removed file: schedules stopped, state `unmanaged`, nothing deleted.
-    async fn remove(&mut self, path: &PathBuf) {
-        let Some(mut tenant) = self.tenants.remove(path) else { return };
+    async fn remove(&mut self, slug: &str) {
+        let Some(mut tenant) = self.tenants.remove(slug) else { return };
         let slug = tenant.config.slug.clone();
         tracing::info!(tenant = %slug, "file removed: tenant no longer managed");
         if let Some(expr) = tenant.cron_expr.take() {
@@ -502,7 +546,7 @@ impl Daemon {
         let (events, permits, name) = (self.events.clone(), self.permits.clone(), slug.to_string());
         let handle = self.tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let outcome = job.run().await;
+            let outcome = job.run_guarded().await;
             let _ = events.send(Event::Done(name, job_id, outcome));
         });
         if let Some(tenant) = self.by_slug_mut(slug) {
@@ -511,8 +555,6 @@ impl Daemon {
     }
 
     fn done(&mut self, slug: &str, job_id: u64, outcome: Outcome) {
-        // Finished tasks leave nothing behind.
-        while self.tasks.try_join_next().is_some() {}
         let events = self.events.clone();
         let Some(tenant) = self.by_slug_mut(slug) else { return };
         if tenant.job_id != job_id || tenant.running.is_none() {
@@ -605,8 +647,10 @@ impl Daemon {
         while releases.join_next().await.is_some() {}
     }
 
-    async fn serve_http(&mut self) {
-        let Some(addr) = self.global.listen else { return };
+    /// Binds `--listen` and serves on it; a failure to bind is a startup
+    /// error (exit 2): a daemon without its callback is not what was asked.
+    async fn serve_http(&mut self) -> Result<(), String> {
+        let Some(addr) = self.global.listen else { return Ok(()) };
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
                 let (view, liveness) = (self.view.clone(), self.liveness.clone());
@@ -624,17 +668,18 @@ impl Daemon {
                     }
                 }));
                 tracing::info!(%addr, "serving /healthz, /metrics and /oauth/amocrm/callback");
+                Ok(())
             }
-            Err(e) => tracing::error!(%addr, error = %e, "cannot listen"),
+            Err(e) => Err(format!("cannot listen on {addr}: {e}")),
         }
     }
 
     fn by_slug(&self, slug: &str) -> Option<&Tenant> {
-        self.tenants.values().find(|t| t.config.slug == slug)
+        self.tenants.get(slug)
     }
 
     fn by_slug_mut(&mut self, slug: &str) -> Option<&mut Tenant> {
-        self.tenants.values_mut().find(|t| t.config.slug == slug)
+        self.tenants.get_mut(slug)
     }
 }
 

@@ -221,8 +221,44 @@ impl Outcome {
     }
 }
 
+/// Aborts a task when dropped: work stopped from outside (a lost lease)
+/// stops the task doing it.
+struct AbortOnDrop(tokio::task::JoinHandle<Outcome>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Job {
-    pub(crate) async fn run(self) -> Outcome {
+    /// Runs the work in a task of its own, so that a bug (a panic) in one
+    /// tenant's work ends as that tenant's `error` ("internal error: …"),
+    /// retried with backoff, instead of a tenant that never runs again.
+    /// The tenant's database connections are closed when it is done.
+    pub(crate) async fn run_guarded(self) -> Outcome {
+        let (ctx, config, work) = (self.ctx.clone(), self.config.clone(), self.work);
+        let mut task = AbortOnDrop(tokio::spawn(self.run()));
+        let outcome = match (&mut task.0).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let message = format!("internal error: {}", panic_message(e));
+                tracing::error!(tenant = %config.slug, error = %message, "the tenant's work failed unexpectedly");
+                record_internal_error(&ctx, &config, &message).await;
+                Outcome {
+                    work,
+                    applied: Err((message, true)),
+                    elapsed: None,
+                    next_token_check: None,
+                    tokens_pending: ctx.vault.contains(&config.slug),
+                }
+            }
+        };
+        ctx.pools.close_idle(&config.slug);
+        outcome
+    }
+
+    async fn run(self) -> Outcome {
         let started = Instant::now();
         let (ctx, config) = (&self.ctx, &self.config);
         let applied = match self.work {
@@ -237,7 +273,8 @@ impl Job {
             Some(_) => next_token_check(ctx, config).await,
             None => None,
         };
-        if self.work == Work::Resync {
+        // `status` shows the next resync from the first reconcile on.
+        if matches!(self.work, Work::Resync | Work::Reconcile) {
             record_schedule(ctx, config, self.schedule).await;
         }
         let tokens_pending = ctx.vault.contains(&config.slug);
@@ -310,4 +347,26 @@ pub(crate) async fn mark_unmanaged(ctx: &Context, config: &TenantConfig) {
         tracing::warn!(tenant = %config.slug, error = %e, "cannot mark the tenant unmanaged");
     }
     ctx.pools.remove(&config.slug);
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(panic) => panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Best effort: the status rows of the tenant's CRMs say `error`.
+async fn record_internal_error(ctx: &Context, config: &TenantConfig, message: &str) {
+    let Ok(db) = ctx.pools.get(&config.slug, &config.database_url) else { return };
+    let failure: crate::apply::CrmOutcome = Err(Failure::error(message));
+    for (crm, on) in [(Crm::AmoCrm, config.amocrm.is_some()), (Crm::Bitrix24, config.bitrix24.is_some())] {
+        if on {
+            record_failure(crm, &config.slug, &db, &failure).await;
+        }
+    }
 }

@@ -9,7 +9,14 @@ refinery::embed_migrations!("migrations");
 /// The history table; prefixed like every internal table of ours.
 const HISTORY_TABLE: &str = "crm_connect_schema_history";
 
+/// Brings the tenant's database up to date, once per process: later calls
+/// return at once (a migration is additive and never undone, so what was
+/// applied stays applied).
 pub async fn migrate(db: &TenantDb) -> Result<(), DbError> {
+    db.migrated.get_or_try_init(|| run(db)).await.map(drop)
+}
+
+async fn run(db: &TenantDb) -> Result<(), DbError> {
     let mut client = db.client().await?;
     queries::lock_migrations(&**client).await.map_err(|e| db.query_error("taking the migration lock", e))?;
     let outcome = migrations::runner().set_migration_table_name(HISTORY_TABLE).run_async(&mut **client).await;

@@ -1,16 +1,26 @@
-//! The tenant databases: a small pool per tenant, the migrations, and (in
-//! `queries`) every SQL statement the program runs. Nothing outside this
-//! module writes SQL.
+//! The tenant databases: a small pool per tenant, a connection budget per
+//! PostgreSQL server shared by every tenant database on it, the migrations,
+//! and (in `queries`) every SQL statement the program runs. Nothing outside
+//! this module writes SQL.
+//!
+//! A connection holds a permit of its server's budget from before it is
+//! opened until it is closed (the permit lives in the connection's task), so
+//! the daemon never has more connections to one server than the budget,
+//! however many tenants it serves. Waiting for a permit is FIFO. Idle
+//! connections are closed when their tenant's work ends, and at once when
+//! another tenant waits for the budget.
 
 mod migrate;
 pub mod queries;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use migrate::migrate;
@@ -22,15 +32,101 @@ use crate::secret::Secret;
 pub struct PoolSettings {
     /// Connections per tenant database.
     pub max_size: usize,
-    /// A connection unused this long is closed, so an idle daemon holds none.
+    /// Connections per PostgreSQL server, over all its tenant databases
+    /// (`--db-connections`).
+    pub server_connections: usize,
+    /// A connection unused this long is closed even if its tenant's work
+    /// did not say it was done.
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
 }
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        PoolSettings { max_size: 2, idle_timeout: Duration::from_secs(30), connect_timeout: Duration::from_secs(10) }
+        PoolSettings {
+            max_size: 2,
+            server_connections: 10,
+            idle_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+        }
     }
+}
+
+/// "Too many clients" (53300) and "cannot connect now" (57P03, starting up
+/// or shutting down): the server is busy, not broken. Retried this long.
+const BUSY_RETRY_FOR: Duration = Duration::from_secs(300);
+
+/// One PostgreSQL server's connection budget.
+struct Budget {
+    permits: Arc<Semaphore>,
+    /// Tasks waiting for a permit now.
+    waiting: AtomicUsize,
+    /// Told when a task starts waiting: idle connections are closed for it.
+    wanted: Arc<Notify>,
+}
+
+impl Budget {
+    async fn acquire(&self) -> OwnedSemaphorePermit {
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return permit;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.wanted.notify_one();
+        let permit = Arc::clone(&self.permits).acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        permit.expect("the budget semaphore is never closed")
+    }
+}
+
+/// Opens connections within the server's budget; the permit is released
+/// when the connection's task ends (the client was dropped or the server
+/// went away).
+struct BudgetedConnect {
+    tls: MakeRustlsConnect,
+    budget: Arc<Budget>,
+    busy_retries: Arc<AtomicUsize>,
+}
+
+impl deadpool_postgres::Connect for BudgetedConnect {
+    fn connect(&self, config: &tokio_postgres::Config) -> ConnectFuture<'_> {
+        let (tls, config) = (self.tls.clone(), config.clone());
+        Box::pin(async move {
+            let permit = self.budget.acquire().await;
+            let started = tokio::time::Instant::now();
+            let mut delay = Duration::from_millis(100);
+            let (client, connection) = loop {
+                match config.connect(tls.clone()).await {
+                    Err(e) if is_busy(&e) && started.elapsed() + delay < BUSY_RETRY_FOR => {
+                        self.busy_retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    other => break other?,
+                }
+            };
+            let task = tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "a database connection ended");
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
+type ConnectFuture<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+            > + Send
+            + 'a,
+    >,
+>;
+
+/// 53300 too many clients, 57P03 cannot connect now.
+fn is_busy(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| matches!(db.code().code(), "53300" | "57P03"))
 }
 
 /// Why a database step failed. Messages name the database by host, port and
@@ -46,6 +142,10 @@ pub enum DbError {
     Query { what: &'static str, target: String, reason: String, transient: bool },
     #[error("migrating {target} failed: {reason}")]
     Migrate { target: String, reason: String },
+    /// A stored value this program cannot read (another program's column
+    /// type, an out-of-range value).
+    #[error("{target}: column {table}.{column} holds a value this program cannot read: {reason}")]
+    Column { target: String, table: &'static str, column: String, reason: String },
 }
 
 impl DbError {
@@ -54,7 +154,7 @@ impl DbError {
         match self {
             DbError::Connect { .. } => true,
             DbError::Query { transient, .. } => *transient,
-            DbError::BadUrl | DbError::Migrate { .. } => false,
+            DbError::BadUrl | DbError::Migrate { .. } | DbError::Column { .. } => false,
         }
     }
 }
@@ -64,6 +164,8 @@ impl DbError {
 pub struct TenantDb {
     pool: Pool,
     target: Arc<str>,
+    /// The migrations ran (or were found applied) once in this process.
+    migrated: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl fmt::Debug for TenantDb {
@@ -82,23 +184,44 @@ impl TenantDb {
         self.pool.get().await.map_err(|e| DbError::Connect { target: self.target.to_string(), reason: pool_reason(e) })
     }
 
-    pub(crate) fn query_error(&self, what: &'static str, e: tokio_postgres::Error) -> DbError {
-        let transient = e.is_closed()
-            || e.as_db_error()
-                .is_none_or(|db| db.code().code().starts_with("08") || db.code().code().starts_with("57P"));
-        DbError::Query { what, target: self.target.to_string(), reason: pg_reason(&e), transient }
+    pub(crate) fn query_error(&self, what: &'static str, e: impl Into<queries::QueryError>) -> DbError {
+        match e.into() {
+            queries::QueryError::Statement(e) => {
+                let transient = e.is_closed()
+                    || e.as_db_error().is_none_or(|db| {
+                        let code = db.code().code();
+                        code.starts_with("08") || code.starts_with("57P") || code == "53300"
+                    });
+                DbError::Query { what, target: self.target.to_string(), reason: pg_reason(&e), transient }
+            }
+            queries::QueryError::Column { table, column, reason } => {
+                DbError::Column { target: self.target.to_string(), table, column, reason }
+            }
+        }
     }
 
     /// Connections open right now (in use or idle).
     pub fn open_connections(&self) -> usize {
         self.pool.status().size
     }
+
+    /// Closes the idle connections: the tenant's work is done.
+    pub fn close_idle(&self) {
+        self.pool.retain(|_, _| false);
+    }
 }
 
-/// The pools of every tenant database this process talks to, keyed by slug.
+type TenantPools = Mutex<HashMap<String, (Secret, TenantDb, Arc<Budget>)>>;
+
+/// The pools of every tenant database this process talks to, keyed by
+/// slug, and the connection budget of every server they are on.
 #[derive(Clone)]
 pub struct Pools {
-    inner: Arc<Mutex<HashMap<String, (Secret, TenantDb)>>>,
+    inner: Arc<TenantPools>,
+    budgets: Arc<Mutex<HashMap<String, Arc<Budget>>>>,
+    /// Told when a task starts waiting for a budget.
+    wanted: Arc<Notify>,
+    busy_retries: Arc<AtomicUsize>,
     settings: PoolSettings,
     tls: MakeRustlsConnect,
 }
@@ -107,16 +230,44 @@ impl Pools {
     /// Must be called inside a tokio runtime: it starts the task that closes
     /// idle connections.
     pub fn new(settings: PoolSettings) -> Pools {
-        let pools = Pools { inner: Arc::default(), settings, tls: MakeRustlsConnect::new(tls_config()) };
-        tokio::spawn(close_idle_connections(Arc::downgrade(&pools.inner), settings.idle_timeout));
+        let pools = Pools {
+            inner: Arc::default(),
+            budgets: Arc::default(),
+            wanted: Arc::default(),
+            busy_retries: Arc::default(),
+            settings,
+            tls: MakeRustlsConnect::new(tls_config()),
+        };
+        tokio::spawn(close_idle_connections(Arc::downgrade(&pools.inner), pools.wanted.clone(), settings.idle_timeout));
         pools
+    }
+
+    /// Connection attempts the server refused as busy (53300, 57P03) and
+    /// that were tried again.
+    pub fn busy_retries(&self) -> usize {
+        self.busy_retries.load(Ordering::Relaxed)
+    }
+
+    /// The budget of the server `config` points at: same host (or socket
+    /// directory) and port, same budget.
+    fn budget(&self, config: &tokio_postgres::Config) -> Arc<Budget> {
+        let server = describe_server(config);
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = budgets.entry(server).or_insert_with(|| {
+            Arc::new(Budget {
+                permits: Arc::new(Semaphore::new(self.settings.server_connections.max(1))),
+                waiting: AtomicUsize::new(0),
+                wanted: self.wanted.clone(),
+            })
+        });
+        Arc::clone(budget)
     }
 
     /// The pool of a tenant's database, created on first use and replaced
     /// when the tenant's URL changes. Connecting happens lazily.
     pub fn get(&self, slug: &str, url: &Secret) -> Result<TenantDb, DbError> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((known, db)) = inner.get(slug)
+        if let Some((known, db, _)) = inner.get(slug)
             && known == url
         {
             return Ok(db.clone());
@@ -129,22 +280,31 @@ impl Pools {
             config.application_name("crm-connect");
         }
         let target: Arc<str> = describe(&config).into();
-        let manager = Manager::from_config(
-            config,
-            self.tls.clone(),
-            ManagerConfig { recycling_method: RecyclingMethod::Verified },
-        );
+        let budget = self.budget(&config);
+        let connect =
+            BudgetedConnect { tls: self.tls.clone(), budget: budget.clone(), busy_retries: self.busy_retries.clone() };
+        let manager =
+            Manager::from_connect(config, connect, ManagerConfig { recycling_method: RecyclingMethod::Verified });
+        // No create timeout: creating includes the FIFO wait for the
+        // server's budget, which may rightly be long; the connect itself
+        // has `connect_timeout`.
         let pool = Pool::builder(manager)
             .max_size(self.settings.max_size)
             .runtime(Runtime::Tokio1)
-            .create_timeout(Some(self.settings.connect_timeout))
             .recycle_timeout(Some(self.settings.connect_timeout))
-            .wait_timeout(Some(Duration::from_secs(60)))
             .build()
             .map_err(|_| DbError::BadUrl)?;
-        let db = TenantDb { pool, target };
-        inner.insert(slug.to_string(), (url.clone(), db.clone()));
+        let db = TenantDb { pool, target, migrated: Arc::default() };
+        inner.insert(slug.to_string(), (url.clone(), db.clone(), budget));
         Ok(db)
+    }
+
+    /// Closes a tenant's idle connections (its work is done).
+    pub fn close_idle(&self, slug: &str) {
+        let db = self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(slug).map(|(_, db, _)| db.clone());
+        if let Some(db) = db {
+            db.close_idle();
+        }
     }
 
     /// Forgets a tenant's pool; its connections close when the last user
@@ -155,20 +315,34 @@ impl Pools {
 
     /// Connections open across all tenants.
     pub fn open_connections(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(_, db)| db.open_connections()).sum()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(_, db, _)| db.open_connections()).sum()
     }
 }
 
-async fn close_idle_connections(pools: Weak<Mutex<HashMap<String, (Secret, TenantDb)>>>, idle_timeout: Duration) {
+/// Closes connections idle for `idle_timeout`, and every idle connection of
+/// a server at once when a task starts waiting for that server's budget.
+async fn close_idle_connections(pools: Weak<TenantPools>, wanted: Arc<Notify>, idle_timeout: Duration) {
     let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let waiters_only = tokio::select! {
+            _ = tick.tick() => false,
+            () = wanted.notified() => true,
+        };
         let Some(pools) = pools.upgrade() else { return };
-        let dbs: Vec<TenantDb> =
-            pools.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(_, db)| db.clone()).collect();
-        for db in dbs {
-            db.pool.retain(|_, metrics| metrics.last_used() < idle_timeout);
+        let dbs: Vec<(TenantDb, bool)> = pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(_, db, budget)| (db.clone(), budget.waiting.load(Ordering::SeqCst) > 0))
+            .collect();
+        drop(pools);
+        for (db, wanted) in dbs {
+            if wanted {
+                db.close_idle();
+            } else if !waiters_only {
+                db.pool.retain(|_, metrics| metrics.last_used() < idle_timeout);
+            }
         }
     }
 }
@@ -186,13 +360,18 @@ fn tls_config() -> rustls::ClientConfig {
 
 /// `host:port/database` of a connection config: what errors and logs show.
 fn describe(config: &tokio_postgres::Config) -> String {
+    format!("{}/{}", describe_server(config), config.get_dbname().unwrap_or("postgres"))
+}
+
+/// `host:port` (or `socket-directory:port`): one server, one budget.
+fn describe_server(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
         None => "localhost".into(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!("{host}:{port}/{}", config.get_dbname().unwrap_or("postgres"))
+    format!("{host}:{port}")
 }
 
 fn pool_reason(e: deadpool_postgres::PoolError) -> String {

@@ -10,6 +10,45 @@ use crate::model::{AmoStage, B24Stage, Crm, CrmState, EntityType, Semantics, Sta
 use crate::reconcile::{ColumnValue, ConfigColumn, CurrentColumns, StoredStage};
 use crate::secret::Secret;
 
+/// A failed statement, or a value read back that does not fit: a column
+/// another program created with another type, say.
+#[derive(Debug)]
+pub enum QueryError {
+    Statement(tokio_postgres::Error),
+    Column { table: &'static str, column: String, reason: String },
+}
+
+impl From<tokio_postgres::Error> for QueryError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        QueryError::Statement(e)
+    }
+}
+
+impl QueryError {
+    /// The server's SQLSTATE, for a statement the server refused.
+    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            QueryError::Statement(e) => e.code(),
+            QueryError::Column { .. } => None,
+        }
+    }
+}
+
+/// Column `i` of a row of `table`. A value of an unexpected type or range
+/// is an error naming the table and the column, never a panic.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    i: usize,
+    table: &'static str,
+) -> Result<T, QueryError> {
+    row.try_get(i).map_err(|e| {
+        let column = row.columns().get(i).map_or_else(|| format!("#{i}"), |c| c.name().to_string());
+        let kind = row.columns().get(i).map_or_else(String::new, |c| format!(" (stored as {})", c.type_()));
+        let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        QueryError::Column { table, column, reason: format!("{reason}{kind}") }
+    })
+}
+
 /// The advisory lock key that serialises migrations ("crm-conn" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6372_6d2d_636f_6e6e;
 
@@ -22,26 +61,26 @@ pub async fn unlock_migrations(client: &impl GenericClient) -> Result<(), tokio_
 }
 
 /// The managed columns of the `config` row, as stored now.
-pub async fn read_config_columns(client: &impl GenericClient) -> Result<CurrentColumns, tokio_postgres::Error> {
+pub async fn read_config_columns(client: &impl GenericClient) -> Result<CurrentColumns, QueryError> {
     config_columns(client, "").await
 }
 
 /// The same, holding the row lock until the transaction ends: an account
 /// change is decided under the lock every token write takes.
-pub async fn lock_config_columns(tx: &impl GenericClient) -> Result<CurrentColumns, tokio_postgres::Error> {
+pub async fn lock_config_columns(tx: &impl GenericClient) -> Result<CurrentColumns, QueryError> {
     config_columns(tx, " FOR UPDATE").await
 }
 
-async fn config_columns(client: &impl GenericClient, lock: &str) -> Result<CurrentColumns, tokio_postgres::Error> {
+async fn config_columns(client: &impl GenericClient, lock: &str) -> Result<CurrentColumns, QueryError> {
     let names: Vec<&str> = ConfigColumn::ALL.iter().map(|c| c.name()).collect();
     let sql = format!("SELECT {} FROM config WHERE id = 1{lock}", names.join(", "));
     let row = client.query_one(&sql, &[]).await?;
     let mut current = CurrentColumns::default();
     for (i, column) in ConfigColumn::ALL.iter().enumerate() {
         let value = if column.is_integer() {
-            row.get::<_, Option<i32>>(i).map(ColumnValue::Int)
+            col::<Option<i32>>(&row, i, "config")?.map(ColumnValue::Int)
         } else {
-            row.get::<_, Option<String>>(i).map(|s| ColumnValue::from_stored(*column, s))
+            col::<Option<String>>(&row, i, "config")?.map(|s| ColumnValue::from_stored(*column, s))
         };
         current.insert(*column, value);
     }
@@ -114,17 +153,25 @@ pub struct AmoAccount {
     pub client_id: Option<String>,
 }
 
-const TOKEN_COLUMNS: &str = "amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at, \
+/// The expiry is clamped to years 1–9999 in the query: another program may
+/// have stored `'infinity'`, which no time type of ours can hold.
+const TOKEN_COLUMNS: &str = "amocrm_access_token, amocrm_refresh_token, \
+     LEAST(GREATEST(amocrm_token_expires_at, '0001-01-01 00:00:00+00'), '9999-12-31 23:59:59+00') \
+         AS amocrm_token_expires_at, \
      amocrm_auth_code_sha256, amocrm_subdomain, amocrm_domain, amocrm_client_id";
 
-fn stored_tokens(row: &tokio_postgres::Row) -> StoredTokens {
-    StoredTokens {
-        access: row.get::<_, Option<String>>(0).map(Secret::new),
-        refresh: row.get::<_, Option<String>>(1).map(Secret::new),
-        expires_at: row.get(2),
-        code_sha256: row.get(3),
-        account: AmoAccount { subdomain: row.get(4), domain: row.get(5), client_id: row.get(6) },
-    }
+fn stored_tokens(row: &tokio_postgres::Row) -> Result<StoredTokens, QueryError> {
+    Ok(StoredTokens {
+        access: col::<Option<String>>(row, 0, "config")?.map(Secret::new),
+        refresh: col::<Option<String>>(row, 1, "config")?.map(Secret::new),
+        expires_at: col(row, 2, "config")?,
+        code_sha256: col(row, 3, "config")?,
+        account: AmoAccount {
+            subdomain: col(row, 4, "config")?,
+            domain: col(row, 5, "config")?,
+            client_id: col(row, 6, "config")?,
+        },
+    })
 }
 
 /// Keeps a token transaction's session alive while it waits for the CRM
@@ -136,16 +183,16 @@ pub async fn keep_token_transaction_alive(tx: &impl GenericClient, for_secs: u64
     tx.batch_execute(&sql).await
 }
 
-pub async fn read_tokens(client: &impl GenericClient) -> Result<StoredTokens, tokio_postgres::Error> {
+pub async fn read_tokens(client: &impl GenericClient) -> Result<StoredTokens, QueryError> {
     let row = client.query_one(&format!("SELECT {TOKEN_COLUMNS} FROM config WHERE id = 1"), &[]).await?;
-    Ok(stored_tokens(&row))
+    stored_tokens(&row)
 }
 
 /// Reads the tokens and holds the `config` row lock until the transaction
 /// ends: every token write happens under it, in every process.
-pub async fn lock_tokens(tx: &impl GenericClient) -> Result<StoredTokens, tokio_postgres::Error> {
+pub async fn lock_tokens(tx: &impl GenericClient) -> Result<StoredTokens, QueryError> {
     let row = tx.query_one(&format!("SELECT {TOKEN_COLUMNS} FROM config WHERE id = 1 FOR UPDATE"), &[]).await?;
-    Ok(stored_tokens(&row))
+    stored_tokens(&row)
 }
 
 /// Stores a token set; with `code_sha256`, also the hash of the code it came from.
@@ -215,9 +262,9 @@ pub async fn write_status(client: &impl GenericClient, update: &StatusUpdate<'_>
         .map(drop)
 }
 
-pub async fn read_state(client: &impl GenericClient, crm: Crm) -> Result<Option<String>, tokio_postgres::Error> {
+pub async fn read_state(client: &impl GenericClient, crm: Crm) -> Result<Option<String>, QueryError> {
     let row = client.query_opt("SELECT state FROM crm_connect_status WHERE crm = $1", &[&crm.as_str()]).await?;
-    Ok(row.map(|r| r.get(0)))
+    row.map(|r| col(&r, 0, "crm_connect_status")).transpose()
 }
 
 /// A status row as `crm-connect status` shows it.
@@ -232,7 +279,7 @@ pub struct StatusRow {
     pub stage_count: Option<i32>,
 }
 
-pub async fn read_statuses(client: &impl GenericClient) -> Result<Vec<StatusRow>, tokio_postgres::Error> {
+pub async fn read_statuses(client: &impl GenericClient) -> Result<Vec<StatusRow>, QueryError> {
     let rows = client
         .query(
             "SELECT crm, state, last_success_at, last_error, last_error_at, stages_synced_at, stage_count
@@ -240,18 +287,20 @@ pub async fn read_statuses(client: &impl GenericClient) -> Result<Vec<StatusRow>
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| StatusRow {
-            crm: r.get(0),
-            state: r.get(1),
-            last_success_at: r.get(2),
-            last_error: r.get(3),
-            last_error_at: r.get(4),
-            stages_synced_at: r.get(5),
-            stage_count: r.get(6),
+    let table = "crm_connect_status";
+    rows.iter()
+        .map(|r| {
+            Ok(StatusRow {
+                crm: col(r, 0, table)?,
+                state: col(r, 1, table)?,
+                last_success_at: col(r, 2, table)?,
+                last_error: col(r, 3, table)?,
+                last_error_at: col(r, 4, table)?,
+                stages_synced_at: col(r, 5, table)?,
+                stage_count: col(r, 6, table)?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Serialises stage syncs of one CRM in one database until the transaction ends.
@@ -263,13 +312,15 @@ pub async fn lock_stage_sync(tx: &impl GenericClient, crm: Crm) -> Result<(), to
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&key]).await.map(drop)
 }
 
-fn flags_of(row: &tokio_postgres::Row, first: usize) -> StageFlags {
-    StageFlags { qualified: row.get(first), success: row.get(first + 1), fail: row.get(first + 2) }
+fn flags_of(row: &tokio_postgres::Row, first: usize, table: &'static str) -> Result<StageFlags, QueryError> {
+    Ok(StageFlags {
+        qualified: col(row, first, table)?,
+        success: col(row, first + 1, table)?,
+        fail: col(row, first + 2, table)?,
+    })
 }
 
-pub async fn read_amocrm_stages(
-    client: &impl GenericClient,
-) -> Result<Vec<StoredStage<AmoStage>>, tokio_postgres::Error> {
+pub async fn read_amocrm_stages(client: &impl GenericClient) -> Result<Vec<StoredStage<AmoStage>>, QueryError> {
     let rows = client
         .query(
             "SELECT pipeline_id, pipeline_name, pipeline_is_main, status_id, status_name, status_sort, status_type,
@@ -278,22 +329,24 @@ pub async fn read_amocrm_stages(
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| StoredStage {
-            row: AmoStage {
-                pipeline_id: r.get(0),
-                pipeline_name: r.get(1),
-                pipeline_is_main: r.get(2),
-                status_id: r.get(3),
-                status_name: r.get(4),
-                status_sort: r.get(5),
-                status_type: r.get(6),
-            },
-            flags: flags_of(r, 7),
-            removed: r.get(10),
+    let table = "amocrm_pipeline_stages";
+    rows.iter()
+        .map(|r| {
+            Ok(StoredStage {
+                row: AmoStage {
+                    pipeline_id: col(r, 0, table)?,
+                    pipeline_name: col(r, 1, table)?,
+                    pipeline_is_main: col(r, 2, table)?,
+                    status_id: col(r, 3, table)?,
+                    status_name: col(r, 4, table)?,
+                    status_sort: col(r, 5, table)?,
+                    status_type: col(r, 6, table)?,
+                },
+                flags: flags_of(r, 7, table)?,
+                removed: col(r, 10, table)?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Inserts or updates the given rows in one statement, clearing `removed_at`.
@@ -370,7 +423,7 @@ pub async fn mark_amocrm_stages_removed(
 pub async fn read_bitrix24_stages(
     client: &impl GenericClient,
     entity_type: EntityType,
-) -> Result<Vec<StoredStage<B24Stage>>, tokio_postgres::Error> {
+) -> Result<Vec<StoredStage<B24Stage>>, QueryError> {
     let rows = client
         .query(
             "SELECT category_id, category_name, status_id, status_name, status_sort, semantics,
@@ -379,22 +432,26 @@ pub async fn read_bitrix24_stages(
             &[&entity_type.as_str()],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| StoredStage {
-            row: B24Stage {
-                entity_type,
-                category_id: r.get(0),
-                category_name: r.get(1),
-                status_id: r.get(2),
-                status_name: r.get(3),
-                status_sort: r.get(4),
-                semantics: r.get::<_, Option<&str>>(5).and_then(Semantics::parse).unwrap_or(Semantics::Process),
-            },
-            flags: flags_of(r, 6),
-            removed: r.get(9),
+    let table = "bitrix24_pipeline_stages";
+    rows.iter()
+        .map(|r| {
+            Ok(StoredStage {
+                row: B24Stage {
+                    entity_type,
+                    category_id: col(r, 0, table)?,
+                    category_name: col(r, 1, table)?,
+                    status_id: col(r, 2, table)?,
+                    status_name: col(r, 3, table)?,
+                    status_sort: col(r, 4, table)?,
+                    semantics: col::<Option<&str>>(r, 5, table)?
+                        .and_then(Semantics::parse)
+                        .unwrap_or(Semantics::Process),
+                },
+                flags: flags_of(r, 6, table)?,
+                removed: col(r, 9, table)?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Inserts or updates the given rows in one statement, clearing `removed_at`.
@@ -473,16 +530,14 @@ pub async fn mark_bitrix24_connected(client: &impl GenericClient) -> Result<(), 
     client.execute("UPDATE config SET bitrix24_connected_at = now() WHERE id = 1", &[]).await.map(drop)
 }
 
-pub async fn bitrix24_connected_at(
-    client: &impl GenericClient,
-) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
-    Ok(client.query_one("SELECT bitrix24_connected_at FROM config WHERE id = 1", &[]).await?.get(0))
+pub async fn bitrix24_connected_at(client: &impl GenericClient) -> Result<Option<DateTime<Utc>>, QueryError> {
+    col(&client.query_one("SELECT bitrix24_connected_at FROM config WHERE id = 1", &[]).await?, 0, "config")
 }
 
 /// Whether the `config` row exists; fails with `undefined_table` before the
 /// migrations ran. Reads only (`sync --dry-run`).
-pub async fn config_row_exists(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
-    Ok(client.query_one("SELECT EXISTS (SELECT 1 FROM config WHERE id = 1)", &[]).await?.get(0))
+pub async fn config_row_exists(client: &impl GenericClient) -> Result<bool, QueryError> {
+    col(&client.query_one("SELECT EXISTS (SELECT 1 FROM config WHERE id = 1)", &[]).await?, 0, "config")
 }
 
 /// Records a schedule's last and next run (`job` names the schedule, e.g.
@@ -509,10 +564,10 @@ pub async fn write_schedule(
 pub async fn read_schedule(
     client: &impl GenericClient,
     job: &str,
-) -> Result<Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)>, tokio_postgres::Error> {
+) -> Result<Option<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)>, QueryError> {
     let row =
         client.query_opt("SELECT last_run_at, next_run_at FROM crm_connect_schedule WHERE job = $1", &[&job]).await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    row.map(|r| Ok((col(&r, 0, "crm_connect_schedule")?, col(&r, 1, "crm_connect_schedule")?))).transpose()
 }
 
 /// Marks a CRM's connection as no longer managed (its file was removed).
@@ -595,7 +650,7 @@ pub async fn release_lease(client: &impl GenericClient, holder: &str) -> Result<
 }
 
 /// The live lease's holder, if any.
-pub async fn lease_holder(client: &impl GenericClient) -> Result<Option<String>, tokio_postgres::Error> {
+pub async fn lease_holder(client: &impl GenericClient) -> Result<Option<String>, QueryError> {
     let row = client.query_opt("SELECT holder FROM crm_connect_lease WHERE id = 1 AND expires_at > now()", &[]).await?;
-    Ok(row.and_then(|r| r.get(0)))
+    Ok(row.map(|r| col::<Option<String>>(&r, 0, "crm_connect_lease")).transpose()?.flatten())
 }

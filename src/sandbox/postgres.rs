@@ -101,6 +101,7 @@ pub struct Cluster {
     /// What `start_again` needs to launch the server once more.
     bindir: PathBuf,
     as_root: bool,
+    max_connections: u32,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -109,11 +110,19 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// Room for the tests that run at once, each with a pool or two.
+const DEFAULT_MAX_CONNECTIONS: u32 = 300;
+
 impl Cluster {
     /// Creates a cluster in a new directory and starts its server; blocks
     /// for a few seconds (initdb), so async callers run it off the runtime
     /// (`tokio::task::spawn_blocking`).
     pub fn start() -> Result<Cluster, ClusterError> {
+        Cluster::start_with_max_connections(DEFAULT_MAX_CONNECTIONS)
+    }
+
+    /// The same with PostgreSQL's `max_connections` set (its stock value is 100).
+    pub fn start_with_max_connections(max_connections: u32) -> Result<Cluster, ClusterError> {
         let bindir = find_bindir()?;
         let as_root = running_as_root();
         if as_root && !user_exists(SERVER_USER) {
@@ -127,7 +136,7 @@ impl Cluster {
         remove_stale_dirs(&base);
         let dir = create_private_dir(&base)?;
         // From here on a failure removes the directory again.
-        let started = initdb_and_launch(&bindir, as_root, &dir);
+        let started = initdb_and_launch(&bindir, as_root, &dir, max_connections);
         if started.is_err() {
             let _ = fs::remove_dir_all(&dir);
         }
@@ -195,7 +204,7 @@ impl Cluster {
         self.stop();
         let log = self.dir.join("postgres.log");
         let _ = fs::rename(&log, self.dir.join("postgres.previous.log"));
-        match launch(&self.bindir, self.as_root, &self.dir, self.port) {
+        match launch(&self.bindir, self.as_root, &self.dir, self.port, self.max_connections) {
             Ok((server, release, owner)) => {
                 self.server = server;
                 self.release = Some(release);
@@ -330,7 +339,7 @@ fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-fn initdb_and_launch(bindir: &Path, as_root: bool, dir: &Path) -> Result<Cluster, ClusterError> {
+fn initdb_and_launch(bindir: &Path, as_root: bool, dir: &Path, max_connections: u32) -> Result<Cluster, ClusterError> {
     let data = dir.join("data");
     let log = dir.join("postgres.log");
     File::create(&log).map_err(io_error(format!("cannot create {}", log.display())))?;
@@ -351,9 +360,10 @@ fn initdb_and_launch(bindir: &Path, as_root: bool, dir: &Path) -> Result<Cluster
 
     for _ in 0..PORT_ATTEMPTS {
         let port = free_port()?;
-        match launch(bindir, as_root, dir, port) {
+        match launch(bindir, as_root, dir, port, max_connections) {
             Ok((server, release, owner)) => {
                 return Ok(Cluster {
+                    max_connections,
                     dir: dir.to_owned(),
                     port,
                     server,
@@ -379,7 +389,7 @@ enum Launch {
 type Owned = (Child, mpsc::Sender<()>, JoinHandle<()>);
 
 /// Starts `postgres` on `port` and waits until it accepts connections.
-fn launch(bindir: &Path, as_root: bool, dir: &Path, port: u16) -> Result<Owned, Launch> {
+fn launch(bindir: &Path, as_root: bool, dir: &Path, port: u16, max_connections: u32) -> Result<Owned, Launch> {
     let log = dir.join("postgres.log");
     let log_file =
         File::create(&log).map_err(|e| Launch::Failed(io_error(format!("cannot open {}", log.display()))(e)))?;
@@ -398,7 +408,8 @@ fn launch(bindir: &Path, as_root: bool, dir: &Path, port: u16) -> Result<Owned, 
         .args(["-c", "fsync=off"])
         .args(["-c", "synchronous_commit=off"])
         .args(["-c", "full_page_writes=off"])
-        .args(["-c", "max_connections=300"])
+        .arg("-c")
+        .arg(format!("max_connections={max_connections}"))
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log_copy)
