@@ -4,6 +4,7 @@
 
 mod migrate;
 pub mod queries;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,7 +12,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use migrate::migrate;
 
@@ -100,14 +100,13 @@ impl TenantDb {
 pub struct Pools {
     inner: Arc<Mutex<HashMap<String, (Secret, TenantDb)>>>,
     settings: PoolSettings,
-    tls: MakeRustlsConnect,
 }
 
 impl Pools {
     /// Must be called inside a tokio runtime: it starts the task that closes
     /// idle connections.
     pub fn new(settings: PoolSettings) -> Pools {
-        let pools = Pools { inner: Arc::default(), settings, tls: MakeRustlsConnect::new(tls_config()) };
+        let pools = Pools { inner: Arc::default(), settings };
         tokio::spawn(close_idle_connections(Arc::downgrade(&pools.inner), settings.idle_timeout));
         pools
     }
@@ -121,7 +120,7 @@ impl Pools {
         {
             return Ok(db.clone());
         }
-        let mut config: tokio_postgres::Config = url.expose().parse().map_err(|_| DbError::BadUrl)?;
+        let (mut config, connector) = tls::connect_params(url.expose())?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.settings.connect_timeout);
         }
@@ -129,11 +128,8 @@ impl Pools {
             config.application_name("crm-connect");
         }
         let target: Arc<str> = describe(&config).into();
-        let manager = Manager::from_config(
-            config,
-            self.tls.clone(),
-            ManagerConfig { recycling_method: RecyclingMethod::Verified },
-        );
+        let manager =
+            Manager::from_connect(config, connector, ManagerConfig { recycling_method: RecyclingMethod::Verified });
         let pool = Pool::builder(manager)
             .max_size(self.settings.max_size)
             .runtime(Runtime::Tokio1)
@@ -171,17 +167,6 @@ async fn close_idle_connections(pools: Weak<Mutex<HashMap<String, (Secret, Tenan
             db.pool.retain(|_, metrics| metrics.last_used() < idle_timeout);
         }
     }
-}
-
-/// Server certificates are checked against the Mozilla roots; `sslmode`
-/// in the URL decides whether TLS is used (default: prefer).
-fn tls_config() -> rustls::ClientConfig {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
 }
 
 /// `host:port/database` of a connection config: what errors and logs show.

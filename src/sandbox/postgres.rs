@@ -254,7 +254,7 @@ pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Clus
 /// of the same server's `postgres` database and the crate's own connection
 /// settings (TLS as `sslmode` says). Returns whether it was created.
 pub async fn ensure_database(database_url: &Secret) -> Result<bool, ClusterError> {
-    let config: tokio_postgres::Config = database_url.expose().parse().map_err(|_| ClusterError::BadUrl)?;
+    let (config, _) = crate::db::tls::parse(database_url.expose()).map_err(|_| ClusterError::BadUrl)?;
     let name = config.get_dbname().ok_or(ClusterError::BadUrl)?.to_owned();
     let url = database_url.expose();
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
