@@ -136,9 +136,12 @@ fn read_database_url(
         None if tenant.is_some_and(|t| t.get("database_url").is_some()) => return None,
         None => (Secret::new(options.database_url_template.expose().replace("{slug}", slug?)), None),
     };
-    if url.expose().parse::<tokio_postgres::Config>().is_err() {
+    if let Err(problem) = crate::db::tls::parse(url.expose()) {
         let source = if span.is_some() { "`tenant.database_url`" } else { "the database URL template" };
-        problems.error(span, format!("{source} is not a valid PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE)"));
+        problems.error(
+            span,
+            format!("{source} is not a valid PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE): {problem}"),
+        );
         return None;
     }
     Some(url)

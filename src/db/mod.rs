@@ -12,6 +12,7 @@
 
 mod migrate;
 pub mod queries;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,7 +22,6 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use migrate::migrate;
 
@@ -82,20 +82,20 @@ impl Budget {
 /// when the connection's task ends (the client was dropped or the server
 /// went away).
 struct BudgetedConnect {
-    tls: MakeRustlsConnect,
+    connector: tls::Connector,
     budget: Arc<Budget>,
     busy_retries: Arc<AtomicUsize>,
 }
 
 impl deadpool_postgres::Connect for BudgetedConnect {
     fn connect(&self, config: &tokio_postgres::Config) -> ConnectFuture<'_> {
-        let (tls, config) = (self.tls.clone(), config.clone());
+        let config = config.clone();
         Box::pin(async move {
             let permit = self.budget.acquire().await;
             let started = tokio::time::Instant::now();
             let mut delay = Duration::from_millis(100);
             let (client, connection) = loop {
-                match config.connect(tls.clone()).await {
+                match self.connector.open(&config).await {
                     Err(e) if is_busy(&e) && started.elapsed() + delay < BUSY_RETRY_FOR => {
                         self.busy_retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(delay).await;
@@ -223,7 +223,6 @@ pub struct Pools {
     wanted: Arc<Notify>,
     busy_retries: Arc<AtomicUsize>,
     settings: PoolSettings,
-    tls: MakeRustlsConnect,
 }
 
 impl Pools {
@@ -236,7 +235,6 @@ impl Pools {
             wanted: Arc::default(),
             busy_retries: Arc::default(),
             settings,
-            tls: MakeRustlsConnect::new(tls_config()),
         };
         tokio::spawn(close_idle_connections(Arc::downgrade(&pools.inner), pools.wanted.clone(), settings.idle_timeout));
         pools
@@ -272,7 +270,7 @@ impl Pools {
         {
             return Ok(db.clone());
         }
-        let mut config: tokio_postgres::Config = url.expose().parse().map_err(|_| DbError::BadUrl)?;
+        let (mut config, connector) = tls::connect_params(url.expose())?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.settings.connect_timeout);
         }
@@ -281,8 +279,7 @@ impl Pools {
         }
         let target: Arc<str> = describe(&config).into();
         let budget = self.budget(&config);
-        let connect =
-            BudgetedConnect { tls: self.tls.clone(), budget: budget.clone(), busy_retries: self.busy_retries.clone() };
+        let connect = BudgetedConnect { connector, budget: budget.clone(), busy_retries: self.busy_retries.clone() };
         let manager =
             Manager::from_connect(config, connect, ManagerConfig { recycling_method: RecyclingMethod::Verified });
         // No create timeout: creating includes the FIFO wait for the
@@ -345,17 +342,6 @@ async fn close_idle_connections(pools: Weak<TenantPools>, wanted: Arc<Notify>, i
             }
         }
     }
-}
-
-/// Server certificates are checked against the Mozilla roots; `sslmode`
-/// in the URL decides whether TLS is used (default: prefer).
-fn tls_config() -> rustls::ClientConfig {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
 }
 
 /// `host:port/database` of a connection config: what errors and logs show.

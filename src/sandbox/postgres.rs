@@ -15,13 +15,14 @@
 //! - trades durability for speed (`fsync=off` and the like): its data is
 //!   thrown away with it;
 //! - can be stopped and started again on the same port with the same data,
-//!   for tests that take PostgreSQL away from a running program.
+//!   for tests that take PostgreSQL away from a running program;
+//! - can serve TLS (`ssl = on`) with a certificate and key of the caller's.
 
-use std::fs::{self, DirBuilder, File};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -118,11 +119,22 @@ impl Cluster {
     /// for a few seconds (initdb), so async callers run it off the runtime
     /// (`tokio::task::spawn_blocking`).
     pub fn start() -> Result<Cluster, ClusterError> {
-        Cluster::start_with_max_connections(DEFAULT_MAX_CONNECTIONS)
+        Cluster::start_configured(None, DEFAULT_MAX_CONNECTIONS)
     }
 
     /// The same with PostgreSQL's `max_connections` set (its stock value is 100).
     pub fn start_with_max_connections(max_connections: u32) -> Result<Cluster, ClusterError> {
+        Cluster::start_configured(None, max_connections)
+    }
+
+    /// Like [`Cluster::start`], with `ssl = on` and the given PEM
+    /// certificate (chain) and private key as `server.crt` and `server.key`
+    /// in the data directory; plain connections stay allowed.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<Cluster, ClusterError> {
+        Cluster::start_configured(Some(ServerTls { cert_pem, key_pem }), DEFAULT_MAX_CONNECTIONS)
+    }
+
+    fn start_configured(tls: Option<ServerTls<'_>>, max_connections: u32) -> Result<Cluster, ClusterError> {
         let bindir = find_bindir()?;
         let as_root = running_as_root();
         if as_root && !user_exists(SERVER_USER) {
@@ -136,14 +148,15 @@ impl Cluster {
         remove_stale_dirs(&base);
         let dir = create_private_dir(&base)?;
         // From here on a failure removes the directory again.
-        let started = initdb_and_launch(&bindir, as_root, &dir, max_connections);
+        let started = initdb_and_launch(&bindir, as_root, &dir, tls, max_connections);
         if started.is_err() {
             let _ = fs::remove_dir_all(&dir);
         }
         started
     }
 
-    /// The directory holding the data, the socket and `postgres.log`.
+    /// The directory holding the data, the unix socket (the directory to
+    /// give as a socket host) and `postgres.log`.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -263,7 +276,7 @@ pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Clus
 /// of the same server's `postgres` database and the crate's own connection
 /// settings (TLS as `sslmode` says). Returns whether it was created.
 pub async fn ensure_database(database_url: &Secret) -> Result<bool, ClusterError> {
-    let config: tokio_postgres::Config = database_url.expose().parse().map_err(|_| ClusterError::BadUrl)?;
+    let (config, _) = crate::db::tls::parse(database_url.expose()).map_err(|_| ClusterError::BadUrl)?;
     let name = config.get_dbname().ok_or(ClusterError::BadUrl)?.to_owned();
     let url = database_url.expose();
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -339,7 +352,20 @@ fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-fn initdb_and_launch(bindir: &Path, as_root: bool, dir: &Path, max_connections: u32) -> Result<Cluster, ClusterError> {
+/// The server's certificate and key, PEM.
+#[derive(Clone, Copy)]
+struct ServerTls<'a> {
+    cert_pem: &'a str,
+    key_pem: &'a str,
+}
+
+fn initdb_and_launch(
+    bindir: &Path,
+    as_root: bool,
+    dir: &Path,
+    tls: Option<ServerTls<'_>>,
+    max_connections: u32,
+) -> Result<Cluster, ClusterError> {
     let data = dir.join("data");
     let log = dir.join("postgres.log");
     File::create(&log).map_err(io_error(format!("cannot create {}", log.display())))?;
@@ -357,6 +383,9 @@ fn initdb_and_launch(bindir: &Path, as_root: bool, dir: &Path, max_connections: 
         .args(["--encoding=UTF8", "--locale=C", "--no-sync"])
         .current_dir(dir);
     run(initdb, "initdb")?;
+    if let Some(tls) = tls {
+        enable_tls(&data, as_root, tls)?;
+    }
 
     for _ in 0..PORT_ATTEMPTS {
         let port = free_port()?;
@@ -378,6 +407,35 @@ fn initdb_and_launch(bindir: &Path, as_root: bool, dir: &Path, max_connections: 
         }
     }
     Err(ClusterError::PortsTaken { log: format!("log: {}", log.display()) })
+}
+
+/// Writes `server.crt` and `server.key` (mode 0600, owned by the server's
+/// user, as PostgreSQL requires of the key) and turns `ssl` on in
+/// `postgresql.conf`, so that `start_again` keeps it.
+fn enable_tls(data: &Path, as_root: bool, tls: ServerTls<'_>) -> Result<(), ClusterError> {
+    let mut written = Vec::new();
+    for (name, pem) in [("server.crt", tls.cert_pem), ("server.key", tls.key_pem)] {
+        let path = data.join(name);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(pem.as_bytes()))
+            .map_err(io_error(format!("cannot write {}", path.display())))?;
+        written.push(path);
+    }
+    if as_root {
+        let mut chown = Command::new("chown");
+        chown.arg(format!("{SERVER_USER}:{SERVER_USER}")).args(&written);
+        run(chown, "chown")?;
+    }
+    let conf = data.join("postgresql.conf");
+    OpenOptions::new()
+        .append(true)
+        .open(&conf)
+        .and_then(|mut file| file.write_all(b"\nssl = on\n"))
+        .map_err(io_error(format!("cannot write {}", conf.display())))
 }
 
 enum Launch {

@@ -19,4 +19,5 @@ mod support_selftest;
 mod sync;
 mod token_pairs;
 mod systemd;
+mod tls;
 mod validate;
