@@ -12,6 +12,7 @@ mod pools;
 mod sandbox_amocrm;
 mod sandbox_bitrix24;
 mod server;
+mod stage_lists;
 mod support;
 mod support_selftest;
 mod sync;
