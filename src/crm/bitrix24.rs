@@ -35,12 +35,13 @@ pub struct Category {
     pub name: String,
 }
 
-/// One answer: `result` and, for lists, `next` and `total`.
+/// One answer: `result`, for lists `next` and `total`, and the `time` block.
 #[derive(Debug)]
 struct Envelope {
     result: Value,
     next: Option<i64>,
     total: Option<i64>,
+    time: Option<Value>,
 }
 
 /// One page of a list as answered, before the rest is read.
@@ -140,7 +141,7 @@ impl<'h> B24Client<'h> {
             let code = error.as_str().unwrap_or_default().to_string();
             let description = body.as_ref().and_then(|b| b.get("error_description")).and_then(Value::as_str);
             if code == "OPERATION_TIME_LIMIT" {
-                let wait = pause_length(body.as_ref().and_then(|b| b.get("time")));
+                let wait = pause_length(body.as_ref().and_then(|b| b.get("time")), None);
                 self.http.pause_bitrix24_method(webhook.host(), method, wait);
             }
             return Err(api_error(code, description.unwrap_or_default(), response.status));
@@ -149,7 +150,8 @@ impl<'h> B24Client<'h> {
             Some(mut body) if response.is_success() && body.get("result").is_some() => {
                 let next = body.get("next").and_then(lenient_i64);
                 let total = body.get("total").and_then(lenient_i64);
-                Ok(Envelope { result: body["result"].take(), next, total })
+                let time = body.get("time").cloned();
+                Ok(Envelope { result: body["result"].take(), next, total, time })
             }
             _ if !response.is_success() => Err(CrmError::Status {
                 status: response.status,
@@ -179,7 +181,7 @@ impl<'h> B24Client<'h> {
             let waits = failed
                 .iter()
                 .filter(|(_, (code, _))| code == "OPERATION_TIME_LIMIT")
-                .map(|(key, _)| pause_length(answer.times.get(*key)));
+                .map(|(key, _)| pause_length(answer.times.get(*key), envelope.time.as_ref()));
             if let Some(wait) = waits.max() {
                 self.http.pause_bitrix24_method(self.webhook().host(), "batch", wait);
             }
@@ -483,11 +485,16 @@ fn has_crm_scope(grant: &Grant) -> bool {
     grant.scopes.iter().any(|s| s == "crm")
 }
 
-/// How long a method stays paused after `OPERATION_TIME_LIMIT`: until
-/// `operating_reset_at`, measured on the portal's own clock.
-fn pause_length(time: Option<&Value>) -> Duration {
-    let reset = time.and_then(|t| t.get("operating_reset_at")).and_then(lenient_f64);
-    let now = time.and_then(|t| t.get("finish").or_else(|| t.get("start"))).and_then(lenient_f64);
+/// How long a method stays paused after `OPERATION_TIME_LIMIT`: until the
+/// best `operating_reset_at` the answer carries — the command's own `time`
+/// block, else the batch's outer one (real portals answer `result_time: []`
+/// for a command out of budget) — measured on the portal's own clock; 10 s
+/// when neither says.
+fn pause_length(own: Option<&Value>, outer: Option<&Value>) -> Duration {
+    let field = |time: Option<&Value>, key: &str| time.and_then(|t| t.get(key)).and_then(lenient_f64);
+    let clock = |time: Option<&Value>| field(time, "finish").or_else(|| field(time, "start"));
+    let reset = field(own, "operating_reset_at").or_else(|| field(outer, "operating_reset_at"));
+    let now = clock(own).or_else(|| clock(outer));
     match (reset, now) {
         (Some(reset), Some(now)) if reset > now => Duration::from_secs_f64((reset - now).min(600.0)),
         _ => Duration::from_secs(10),
@@ -631,6 +638,32 @@ mod tests {
         assert_eq!(semantics(row(Value::Null, json!("S"))), Semantics::Success);
         assert_eq!(semantics(row(Value::Null, Value::Null)), Semantics::Process);
         assert_eq!(parse_stage(&row(Value::Null, Value::Null), EntityType::Deal, 1, "c").unwrap().status_sort, 20);
+    }
+
+    #[test]
+    fn a_pause_lasts_until_the_best_reset_time_the_answer_carries() {
+        let time = |reset: Option<f64>| {
+            let mut t = json!({ "start": 1000.0, "finish": 1000.5, "duration": 0.5 });
+            if let Some(reset) = reset {
+                t["operating_reset_at"] = json!(reset);
+            }
+            t
+        };
+        let secs = Duration::from_secs_f64;
+        let table: [(Option<Value>, Option<Value>, Duration); 7] = [
+            (Some(time(Some(1003.5))), Some(time(Some(1200.0))), secs(3.0)),
+            (Some(json!([])), Some(time(Some(1002.5))), secs(2.0)),
+            (None, Some(time(Some(1002.5))), secs(2.0)),
+            (Some(time(None)), Some(time(Some(1004.5))), secs(4.0)),
+            (None, Some(json!({ "operating_reset_at": "1001.5", "finish": "1000.5" })), secs(1.0)),
+            (None, Some(time(None)), secs(10.0)),
+            (None, Some(time(Some(999.0))), secs(10.0)),
+        ];
+        for (own, outer, expected) in table {
+            assert_eq!(pause_length(own.as_ref(), outer.as_ref()), expected, "{own:?} / {outer:?}");
+        }
+        assert_eq!(pause_length(None, None), secs(10.0));
+        assert_eq!(pause_length(None, Some(&time(Some(1e12)))), secs(600.0));
     }
 
     #[test]
