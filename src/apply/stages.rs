@@ -1,7 +1,8 @@
 //! A stage sync's write, the same for both CRMs: the flags mapped (or, on a
 //! mapping error, kept), the plan against the stored rows, and one
 //! transaction that writes the rows only if something changed and records
-//! the outcome in the status row.
+//! the outcome in the status row. It trusts the list to be whole (the CRM
+//! clients return an error for any list that is not) and refuses an empty one.
 
 use std::future::Future;
 
@@ -97,6 +98,12 @@ pub(crate) async fn sync_stages<S: StageTable>(
     stages: Vec<S>,
 ) -> Result<(usize, bool), Failure> {
     let crm = S::CRM.as_str();
+    // Every AmoCRM pipeline has 142 and 143, every Bitrix24 category its
+    // NEW, WON and LOSE: an empty list is a read that failed somewhere, and
+    // would mark every stored stage removed.
+    if stages.is_empty() {
+        return Err(Failure::error("the CRM listed no stages at all; the stored stages are left as they were"));
+    }
     let mapped = map_flags(&stages, mapping, S::MAPPING);
     let mut client = db.client().await?;
     let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;

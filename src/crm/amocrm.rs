@@ -3,6 +3,7 @@
 //! private here; callers get model types. At most 7 requests per second per
 //! account leave this process (see `http`).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use base64::Engine;
@@ -16,8 +17,9 @@ use crate::config::AmoCrmConfig;
 use crate::model::{AmoStage, Tokens};
 use crate::secret::Secret;
 
-/// Following `_links.next` stops here; AmoCRM documents at most 50 pipelines.
-const MAX_PAGES: usize = 100;
+/// AmoCRM documents at most 50 pipelines per account and every page lists
+/// at least one, so `_links.next` past page 50 is a list that never ends.
+const MAX_PAGES: usize = 50;
 
 /// The integration's credentials, needed by every token request.
 pub struct Credentials<'a> {
@@ -135,16 +137,44 @@ impl<'h> AmoClient<'h> {
     }
 
     /// Every status of every pipeline, following `_links.next` if present.
+    /// Only a whole list is an answer: a read that cannot be complete is an
+    /// error, so that no stage is marked removed because of it.
     pub async fn pipelines(&self, access: &Secret) -> Result<Vec<AmoStage>, CrmError> {
         let mut stages = Vec::new();
+        let mut pipeline_ids = HashSet::new();
         let mut url = format!("{}/api/v4/leads/pipelines", self.base);
-        for _ in 0..MAX_PAGES {
+        for page in 1..=MAX_PAGES {
             let response = self.get(&url, access).await?;
-            if response.status == 204 {
-                break;
+            // AmoCRM answers an empty list with 204 and no body.
+            let (pipelines, next) = match response.status {
+                204 => (Vec::new(), None),
+                _ => response.json::<PipelinesPage>()?.into_pipelines(),
+            };
+            if pipelines.is_empty() {
+                // Every account has its main pipeline, which cannot be
+                // deleted: an account listing none is a refused or broken
+                // read (an operator would rather see an error than every
+                // stage marked removed), and so is a page `_links.next`
+                // promised that lists nothing.
+                return Err(CrmError::Incomplete(match page {
+                    1 => "the account lists no pipelines, though every AmoCRM account has at least one".into(),
+                    _ => format!("page {page} of the pipelines, promised by `_links.next`, came back empty"),
+                }));
             }
-            let page: PipelinesPage = response.json()?;
-            for pipeline in page.embedded.pipelines {
+            for pipeline in pipelines {
+                if !pipeline_ids.insert(pipeline.id) {
+                    return Err(CrmError::Incomplete(format!(
+                        "pipeline {} is listed again on page {page}: the pages overlap",
+                        pipeline.id
+                    )));
+                }
+                // 142 and 143 belong to every pipeline.
+                if pipeline.embedded.statuses.is_empty() {
+                    return Err(CrmError::Incomplete(format!(
+                        "pipeline {} lists no statuses, though every pipeline has 142 and 143",
+                        pipeline.id
+                    )));
+                }
                 for status in pipeline.embedded.statuses {
                     stages.push(AmoStage {
                         pipeline_id: pipeline.id,
@@ -157,14 +187,16 @@ impl<'h> AmoClient<'h> {
                     });
                 }
             }
-            match page.links.and_then(|l| l.next).map(|n| n.href) {
+            match next {
                 // The token goes only to the account's own host.
                 Some(next) if next.starts_with(&format!("{}/", self.base)) => url = next,
                 Some(_) => return Err(CrmError::Malformed("`_links.next` points to another host".into())),
                 None => return Ok(stages),
             }
         }
-        Ok(stages)
+        Err(CrmError::Incomplete(format!(
+            "the pipelines did not end within {MAX_PAGES} pages (`_links.next` kept coming)"
+        )))
     }
 
     /// Creates one lead and returns its id.
@@ -277,6 +309,13 @@ struct PipelinesPage {
     embedded: PipelinesEmbedded,
     #[serde(rename = "_links")]
     links: Option<Links>,
+}
+
+impl PipelinesPage {
+    /// The page's pipelines and the next page's address.
+    fn into_pipelines(self) -> (Vec<Pipeline>, Option<String>) {
+        (self.embedded.pipelines, self.links.and_then(|l| l.next).map(|n| n.href))
+    }
 }
 
 #[derive(Deserialize)]

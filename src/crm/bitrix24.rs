@@ -2,7 +2,8 @@
 //! envelope, pagination, `batch` (≤ 50 commands, per-command errors), errors
 //! classified by their code rather than the HTTP status, a renamed portal's
 //! redirect followed by re-sending the same POST, and every pipeline with its
-//! stages in two round trips. The webhook code is never printed.
+//! stages in two round trips. A list is whole or an error: never the part
+//! that was read. The webhook code is never printed.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,7 +17,7 @@ use crate::model::{B24Stage, EntityType, Semantics, Webhook};
 
 /// The most commands one `batch` takes.
 pub const BATCH_LIMIT: usize = 50;
-/// Pages of a list and redirects followed stop here.
+/// Pages of a list (of 50 rows) and redirects followed stop here.
 const MAX_PAGES: usize = 200;
 const MAX_REDIRECTS: usize = 3;
 
@@ -34,11 +35,21 @@ pub struct Category {
     pub name: String,
 }
 
-/// One answer: `result` and, for lists, `next`.
+/// One answer: `result`, for lists `next` and `total`, and the `time` block.
 #[derive(Debug)]
 struct Envelope {
     result: Value,
     next: Option<i64>,
+    total: Option<i64>,
+    time: Option<Value>,
+}
+
+/// One page of a list as answered, before the rest is read.
+#[derive(Debug)]
+struct Page {
+    rows: Vec<Value>,
+    next: Option<i64>,
+    total: Option<i64>,
 }
 
 pub struct B24Client<'h> {
@@ -130,7 +141,7 @@ impl<'h> B24Client<'h> {
             let code = error.as_str().unwrap_or_default().to_string();
             let description = body.as_ref().and_then(|b| b.get("error_description")).and_then(Value::as_str);
             if code == "OPERATION_TIME_LIMIT" {
-                let wait = pause_length(body.as_ref().and_then(|b| b.get("time")));
+                let wait = pause_length(body.as_ref().and_then(|b| b.get("time")), None);
                 self.http.pause_bitrix24_method(webhook.host(), method, wait);
             }
             return Err(api_error(code, description.unwrap_or_default(), response.status));
@@ -138,7 +149,9 @@ impl<'h> B24Client<'h> {
         match body {
             Some(mut body) if response.is_success() && body.get("result").is_some() => {
                 let next = body.get("next").and_then(lenient_i64);
-                Ok(Envelope { result: body["result"].take(), next })
+                let total = body.get("total").and_then(lenient_i64);
+                let time = body.get("time").cloned();
+                Ok(Envelope { result: body["result"].take(), next, total, time })
             }
             _ if !response.is_success() => Err(CrmError::Status {
                 status: response.status,
@@ -159,21 +172,34 @@ impl<'h> B24Client<'h> {
         retrying(self.retry, || async {
             let envelope = self.call_once("batch", &params).await?;
             let answer = BatchAnswer::parse(envelope.result);
-            if let Some((key, (code, description))) = answer.errors.iter().next() {
-                if code == "OPERATION_TIME_LIMIT" {
-                    // A command out of budget pauses the batch that carries it.
-                    let wait = pause_length(answer.times.get(key));
-                    self.http.pause_bitrix24_method(self.webhook().host(), "batch", wait);
-                }
-                let e = api_error(code.clone(), description, 200);
-                return Err(match e {
-                    CrmError::Api { code, description, transient } => {
-                        CrmError::Api { code, description: format!("{description} (batch command {key})"), transient }
-                    }
-                    other => other,
-                });
+            let mut failed: Vec<(&String, &(String, String))> = answer.errors.iter().collect();
+            if failed.is_empty() {
+                return Ok(answer);
             }
-            Ok(answer)
+            // A command out of budget pauses the batch that carries it, until
+            // the latest reset any of them was told.
+            let waits = failed
+                .iter()
+                .filter(|(_, (code, _))| code == "OPERATION_TIME_LIMIT")
+                .map(|(key, _)| pause_length(answer.times.get(*key), envelope.time.as_ref()));
+            if let Some(wait) = waits.max() {
+                self.http.pause_bitrix24_method(self.webhook().host(), "batch", wait);
+            }
+            // A refusal is the batch's answer even when another command was
+            // only out of budget: retrying cannot change it.
+            failed.sort_by_key(|(key, (code, description))| {
+                (api_error(code.clone(), description, 200).is_transient(), key.as_str())
+            });
+            let (key, (code, description)) = failed[0];
+            let method = commands.iter().find(|(k, _)| k == key).map(|(_, c)| command_method(c)).unwrap_or_default();
+            Err(match api_error(code.clone(), description, 200) {
+                CrmError::Api { code, description, transient } => CrmError::Api {
+                    code,
+                    description: format!("{description} (batch command {key}: {method})"),
+                    transient,
+                },
+                other => other,
+            })
         })
         .await
     }
@@ -188,53 +214,78 @@ impl<'h> B24Client<'h> {
     /// Every stage of every deal category including the default one (0), or
     /// every lead status: two round trips for up to 50 categories (one for
     /// leads). With `grant`, `scope` and `profile` ride along in the first.
+    ///
+    /// A list that could not be read whole is an error (`ACCESS_DENIED`, a
+    /// page cap, a page that came back empty where more were promised, a
+    /// category or the default category missing its stages), never the part
+    /// that was read. The one answer without stages is a webhook lacking
+    /// the `crm` scope: then nothing could be read, and the grant says so —
+    /// the caller refuses the webhook on it before writing anything.
     pub async fn stages(
         &self,
         entity: EntityType,
         with_grant: bool,
     ) -> Result<(Option<Grant>, Vec<B24Stage>), CrmError> {
-        let first = match entity {
-            EntityType::Deal => "crm.category.list?entityTypeId=2".to_string(),
-            EntityType::Lead => status_list_command("STATUS", None),
+        let (first, what) = match entity {
+            EntityType::Deal => ("crm.category.list?entityTypeId=2".to_string(), "crm.category.list".to_string()),
+            EntityType::Lead => (status_list_command("STATUS", None), "crm.status.list (STATUS)".to_string()),
         };
-        let (grant, result, next) = if with_grant {
+        let (grant, page) = if with_grant {
             let commands = [
                 ("scope".to_string(), "scope".to_string()),
                 ("profile".to_string(), "profile".to_string()),
                 ("list".to_string(), first.clone()),
             ];
-            // The list command fails without the `crm` scope; the grant says why.
             let answer = match self.batch(&commands).await {
-                Err(CrmError::Api { code, .. }) if is_scope_error(&code) => {
+                // Without the `crm` scope the list command fails; the grant
+                // says why. With it, the failure stands: a refused list is
+                // an error, not an empty one.
+                Err(e @ CrmError::Api { .. }) if e.api_code().is_some_and(is_scope_error) => {
                     let grant = self.grant().await?;
+                    if has_crm_scope(&grant) {
+                        return Err(e);
+                    }
                     return Ok((Some(grant), Vec::new()));
                 }
                 other => other?,
             };
             let grant = answer.grant();
-            if !grant.scopes.iter().any(|s| s == "crm") {
+            if !has_crm_scope(&grant) {
                 return Ok((Some(grant), Vec::new()));
             }
-            let result = answer.results.get("list").cloned().unwrap_or(Value::Null);
-            (Some(grant), result, answer.next.get("list").copied())
+            let page = answer.page("list", &what)?;
+            (Some(grant), page)
         } else {
             let (method, params) = split_command(&first);
             let envelope = self.call(&method, &params).await?;
-            (None, envelope.result, envelope.next)
+            (None, Page { rows: list_rows(&envelope.result, &what)?, next: envelope.next, total: envelope.total })
         };
         let stages = match entity {
             EntityType::Lead => {
-                let mut rows = as_list(&result);
-                rows.extend(
-                    self.remaining_pages("crm.status.list", &json!({ "filter": { "ENTITY_ID": "STATUS" } }), next)
-                        .await?,
-                );
-                rows.iter().filter_map(|row| parse_stage(row, EntityType::Lead, 0, "")).collect()
+                let filter = json!({ "filter": { "ENTITY_ID": "STATUS" } });
+                let rows = self.whole_list(&what, "crm.status.list", &filter, page).await?;
+                // NEW, CONVERTED and JUNK cannot be deleted.
+                if rows.is_empty() {
+                    return Err(CrmError::Incomplete(format!(
+                        "{what} lists no lead status, though every portal has NEW, CONVERTED and JUNK"
+                    )));
+                }
+                parse_stages(&rows, &what, EntityType::Lead, 0, "")?
             }
             EntityType::Deal => {
-                let mut categories = parse_categories(&result);
-                let more = self.remaining_pages("crm.category.list", &json!({ "entityTypeId": 2 }), next).await?;
-                categories.extend(more.iter().flat_map(|page| parse_categories(&json!({ "categories": [page] }))));
+                let rows = self.whole_list(&what, "crm.category.list", &json!({ "entityTypeId": 2 }), page).await?;
+                let categories = parse_categories(&rows)?;
+                // crm.category.list leaves out the categories the webhook's
+                // user may not read. The default one cannot be deleted: a
+                // list without it is such a filtered list (or a broken one).
+                // A non-default category left out this way cannot be told
+                // from a deleted one.
+                if !categories.iter().any(|c| c.id == 0) {
+                    return Err(CrmError::Incomplete(format!(
+                        "{what} lacks the default category 0 (every portal has it; the list leaves out what \
+                         the webhook's user may not read)"
+                    )));
+                }
                 self.deal_stages(&categories).await?
             }
         };
@@ -251,37 +302,60 @@ impl<'h> B24Client<'h> {
                 .collect();
             let answer = self.batch(&commands).await?;
             for category in chunk {
-                let key = format!("c{}", category.id);
-                let mut rows = answer.results.get(&key).map(as_list).unwrap_or_default();
-                let filter = json!({ "filter": { "ENTITY_ID": deal_stage_entity(category.id) } });
-                rows.extend(self.remaining_pages("crm.status.list", &filter, answer.next.get(&key).copied()).await?);
-                stages.extend(
-                    rows.iter().filter_map(|row| parse_stage(row, EntityType::Deal, category.id, &category.name)),
-                );
+                let entity = deal_stage_entity(category.id);
+                let what = format!("crm.status.list ({entity})");
+                let first = answer.page(&format!("c{}", category.id), &what)?;
+                let filter = json!({ "filter": { "ENTITY_ID": entity } });
+                let rows = self.whole_list(&what, "crm.status.list", &filter, first).await?;
+                // Every category has its NEW, WON and LOSE stages, which
+                // cannot be deleted.
+                if rows.is_empty() {
+                    return Err(CrmError::Incomplete(format!(
+                        "{what} lists no stage of category {} ({}), though every category has NEW, WON and LOSE",
+                        category.id, category.name
+                    )));
+                }
+                stages.extend(parse_stages(&rows, &what, EntityType::Deal, category.id, &category.name)?);
             }
         }
         Ok(stages)
     }
 
-    /// Further pages of a list whose first page said `next`.
-    async fn remaining_pages(
-        &self,
-        method: &str,
-        params: &Value,
-        mut next: Option<i64>,
-    ) -> Result<Vec<Value>, CrmError> {
-        let mut rows = Vec::new();
-        for _ in 0..MAX_PAGES {
-            let Some(start) = next else { break };
+    /// The rows of a list whose first page is `first`, reading the further
+    /// pages `next` promises. A page that comes back empty where `next`
+    /// promised more, fewer rows than the largest `total` any page counted,
+    /// a `next` that does not move forward, or more than [`MAX_PAGES`]
+    /// pages: the list is incomplete, an error.
+    async fn whole_list(&self, what: &str, method: &str, params: &Value, first: Page) -> Result<Vec<Value>, CrmError> {
+        let Page { mut rows, mut next, mut total } = first;
+        if rows.is_empty() && next.is_some() {
+            return Err(CrmError::Incomplete(format!("{what} answered an empty first page that promised more")));
+        }
+        let mut pages = 1;
+        while let Some(start) = next {
+            if pages == MAX_PAGES {
+                return Err(CrmError::Incomplete(format!("{what} did not end within {MAX_PAGES} pages")));
+            }
             let mut params = params.clone();
             params["start"] = json!(start);
             let envelope = self.call(method, &params).await?;
-            match &envelope.result {
-                // crm.category.list wraps its page in `categories`.
-                Value::Object(o) if o.contains_key("categories") => rows.extend(as_list(&o["categories"])),
-                other => rows.extend(as_list(other)),
+            pages += 1;
+            let page = list_rows(&envelope.result, what)?;
+            if page.is_empty() {
+                return Err(CrmError::Incomplete(format!(
+                    "{what} broke off: the page from {start}, promised by `next`, came back empty"
+                )));
             }
+            rows.extend(page);
+            total = total.max(envelope.total);
             next = envelope.next;
+            if let Some(after) = next.filter(|after| *after <= start) {
+                return Err(CrmError::Incomplete(format!("{what}: `next` went from {start} back to {after}")));
+            }
+        }
+        let read = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        if let Some(total) = total.filter(|total| read < *total) {
+            return Err(CrmError::Incomplete(format!("{what} broke off: {read} of {total} rows")));
         }
         Ok(rows)
     }
@@ -311,6 +385,7 @@ struct BatchAnswer {
     results: HashMap<String, Value>,
     errors: HashMap<String, (String, String)>,
     next: HashMap<String, i64>,
+    total: HashMap<String, i64>,
     /// Each command's `time` block.
     times: HashMap<String, Value>,
 }
@@ -326,14 +401,30 @@ impl BatchAnswer {
                 (key, (code, description))
             })
             .collect();
-        let next =
-            map(result.get("result_next")).into_iter().filter_map(|(k, v)| Some((k, lenient_i64(&v)?))).collect();
+        let numbers = |v: Option<&Value>| -> HashMap<String, i64> {
+            map(v).into_iter().filter_map(|(k, v)| Some((k, lenient_i64(&v)?))).collect()
+        };
         BatchAnswer {
             results: map(result.get("result")).into_iter().collect(),
             errors,
-            next,
+            next: numbers(result.get("result_next")),
+            total: numbers(result.get("result_total")),
             times: map(result.get("result_time")).into_iter().collect(),
         }
+    }
+
+    /// The first page a list command answered. A command with neither a
+    /// result nor an error was not answered: nothing can be taken from it.
+    fn page(&self, key: &str, what: &str) -> Result<Page, CrmError> {
+        let result = self
+            .results
+            .get(key)
+            .ok_or_else(|| CrmError::Incomplete(format!("{what}: the batch answered nothing for command {key}")))?;
+        Ok(Page {
+            rows: list_rows(result, what)?,
+            next: self.next.get(key).copied(),
+            total: self.total.get(key).copied(),
+        })
     }
 
     fn grant(&self) -> Grant {
@@ -355,13 +446,17 @@ impl BatchAnswer {
 /// Errors by their code: only the rate limit, the time budget and server
 /// failures are worth retrying.
 fn api_error(code: String, description: &str, status: u16) -> CrmError {
+    // Older methods say it as a sentence, in `error` or with an empty code.
+    let code = if is_access_denied(&code, description) { "ACCESS_DENIED".to_string() } else { code };
     let transient = matches!(code.as_str(), "QUERY_LIMIT_EXCEEDED" | "OPERATION_TIME_LIMIT" | "INTERNAL_SERVER_ERROR")
         || (code.is_empty() && status >= 500);
     let mut description = if description.is_empty() { format!("HTTP {status}") } else { description.to_string() };
     let hint = match code.as_str() {
         "NO_AUTH_FOUND" | "INVALID_CREDENTIALS" => Some("the webhook is wrong, deleted or disabled"),
         "insufficient_scope" => Some("the webhook lacks a scope it needs"),
-        "ACCESS_DENIED" => Some("REST is not available on the portal's plan"),
+        "ACCESS_DENIED" => Some(
+            "the webhook's user lacks the CRM permission to read this, or REST is not available on the portal's plan",
+        ),
         "OVERLOAD_LIMIT" => Some("the portal is blocked for overload; only Bitrix24 support can lift it"),
         "PORTAL_DELETED" => Some("the portal was deleted"),
         _ => None,
@@ -372,15 +467,34 @@ fn api_error(code: String, description: &str, status: u16) -> CrmError {
     CrmError::Api { code, description, transient }
 }
 
-fn is_scope_error(code: &str) -> bool {
-    code.eq_ignore_ascii_case("insufficient_scope") || code == "ACCESS_DENIED"
+/// `ACCESS_DENIED`, `access_denied`, or "Access denied." as the code or, with
+/// an empty code, as the description.
+fn is_access_denied(code: &str, description: &str) -> bool {
+    let denied = |text: &str| {
+        let words: String = text.chars().filter(|c| c.is_alphanumeric()).collect();
+        words.eq_ignore_ascii_case("accessdenied")
+    };
+    denied(code) || (code.is_empty() && denied(description))
 }
 
-/// How long a method stays paused after `OPERATION_TIME_LIMIT`: until
-/// `operating_reset_at`, measured on the portal's own clock.
-fn pause_length(time: Option<&Value>) -> Duration {
-    let reset = time.and_then(|t| t.get("operating_reset_at")).and_then(lenient_f64);
-    let now = time.and_then(|t| t.get("finish").or_else(|| t.get("start"))).and_then(lenient_f64);
+fn is_scope_error(code: &str) -> bool {
+    code.eq_ignore_ascii_case("insufficient_scope")
+}
+
+fn has_crm_scope(grant: &Grant) -> bool {
+    grant.scopes.iter().any(|s| s == "crm")
+}
+
+/// How long a method stays paused after `OPERATION_TIME_LIMIT`: until the
+/// best `operating_reset_at` the answer carries — the command's own `time`
+/// block, else the batch's outer one (real portals answer `result_time: []`
+/// for a command out of budget) — measured on the portal's own clock; 10 s
+/// when neither says.
+fn pause_length(own: Option<&Value>, outer: Option<&Value>) -> Duration {
+    let field = |time: Option<&Value>, key: &str| time.and_then(|t| t.get(key)).and_then(lenient_f64);
+    let clock = |time: Option<&Value>| field(time, "finish").or_else(|| field(time, "start"));
+    let reset = field(own, "operating_reset_at").or_else(|| field(outer, "operating_reset_at"));
+    let now = clock(own).or_else(|| clock(outer));
     match (reset, now) {
         (Some(reset), Some(now)) if reset > now => Duration::from_secs_f64((reset - now).min(600.0)),
         _ => Duration::from_secs(10),
@@ -413,17 +527,50 @@ fn split_command(command: &str) -> (String, Value) {
     (method.to_string(), params)
 }
 
-fn as_list(value: &Value) -> Vec<Value> {
-    value.as_array().cloned().unwrap_or_default()
+/// The method of a batch command (`method?query`).
+fn command_method(command: &str) -> &str {
+    command.split_once('?').map_or(command, |(method, _)| method)
 }
 
-fn parse_categories(result: &Value) -> Vec<Category> {
-    let list = result.get("categories").map(as_list).unwrap_or_else(|| as_list(result));
-    list.iter()
-        .filter_map(|c| {
-            let id = c.get("id").or_else(|| c.get("ID")).and_then(lenient_i64)?;
+/// The rows of one list page: an array (`[]` when empty), or for
+/// crm.category.list an object wrapping it in `categories`.
+fn list_rows(result: &Value, what: &str) -> Result<Vec<Value>, CrmError> {
+    match result {
+        Value::Array(rows) => Ok(rows.clone()),
+        Value::Object(o) => match o.get("categories") {
+            Some(Value::Array(rows)) => Ok(rows.clone()),
+            _ => Err(CrmError::Malformed(format!("{what} answered an object that is not a list"))),
+        },
+        _ => Err(CrmError::Malformed(format!("{what} answered something that is not a list"))),
+    }
+}
+
+/// Categories by `id` (or the older `ID`); one without an id is malformed,
+/// not skipped.
+fn parse_categories(rows: &[Value]) -> Result<Vec<Category>, CrmError> {
+    rows.iter()
+        .map(|c| {
+            let id = c.get("id").or_else(|| c.get("ID")).and_then(lenient_i64).and_then(|id| i32::try_from(id).ok());
             let name = c.get("name").or_else(|| c.get("NAME")).and_then(Value::as_str).unwrap_or_default();
-            Some(Category { id: i32::try_from(id).ok()?, name: name.to_string() })
+            let id =
+                id.ok_or_else(|| CrmError::Malformed("crm.category.list listed a category without an id".into()))?;
+            Ok(Category { id, name: name.to_string() })
+        })
+        .collect()
+}
+
+/// Every row as a stage; a row without a `STATUS_ID` is malformed, not skipped.
+fn parse_stages(
+    rows: &[Value],
+    what: &str,
+    entity_type: EntityType,
+    category_id: i32,
+    category_name: &str,
+) -> Result<Vec<B24Stage>, CrmError> {
+    rows.iter()
+        .map(|row| {
+            parse_stage(row, entity_type, category_id, category_name)
+                .ok_or_else(|| CrmError::Malformed(format!("{what} listed a row without a `STATUS_ID`")))
         })
         .collect()
 }
@@ -491,6 +638,45 @@ mod tests {
         assert_eq!(semantics(row(Value::Null, json!("S"))), Semantics::Success);
         assert_eq!(semantics(row(Value::Null, Value::Null)), Semantics::Process);
         assert_eq!(parse_stage(&row(Value::Null, Value::Null), EntityType::Deal, 1, "c").unwrap().status_sort, 20);
+    }
+
+    #[test]
+    fn a_pause_lasts_until_the_best_reset_time_the_answer_carries() {
+        let time = |reset: Option<f64>| {
+            let mut t = json!({ "start": 1000.0, "finish": 1000.5, "duration": 0.5 });
+            if let Some(reset) = reset {
+                t["operating_reset_at"] = json!(reset);
+            }
+            t
+        };
+        let secs = Duration::from_secs_f64;
+        let table: [(Option<Value>, Option<Value>, Duration); 7] = [
+            (Some(time(Some(1003.5))), Some(time(Some(1200.0))), secs(3.0)),
+            (Some(json!([])), Some(time(Some(1002.5))), secs(2.0)),
+            (None, Some(time(Some(1002.5))), secs(2.0)),
+            (Some(time(None)), Some(time(Some(1004.5))), secs(4.0)),
+            (None, Some(json!({ "operating_reset_at": "1001.5", "finish": "1000.5" })), secs(1.0)),
+            (None, Some(time(None)), secs(10.0)),
+            (None, Some(time(Some(999.0))), secs(10.0)),
+        ];
+        for (own, outer, expected) in table {
+            assert_eq!(pause_length(own.as_ref(), outer.as_ref()), expected, "{own:?} / {outer:?}");
+        }
+        assert_eq!(pause_length(None, None), secs(10.0));
+        assert_eq!(pause_length(None, Some(&time(Some(1e12)))), secs(600.0));
+    }
+
+    #[test]
+    fn access_denied_is_recognised_in_every_spelling() {
+        let code =
+            |code: &str, description: &str| api_error(code.into(), description, 400).api_code().map(String::from);
+        for (given, description) in
+            [("ACCESS_DENIED", "Access denied."), ("access_denied", ""), ("Access denied.", ""), ("", "Access denied.")]
+        {
+            assert_eq!(code(given, description).as_deref(), Some("ACCESS_DENIED"), "{given:?} / {description:?}");
+        }
+        assert_eq!(code("", "Category not found").as_deref(), Some(""));
+        assert!(!api_error("ACCESS_DENIED".into(), "", 403).is_transient());
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub enum CrmError {
     Unauthorized { reason: String },
     #[error("unexpected response: {0}")]
     Malformed(String),
+    /// A list that was cut short (a page cap, an empty page where more were
+    /// promised, fewer rows than its total) or that lacks what every
+    /// account has: never taken for the whole list.
+    #[error("incomplete list: {0}")]
+    Incomplete(String),
     #[error("response larger than {limit} bytes")]
     TooLarge { limit: usize },
     /// A Bitrix24 error code and its description.
@@ -40,6 +45,14 @@ impl CrmError {
             CrmError::Network(_) => true,
             CrmError::Status { transient, .. } | CrmError::Api { transient, .. } => *transient,
             _ => false,
+        }
+    }
+
+    /// The Bitrix24 error code, for an API error.
+    pub fn api_code(&self) -> Option<&str> {
+        match self {
+            CrmError::Api { code, .. } => Some(code),
+            _ => None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The AmoCRM API v4 sandbox: OAuth 2.0 with single-use codes and rotating
-//! refresh tokens, the account, pipelines with their system statuses, lead
-//! creation, and the 7 requests per second limit, answered the way the
-//! vendor documents them.
+//! refresh tokens, the account, pipelines with their system statuses (paged
+//! on demand, endlessly if asked), lead creation, and the 7 requests per
+//! second limit, answered the way the vendor documents them.
 
 use std::collections::HashMap;
 use std::io;
@@ -28,6 +28,8 @@ const CURRENT_USER_ID: i64 = 9_000_001;
 const FIRST_LEAD_ID: i64 = 33_000_001;
 /// AmoCRM refuses larger batches.
 const MAX_BATCH: usize = 50;
+/// Made-up pipelines of endless pages get ids from here on.
+const ENDLESS_FIRST_PIPELINE_ID: i64 = 8_000_000;
 
 /// The system statuses every pipeline ends with, with the same ids everywhere.
 const WON_STATUS_ID: i64 = 142;
@@ -196,6 +198,14 @@ impl AmoSandbox {
         state.refresh.clear();
     }
 
+    /// While on, every page of `GET /api/v4/leads/pipelines` links a next
+    /// one (paging even without `pipelines_page_size`); past the account's
+    /// pipelines each page lists one made-up pipeline of its own, so
+    /// `_links.next` never ends and no page repeats another.
+    pub fn set_endless_pipeline_pages(&self, on: bool) {
+        lock(&self.shared.state).endless_pipeline_pages = on;
+    }
+
     pub fn set_pipelines(&self, pipelines: Vec<SandboxPipeline>) {
         lock(&self.shared.state).pipelines = served_pipelines(pipelines);
     }
@@ -287,6 +297,7 @@ struct State {
     stats: TokenStats,
     /// What the token endpoint writes as `expires_in`, when not the number.
     expires_in_wire: Option<serde_json::Value>,
+    endless_pipeline_pages: bool,
 }
 
 impl State {
@@ -301,6 +312,7 @@ impl State {
             next_lead_id: FIRST_LEAD_ID,
             stats: TokenStats::default(),
             expires_in_wire: None,
+            endless_pipeline_pages: false,
         }
     }
 
@@ -486,8 +498,11 @@ impl Shared {
     fn pipelines(&self, request: &RecordedRequest) -> Response {
         let state = lock(&self.state);
         let all = &state.pipelines;
-        let Some(page_size) = self.config.pipelines_page_size else {
-            return self.pipelines_page(all.iter().collect(), None);
+        let endless = state.endless_pipeline_pages;
+        let page_size = match (self.config.pipelines_page_size, endless) {
+            (Some(size), _) => size,
+            (None, true) => all.len(),
+            (None, false) => return self.pipelines_page(all.iter().collect(), None),
         };
         let page = match request.query_param("page") {
             None => 1,
@@ -498,12 +513,24 @@ impl Shared {
         };
         let page_size = page_size.max(1);
         let start = (page - 1).saturating_mul(page_size);
+        if endless && start >= all.len() {
+            let id = ENDLESS_FIRST_PIPELINE_ID.saturating_add(i64::try_from(page).unwrap_or(i64::MAX));
+            let made_up = SandboxPipeline {
+                id,
+                name: format!("Воронка {page}"),
+                sort: i32::try_from(page).unwrap_or(i32::MAX),
+                is_main: false,
+                statuses: Vec::new(),
+            };
+            let served = served_pipelines(vec![made_up]);
+            return self.pipelines_page(served.iter().collect(), Some((page, true)));
+        }
         if start >= all.len() {
             // AmoCRM answers an empty list with 204 and no body.
             return respond(204, "", Body::empty());
         }
         let end = start.saturating_add(page_size).min(all.len());
-        let has_next = end < all.len();
+        let has_next = endless || end < all.len();
         self.pipelines_page(all[start..end].iter().collect(), Some((page, has_next)))
     }
 

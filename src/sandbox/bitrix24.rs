@@ -1,7 +1,8 @@
 //! The Bitrix24 portal sandbox: inbound webhooks, deal pipelines and their
 //! stages, lead statuses, deal and lead creation, `batch`, the leaky-bucket
-//! and per-method time limits, and a renamed portal, answered the way a
-//! cloud portal answers them.
+//! and per-method time limits, a renamed portal, a webhook user without
+//! read rights and lists that break off, answered the way a cloud portal
+//! answers them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -64,6 +65,9 @@ pub struct B24SandboxConfig {
     /// How long every answered request waits before its answer goes out
     /// (a network round trip, say); zero answers at once.
     pub latency: Duration,
+    /// Rows per page of every list method: 50, as on every portal; smaller
+    /// makes a few rows span pages. 0 counts as 1.
+    pub page_size: usize,
 }
 
 impl Default for B24SandboxConfig {
@@ -77,6 +81,7 @@ impl Default for B24SandboxConfig {
             operating_cost: Duration::from_millis(50),
             operating_budget: Duration::from_secs(480),
             latency: Duration::ZERO,
+            page_size: PAGE_SIZE,
         }
     }
 }
@@ -120,6 +125,19 @@ pub struct B24Lead {
     pub title: String,
 }
 
+/// Where a `batch` answer says when the method of a command that met
+/// `OPERATION_TIME_LIMIT` is free again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BlockedCommandTime {
+    /// In the command's own `result_time` entry.
+    #[default]
+    Own,
+    /// Only in the batch's outer `time.operating_reset_at`: the command has
+    /// no `result_time` entry, as real portals answer (`result_time: []`
+    /// for a batch of one blocked command).
+    Outer,
+}
+
 /// A 503 `QUERY_LIMIT_EXCEEDED`, the answer of a full leaky bucket.
 pub fn query_limit_exceeded() -> Fault {
     Fault::Status { status: 503, content_type: "application/json", body: QUERY_LIMIT_BODY.to_owned() }
@@ -146,7 +164,7 @@ impl B24Sandbox {
             base_url: old.base_url().to_owned(),
             config: config.clone(),
             front: Arc::clone(&front),
-            state: Mutex::new(State::new(config.scopes)),
+            state: Mutex::new(State::new(config.scopes, config.page_size)),
         });
         let answering = Arc::clone(&shared);
         let handler: Arc<Handler> = Arc::new(move |request: &RecordedRequest| answering.route(request));
@@ -289,6 +307,29 @@ impl B24Sandbox {
         state.blocked.insert(method_name(method), until);
     }
 
+    /// Where a `batch` answer puts the reset time of a blocked command.
+    pub fn set_blocked_command_time(&self, shape: BlockedCommandTime) {
+        lock(&self.shared.state).blocked_command_time = shape;
+    }
+
+    /// From now on `methods` (any case, `.json` suffix or not) answer
+    /// `ACCESS_DENIED` "Access denied." with HTTP 400, alone or as a
+    /// command's `result_error` in a `batch` (a 200): a portal's answer to
+    /// a webhook that has the `crm` scope but whose user lacks the CRM
+    /// permission to read (the method pages document 400; the 403
+    /// `ACCESS_DENIED` of the error-code list is REST missing from the
+    /// plan). An empty list lifts it.
+    pub fn deny_access(&self, methods: &[&str]) {
+        lock(&self.shared.state).denied = methods.iter().map(|method| method_name(method)).collect();
+    }
+
+    /// While on, every list page after the first comes back empty, without
+    /// `next`, while `total` still counts every row: a list cut short where
+    /// the first page promised more.
+    pub fn break_off_lists(&self, on: bool) {
+        lock(&self.shared.state).lists_break_off = on;
+    }
+
     /// Moves the sandbox clock, which `time`, `operating_reset_at` and
     /// blocked methods follow; the leaky bucket keeps to real time.
     pub fn advance_clock(&self, by: Duration) {
@@ -382,10 +423,15 @@ struct State {
     operating: HashMap<String, Operating>,
     /// Method name → when (sandbox unix seconds) its forced block ends.
     blocked: HashMap<String, f64>,
+    blocked_command_time: BlockedCommandTime,
+    /// Methods that answer `ACCESS_DENIED`.
+    denied: Vec<String>,
+    lists_break_off: bool,
+    page_size: usize,
 }
 
 impl State {
-    fn new(scopes: Vec<String>) -> State {
+    fn new(scopes: Vec<String>, page_size: usize) -> State {
         State {
             clock_offset: Duration::ZERO,
             scopes,
@@ -397,6 +443,10 @@ impl State {
             next_lead_id: FIRST_LEAD_ID,
             operating: HashMap::new(),
             blocked: HashMap::new(),
+            blocked_command_time: BlockedCommandTime::default(),
+            denied: Vec::new(),
+            lists_break_off: false,
+            page_size: page_size.max(1),
         }
     }
 
@@ -537,6 +587,9 @@ impl Shared {
             );
             return (Err(failure), time);
         }
+        if state.denied.iter().any(|denied| denied == method) {
+            return (Err(Failure::new(400, "ACCESS_DENIED", "Access denied.")), time);
+        }
         if let Some(reset_at) = self.blocked_until(state, method, now, window) {
             time = time_block(now, window.total, reset_at);
             let mut failure =
@@ -597,12 +650,20 @@ impl Shared {
         }
         let (mut results, mut errors, mut totals, mut nexts, mut times) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut outer_reset: Option<f64> = None;
         for (key, command) in parsed {
             let (outcome, time) = match command {
                 Some((method, params)) => self.call(state, &method, &params, now),
                 None => (Err(Failure::method_not_found()), time_block(now, 0.0, now + OPERATING_WINDOW_SECS)),
             };
-            times.push((key.clone(), time));
+            let blocked = outcome.as_ref().err().is_some_and(|failure| failure.error == "OPERATION_TIME_LIMIT");
+            if blocked && state.blocked_command_time == BlockedCommandTime::Outer {
+                if let Some(reset) = time.get("operating_reset_at").and_then(Value::as_f64) {
+                    outer_reset = Some(outer_reset.map_or(reset, |known| known.max(reset)));
+                }
+            } else {
+                times.push((key.clone(), time));
+            }
             match outcome {
                 Ok(success) => {
                     results.push((key.clone(), success.result));
@@ -628,7 +689,7 @@ impl Shared {
             php_array(&totals),
             php_array(&nexts),
             php_array(&times),
-            time_block(now, 0.0, now + OPERATING_WINDOW_SECS),
+            time_block(now, 0.0, outer_reset.unwrap_or(now + OPERATING_WINDOW_SECS)),
         );
         respond(200, JSON, body)
     }
@@ -696,7 +757,7 @@ fn category_list(state: &State, params: &Map<String, Value>) -> Outcome {
             })
         })
         .collect();
-    let mut page = paginate(rows, params);
+    let mut page = paginate(state, rows, params);
     page.result = json!({ "categories": page.result });
     Ok(page)
 }
@@ -717,7 +778,7 @@ fn deal_category_list(state: &State, params: &Map<String, Value>) -> Outcome {
             })
         })
         .collect();
-    Ok(paginate(filtered(rows, params.get("filter")), params))
+    Ok(paginate(state, filtered(rows, params.get("filter")), params))
 }
 
 /// An unknown pipeline has no stages.
@@ -734,7 +795,7 @@ fn stage_list(state: &State, params: &Map<String, Value>) -> Value {
 }
 
 fn status_list(state: &State, params: &Map<String, Value>) -> Outcome {
-    Ok(paginate(filtered(status_rows(state), params.get("filter")), params))
+    Ok(paginate(state, filtered(status_rows(state), params.get("filter")), params))
 }
 
 /// Every row of the status table: lead statuses, then each pipeline's
@@ -822,16 +883,21 @@ fn title(fields: &Map<String, Value>, untitled: impl FnOnce() -> String) -> Stri
 }
 
 /// Page of `rows` from `start`, with `total` and, when more remain, `next`.
-/// `start=-1` asks for the first page without counting.
-fn paginate(rows: Vec<Value>, params: &Map<String, Value>) -> Success {
+/// `start=-1` asks for the first page without counting. Lists that break
+/// off answer every later page empty and without `next`.
+fn paginate(state: &State, rows: Vec<Value>, params: &Map<String, Value>) -> Success {
+    let size = state.page_size;
     let start = params.get("start").and_then(as_int).unwrap_or(0);
     if start < 0 {
-        return Success { result: Value::Array(rows.into_iter().take(PAGE_SIZE).collect()), total: None, next: None };
+        return Success { result: Value::Array(rows.into_iter().take(size).collect()), total: None, next: None };
     }
     let total = rows.len();
+    if start > 0 && state.lists_break_off {
+        return Success { result: Value::Array(Vec::new()), total: Some(total), next: None };
+    }
     let start = usize::try_from(start).unwrap_or(usize::MAX);
-    let end = start.saturating_add(PAGE_SIZE);
-    let page = rows.into_iter().skip(start).take(PAGE_SIZE).collect();
+    let end = start.saturating_add(size);
+    let page = rows.into_iter().skip(start).take(size).collect();
     Success { result: Value::Array(page), total: Some(total), next: (end < total).then_some(end) }
 }
 

@@ -2,10 +2,10 @@
 //! category including 0 in two round trips, semantics and flags, the
 //! webhook's user id everywhere, limits, a renamed portal, a missing scope.
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use crm_connect::apply::apply_tenant;
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig, query_limit_exceeded};
+use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig, BlockedCommandTime, query_limit_exceeded};
 use tokio_postgres::Client;
 
 use crate::support::{connect, crm_connect, fast_context, postgres::fresh_database, tenant, write};
@@ -157,6 +157,38 @@ async fn a_method_out_of_time_budget_waits_for_its_reset_and_the_sync_completes(
     let gap = batches[2].at - batches[1].at;
     assert!(gap >= Duration::from_millis(800), "the retry waited for operating_reset_at, not {gap:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_blocked_batch_command_without_a_reset_time_of_its_own_waits_for_the_batchs_outer_one() {
+    let portal = sandbox().await;
+    let db = fresh_database().await;
+    let tenant = tenant("acme", &b24_tenant(&db.url, &portal, ""));
+    // As real portals answer: `result_time` has no entry for the blocked
+    // command; the batch's own `time.operating_reset_at` says when.
+    portal.set_blocked_command_time(BlockedCommandTime::Outer);
+    let block = Duration::from_secs(2);
+    // The sandbox clock is the system clock (never advanced here).
+    let unblocked_at = SystemTime::now() + block;
+    portal.block_method("crm.status.list", block);
+    let clocks = (Instant::now(), SystemTime::now());
+
+    let applied = apply_tenant(&fast_context(), &tenant).await.unwrap();
+
+    assert!(!applied.failed(), "{:?}", applied.crms);
+    let batches: Vec<_> = portal.requests().into_iter().filter(|r| r.path.ends_with("/batch")).collect();
+    assert_eq!(batches.len(), 3, "the blocked batch was sent again once, after the pause: {batches:#?}");
+    let retried_at = clocks.1 + (batches[2].at - clocks.0);
+    assert!(
+        retried_at >= unblocked_at,
+        "the retry came {:?} before the reset",
+        unblocked_at.duration_since(retried_at)
+    );
+    let pause = batches[2].at - batches[1].at;
+    assert!(pause < Duration::from_secs(5), "the pause ended at the outer reset, not at the 10 s fallback: {pause:?}");
+    let client = connect(&db.url).await;
+    let expected: usize = B24Sandbox::default_categories().iter().map(|c| c.stages.len()).sum();
+    assert_eq!(stages(&client).await.len(), expected);
 }
 
 #[tokio::test]

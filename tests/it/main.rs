@@ -14,6 +14,7 @@ mod sandbox_amocrm;
 mod sandbox_bitrix24;
 mod scale;
 mod server;
+mod stage_lists;
 mod support;
 mod support_selftest;
 mod sync;

@@ -368,6 +368,39 @@ async fn pipelines_come_in_pages_linked_by_next() {
 }
 
 #[tokio::test]
+async fn endless_pipeline_pages_always_link_a_next_page_with_a_pipeline_of_its_own() {
+    let sandbox = sandbox(unlimited()).await;
+    sandbox.set_endless_pipeline_pages(true);
+    let token = sandbox.issue_long_lived_token(Duration::from_secs(3600));
+    let page = |n: usize| {
+        let (sandbox, token) = (&sandbox, &token);
+        async move {
+            let path =
+                if n == 1 { "/api/v4/leads/pipelines".to_owned() } else { format!("/api/v4/leads/pipelines?page={n}") };
+            get(sandbox, &path, token).await.json::<Value>().await.unwrap()
+        }
+    };
+
+    let first = page(1).await;
+    let second = page(2).await;
+    let far = page(70).await;
+    sandbox.set_endless_pipeline_pages(false);
+    let ended = get(&sandbox, "/api/v4/leads/pipelines", &token).await.json::<Value>().await.unwrap();
+
+    let ids = |page: &Value| -> Vec<i64> {
+        page["_embedded"]["pipelines"].as_array().unwrap().iter().map(|p| p["id"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(ids(&first), [7_000_001, 7_000_002]);
+    assert!(str_field(&first["_links"]["next"], "href").ends_with("/api/v4/leads/pipelines?page=2"), "{first}");
+    assert_eq!(ids(&second), [8_000_002]);
+    assert!(str_field(&second["_links"]["next"], "href").ends_with("?page=3"), "{second}");
+    assert_eq!(second["_embedded"]["pipelines"][0]["_embedded"]["statuses"].as_array().unwrap().len(), 3);
+    assert_eq!(ids(&far), [8_000_070]);
+    assert!(far["_links"]["next"]["href"].is_string());
+    assert!(ended["_links"].get("next").is_none(), "{ended}");
+}
+
+#[tokio::test]
 async fn posted_leads_are_created_with_their_request_ids() {
     let sandbox = sandbox(unlimited()).await;
     let token = sandbox.issue_long_lived_token(Duration::from_secs(3600));

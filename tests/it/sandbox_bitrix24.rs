@@ -1,10 +1,13 @@
 //! The Bitrix24 sandbox as a client sees it over HTTP: webhook credentials,
 //! the three ways of passing parameters, pipelines and stages, paging,
-//! `batch`, both limits, a renamed portal, and injected faults.
+//! `batch`, both limits, a renamed portal, a user without read rights,
+//! lists that break off, and injected faults.
 
 use std::time::{Duration, Instant};
 
-use crm_connect::sandbox::bitrix24::{B24Category, B24Sandbox, B24SandboxConfig, B24Stage, query_limit_exceeded};
+use crm_connect::sandbox::bitrix24::{
+    B24Category, B24Sandbox, B24SandboxConfig, B24Stage, BlockedCommandTime, query_limit_exceeded,
+};
 use crm_connect::sandbox::faults::Fault;
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 use serde_json::{Value, json};
@@ -597,6 +600,69 @@ async fn a_blocked_method_answers_operation_time_limit_until_its_reset() {
     assert_eq!((suffixed, other), (429, 200));
     assert_eq!(in_batch["result"]["result_error"]["s"]["error"], "OPERATION_TIME_LIMIT");
     assert_eq!(after, 200);
+}
+
+#[tokio::test]
+async fn a_blocked_command_can_carry_its_reset_time_only_in_the_batchs_outer_time() {
+    let sandbox = sandbox(unlimited()).await;
+    sandbox.block_method("crm.status.list", Duration::from_secs(60));
+    sandbox.set_blocked_command_time(BlockedCommandTime::Outer);
+    let before = unix_now();
+    let url = format!("{}batch", sandbox.webhook_url());
+
+    let (_, both) = call(&sandbox, "batch", json!({ "cmd": { "s": "crm.status.list", "t": "server.time" } })).await;
+    let alone = client().post(url).json(&json!({ "cmd": { "s": "crm.status.list" } })).send().await.unwrap();
+    let alone_text = alone.text().await.unwrap();
+
+    assert_eq!(both["result"]["result_error"]["s"]["error"], "OPERATION_TIME_LIMIT");
+    assert!(both["result"]["result_time"].get("s").is_none(), "{both}");
+    assert!(both["result"]["result_time"]["t"]["operating_reset_at"].is_i64(), "{both}");
+    let outer = both["time"]["operating_reset_at"].as_f64().unwrap();
+    assert!((outer - (before + 60.0)).abs() < 5.0, "{outer} vs {before}");
+    assert!(alone_text.contains(r#""result_time":[]"#), "{alone_text}");
+}
+
+#[tokio::test]
+async fn a_user_without_read_rights_is_denied_alone_and_inside_a_batch() {
+    let sandbox = sandbox(unlimited()).await;
+    sandbox.deny_access(&["crm.category.list", "CRM.STATUS.LIST.json"]);
+    let denied = json!({ "error": "ACCESS_DENIED", "error_description": "Access denied." });
+
+    let alone = call(&sandbox, "crm.status.list", json!({ "filter": { "ENTITY_ID": "DEAL_STAGE" } })).await;
+    let cmd = json!({ "scope": "scope", "list": "crm.category.list?entityTypeId=2" });
+    let (batch_status, batch) = call(&sandbox, "batch", json!({ "halt": 0, "cmd": cmd })).await;
+    let other = call(&sandbox, "crm.dealcategory.list", json!({})).await.0;
+    sandbox.deny_access(&[]);
+    let lifted = call(&sandbox, "crm.status.list", json!({})).await.0;
+
+    assert_eq!(alone, (400, denied.clone()));
+    assert_eq!(batch_status, 200);
+    assert_eq!(batch["result"]["result_error"]["list"], denied);
+    assert_eq!(batch["result"]["result"]["scope"], json!(["crm", "task", "user"]));
+    assert_eq!((other, lifted), (200, 200));
+}
+
+#[tokio::test]
+async fn lists_that_break_off_answer_later_pages_empty_with_the_full_total() {
+    let sandbox = sandbox(B24SandboxConfig { page_size: 3, ..unlimited() }).await;
+    let filter = json!({ "ENTITY_ID": "DEAL_STAGE" });
+
+    let (_, first) = call(&sandbox, "crm.status.list", json!({ "filter": filter })).await;
+    sandbox.break_off_lists(true);
+    let (_, again) = call(&sandbox, "crm.status.list", json!({ "filter": filter })).await;
+    let (_, second) = call(&sandbox, "crm.status.list", json!({ "filter": filter, "start": first["next"] })).await;
+    let (_, categories) = call(&sandbox, "crm.category.list", json!({ "entityTypeId": 2, "start": 3 })).await;
+    sandbox.break_off_lists(false);
+    let (_, whole) = call(&sandbox, "crm.status.list", json!({ "filter": filter, "start": 6 })).await;
+
+    assert_eq!(status_ids(&first["result"]), ["NEW", "PREPARATION", "PREPAYMENT_INVOICE"]);
+    assert_eq!((&first["total"], &first["next"]), (&json!(8), &json!(3)));
+    assert_eq!(again["result"], first["result"], "the first page is whole");
+    assert_eq!(second["result"], json!([]));
+    assert_eq!(second["total"], 8);
+    assert!(second.get("next").is_none(), "{second}");
+    assert_eq!((&categories["result"], &categories["total"]), (&json!({ "categories": [] }), &json!(4)));
+    assert_eq!(status_ids(&whole["result"]), ["LOSE", "APOLOGY"]);
 }
 
 #[tokio::test]
