@@ -17,7 +17,10 @@
 //!   is in the database, on the largest daemon;
 //! - requests per stage sync, counted by the sandboxes;
 //! - the manual runbook (`scripts/runbook.sh`) against `crm-connect sync`;
-//! - the Bitrix24 rate-limit ceiling: 20 tenants on one portal.
+//! - the Bitrix24 rate-limit ceiling: 20 tenants on one portal;
+//! - 1,000 tenants with every database on ONE cluster at PostgreSQL's stock
+//!   `max_connections = 100`, default flags: first start, restart,
+//!   connection errors, connections at once, memory, idle CPU.
 //!
 //! A quick run (not the documented measurement), for instance:
 //! `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 BENCH_IDLE_TIMEOUT_SECS=5
@@ -71,6 +74,11 @@ pub struct Options {
     #[arg(long, env = "BENCH_PORTAL_TENANTS", default_value_t = 20)]
     pub portal_tenants: usize,
 
+    /// Tenants of the one-server run: every tenant database on ONE cluster
+    /// at PostgreSQL's stock max_connections = 100, default flags
+    #[arg(long, env = "BENCH_ONE_SERVER_TENANTS", default_value_t = 1000)]
+    pub one_server_tenants: usize,
+
     /// Before starting, wait (up to 15 minutes) for the 1-minute load average to drop below this
     #[arg(long, env = "BENCH_MAX_LOAD")]
     pub max_load: Option<f64>,
@@ -81,7 +89,7 @@ pub struct Options {
         env = "BENCH_PHASES",
         value_enum,
         value_delimiter = ',',
-        default_value = "cold,edits,resync,runbook,ceiling"
+        default_value = "cold,edits,resync,runbook,ceiling,one-server"
     )]
     pub phases: Vec<Phase>,
 
@@ -108,6 +116,7 @@ pub enum Phase {
     Resync,
     Runbook,
     Ceiling,
+    OneServer,
 }
 
 impl Options {
@@ -129,6 +138,7 @@ impl Options {
             && self.edits == defaults.edits
             && self.runbook_runs == defaults.runbook_runs
             && self.portal_tenants == defaults.portal_tenants
+            && self.one_server_tenants == defaults.one_server_tenants
             && self.phases == defaults.phases
             && self.concurrency.is_none()
     }
@@ -200,6 +210,17 @@ async fn run(options: Options) -> anyhow::Result<()> {
         false => None,
     };
 
+    // Every tenant on one stock server: the connection budget at work.
+    let one_server = match options.runs(Phase::OneServer) {
+        true => {
+            let one = fixture::Databases::one_server(fixture::STOCK_MAX_CONNECTIONS).await?;
+            system::log(&format!("one cluster at max_connections = {} up", fixture::STOCK_MAX_CONNECTIONS));
+            let (cold, _) = phases::cold_start(&options, &binary, &one, options.one_server_tenants, false).await?;
+            Some(cold)
+        }
+        false => None,
+    };
+
     let results = report::Results {
         full_run: options.is_full_run(),
         options: options.clone(),
@@ -215,6 +236,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         resync,
         runbook,
         ceiling,
+        one_server,
     };
     drop(databases);
     std::fs::create_dir_all(&out)?;

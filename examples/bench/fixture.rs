@@ -30,6 +30,9 @@ pub const CATEGORIES: i32 = 8;
 pub const QUALIFIED: &str = "C1:PREPARATION";
 pub const QUALIFIED_ALTERNATIVE: &str = "C1:EXECUTING";
 
+/// PostgreSQL's own default `max_connections`.
+pub const STOCK_MAX_CONNECTIONS: u32 = 100;
+
 /// Clusters needed for `tenants` tenants at a full pool each.
 pub fn clusters_for(tenants: usize) -> usize {
     (tenants * POOL_SIZE).div_ceil(TENANT_CONNECTIONS_PER_CLUSTER).max(1)
@@ -53,6 +56,15 @@ impl Databases {
             admins.push(connect(&cluster.admin_url()).await?);
         }
         Ok(Databases { admins, clusters })
+    }
+
+    /// One cluster at `max_connections`, for every tenant database.
+    pub async fn one_server(max_connections: u32) -> anyhow::Result<Databases> {
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_with_max_connections(max_connections))
+            .await?
+            .map_err(|e| anyhow!("cannot start PostgreSQL: {e}"))?;
+        let admins = vec![connect(&cluster.admin_url()).await?];
+        Ok(Databases { admins, clusters: vec![cluster] })
     }
 
     pub fn len(&self) -> usize {

@@ -93,6 +93,9 @@ pub struct ColdStart {
     pub last_first_request_secs: f64,
     pub busy_connections_total: usize,
     pub busy_connections_per_tenant: usize,
+    /// "too many clients" and "cannot connect now" lines in the daemons'
+    /// logs (cold start and restart).
+    pub connection_errors: usize,
     pub connection_samples: usize,
     pub idle_connections: usize,
     pub idle_check_after_secs: f64,
@@ -223,6 +226,13 @@ fn tenants_dir(dir: &TempDir) -> anyhow::Result<PathBuf> {
 
 /// Where a daemon logs: `--logs` if given (kept), else the run's temporary
 /// directory, outside the watched tree.
+/// Lines of a daemon log saying the server refused a connection for lack of room.
+fn connection_errors_in(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .map(|text| text.lines().filter(|l| l.contains("too many clients") || l.contains("cannot connect now")).count())
+        .unwrap_or(0)
+}
+
 fn log_file(options: &Options, dir: &TempDir, name: &str) -> PathBuf {
     match &options.logs {
         Some(logs) => logs.join(format!("{name}.log")),
@@ -374,6 +384,10 @@ pub async fn cold_start(
     let violations = tenants.iter().map(Tenant::violations).sum();
     let shutdown = daemon.stop().await;
     let restart = restart(options, binary, databases, &config, &dir, count).await?;
+    let connection_errors = [format!("cold-start-{count}"), format!("restart-{count}")]
+        .iter()
+        .map(|name| connection_errors_in(&log_file(options, &dir, name)))
+        .sum();
 
     let reconcile_sum = metrics.get("crm_connect_reconcile_duration_seconds_sum").copied().unwrap_or(f64::NAN);
     let reconcile_count = metrics.get("crm_connect_reconcile_duration_seconds_count").copied().unwrap_or(f64::NAN);
@@ -406,6 +420,7 @@ pub async fn cold_start(
             last_first_request_secs,
             busy_connections_total: busy_total,
             busy_connections_per_tenant: busy_per_tenant,
+            connection_errors,
             connection_samples: samples,
             idle_connections: idle_connections.unwrap_or(usize::MAX),
             idle_check_after_secs: check_after.as_secs_f64(),

@@ -32,7 +32,13 @@ pub struct Results {
     pub resync: Option<Resync>,
     pub runbook: Option<Runbook>,
     pub ceiling: Option<Ceiling>,
+    /// Every tenant database on one cluster at `max_connections = 100`.
+    pub one_server: Option<ColdStart>,
 }
+
+/// The one-server run's targets: connections come from `--db-connections`
+/// (default 10) per server.
+const DB_CONNECTIONS: usize = 10;
 
 /// One line of the results table.
 #[derive(Debug, Serialize)]
@@ -188,7 +194,49 @@ pub fn rows(r: &Results) -> Vec<Row> {
         }
         None => rows.push(not_measured("Rate-limit violations, tenants sharing one Bitrix24 portal", "0")),
     }
-    let elsewhere: usize = r.cold_starts.iter().map(|c| c.violations).sum::<usize>()
+    match &r.one_server {
+        Some(c) => {
+            let n = c.tenants;
+            rows.push(row(
+                format!("One server at max_connections = 100, {n} tenants: first start (migrations included)"),
+                secs(c.reconciled_secs),
+                "< 20 s",
+                Some(c.reconciled_secs.is_some_and(|s| s < 20.0)),
+            ));
+            rows.push(row(
+                format!("One server, {n} tenants: restart"),
+                secs(c.restart.reconciled_secs),
+                "< 10 s",
+                Some(c.restart.reconciled_secs.is_some_and(|s| s < 10.0)),
+            ));
+            rows.push(row(
+                format!("One server, {n} tenants: connection errors (too many clients, cannot connect now)"),
+                c.connection_errors.to_string(),
+                "0",
+                Some(c.connection_errors == 0),
+            ));
+            rows.push(row(
+                format!("One server, {n} tenants: the daemon's connections at once (max of samples every 50 ms)"),
+                c.busy_connections_total.to_string(),
+                "≤ 10 (the budget)",
+                Some(c.busy_connections_total <= DB_CONNECTIONS),
+            ));
+            rows.push(row(
+                format!("One server, {n} tenants: peak RSS"),
+                format!("{:.1} MB", c.peak_rss_mb),
+                "< 100 MB",
+                Some(c.peak_rss_mb < 100.0),
+            ));
+            rows.push(row(
+                format!("One server, {n} tenants: idle CPU over {} s", c.idle_secs),
+                format!("{:.2} %", c.idle_cpu_percent),
+                "< 1 % of one core",
+                Some(c.idle_cpu_percent < 1.0),
+            ));
+        }
+        None => rows.push(not_measured("One server at max_connections = 100, 1000 tenants", "see the issue")),
+    }
+    let elsewhere: usize = r.cold_starts.iter().chain(&r.one_server).map(|c| c.violations).sum::<usize>()
         + r.resync.as_ref().map_or(0, |s| s.violations)
         + r.runbook.as_ref().map_or(0, |b| b.violations);
     rows.push(row("Rate-limit violations in every other run", elsewhere.to_string(), "0", Some(elsewhere == 0)));
@@ -328,6 +376,44 @@ pub fn markdown(r: &Results) -> String {
             c.restart.daemon_cpu_secs,
             c.machine_busy_percent,
             c.restart.machine_busy_percent,
+        );
+    }
+
+    if let Some(c) = &r.one_server {
+        let n = c.tenants.max(1) as f64;
+        let _ = writeln!(md, "\n### One stock server\n");
+        let _ = writeln!(
+            md,
+            "Every tenant database on ONE cluster at PostgreSQL's default `max_connections = 100`, \
+             `crm-connect run` with default flags (`--db-connections 10`, `--concurrency 32`).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| Tenants (AmoCRM + Bitrix24) | First start | Restart | Connection errors | Connections at once | \
+             Connections after idle | PostgreSQL CPU per tenant, first / restart | Daemon CPU, first / restart | \
+             RSS then / peak | Idle CPU | Verified |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(
+            md,
+            "| {} ({} + {}) | {} | {} | {} | {} | {} | {:.1} / {:.1} ms | {:.2} / {:.2} s | {:.1} / {:.1} MB | {:.2} % over {} s | {} |",
+            c.tenants,
+            c.amocrm_tenants,
+            c.bitrix24_tenants,
+            secs(c.reconciled_secs),
+            secs(c.restart.reconciled_secs),
+            c.connection_errors,
+            c.busy_connections_total,
+            c.idle_connections,
+            c.postgres_cpu_secs / n * 1000.0,
+            c.restart.postgres_cpu_secs / n * 1000.0,
+            c.cpu_secs_until_reconciled,
+            c.restart.daemon_cpu_secs,
+            c.rss_at_reconciled_mb,
+            c.peak_rss_mb,
+            c.idle_cpu_percent,
+            c.idle_secs,
+            c.verified_tenants,
         );
     }
 

@@ -19,7 +19,10 @@ pub async fn migrate(db: &TenantDb) -> Result<(), DbError> {
 async fn run(db: &TenantDb) -> Result<(), DbError> {
     let mut client = db.client().await?;
     queries::lock_migrations(&**client).await.map_err(|e| db.query_error("taking the migration lock", e))?;
-    let outcome = migrations::runner().set_migration_table_name(HISTORY_TABLE).run_async(&mut **client).await;
+    // One transaction for all pending migrations: a fresh database gets its
+    // schema in one commit instead of one per migration.
+    let mut runner = migrations::runner().set_grouped(true);
+    let outcome = runner.set_migration_table_name(HISTORY_TABLE).run_async(&mut **client).await;
     let unlocked = queries::unlock_migrations(&**client).await;
     if outcome.is_err() || unlocked.is_err() {
         // A session lock lives as long as its connection: never hand this
