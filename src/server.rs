@@ -358,7 +358,11 @@ async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Opti
         tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "exchanged tokens are not stored yet");
     }
     match obtained {
-        Obtained::Exchanged => Ok(slug.to_string()),
+        Obtained::Exchanged => {
+            // The daemon times the new pair's refresh.
+            ctx.vault.exchanged(slug);
+            Ok(slug.to_string())
+        }
         Obtained::CodeRejected(reason) => Err(fail(CallbackError::CodeRejected(reason))),
         Obtained::CodeAlreadySent => Err(fail(CallbackError::CodeAlreadySent)),
         other => Err(fail(CallbackError::Unexpected(format!("{other:?}")))),

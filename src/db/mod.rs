@@ -316,15 +316,25 @@ impl Pools {
     }
 }
 
-/// Closes connections idle for `idle_timeout`, and every idle connection of
-/// a server at once when a task starts waiting for that server's budget.
+/// While others wait for a server's budget, a connection of that server
+/// idle this long is closed: longer than the pause between two database
+/// steps of one tenant's work, shorter than any CRM answer it waits for.
+const IDLE_WHILE_WANTED: Duration = Duration::from_millis(50);
+
+/// Closes connections idle for `idle_timeout`, and, while tasks wait for a
+/// server's budget, that server's connections idle for
+/// [`IDLE_WHILE_WANTED`] (looking again every few milliseconds until no one
+/// waits).
 async fn close_idle_connections(pools: Weak<TenantPools>, wanted: Arc<Notify>, idle_timeout: Duration) {
     let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut someone_waits = false;
     loop {
+        let soon = tokio::time::sleep(if someone_waits { IDLE_WHILE_WANTED / 2 } else { Duration::from_secs(3600) });
         let waiters_only = tokio::select! {
             _ = tick.tick() => false,
             () = wanted.notified() => true,
+            () = soon => true,
         };
         let Some(pools) = pools.upgrade() else { return };
         let dbs: Vec<(TenantDb, bool)> = pools
@@ -334,9 +344,10 @@ async fn close_idle_connections(pools: Weak<TenantPools>, wanted: Arc<Notify>, i
             .map(|(_, db, budget)| (db.clone(), budget.waiting.load(Ordering::SeqCst) > 0))
             .collect();
         drop(pools);
+        someone_waits = dbs.iter().any(|(_, wanted)| *wanted);
         for (db, wanted) in dbs {
             if wanted {
-                db.close_idle();
+                db.pool.retain(|_, metrics| metrics.last_used() < IDLE_WHILE_WANTED);
             } else if !waiters_only {
                 db.pool.retain(|_, metrics| metrics.last_used() < idle_timeout);
             }

@@ -60,6 +60,13 @@ pub async fn unlock_migrations(client: &impl GenericClient) -> Result<(), tokio_
     client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map(drop)
 }
 
+/// The newest migration applied, per the history table `table` (a name of
+/// ours, never input).
+pub async fn schema_version(client: &impl GenericClient, table: &str) -> Result<Option<i64>, QueryError> {
+    let row = client.query_one(&format!("SELECT max(version)::bigint FROM {table}"), &[]).await?;
+    col(&row, 0, "crm_connect_schema_history")
+}
+
 /// The managed columns of the `config` row, as stored now.
 pub async fn read_config_columns(client: &impl GenericClient) -> Result<CurrentColumns, QueryError> {
     config_columns(client, "").await
@@ -553,7 +560,9 @@ pub async fn write_schedule(
             "INSERT INTO crm_connect_schedule AS s (job, last_run_at, next_run_at, updated_at)
              VALUES ($1, $2, $3, now())
              ON CONFLICT (job) DO UPDATE SET last_run_at = COALESCE(EXCLUDED.last_run_at, s.last_run_at),
-                 next_run_at = EXCLUDED.next_run_at, updated_at = now()",
+                 next_run_at = EXCLUDED.next_run_at, updated_at = now()
+             WHERE s.next_run_at IS DISTINCT FROM EXCLUDED.next_run_at
+                OR (EXCLUDED.last_run_at IS NOT NULL AND s.last_run_at IS DISTINCT FROM EXCLUDED.last_run_at)",
             &[&job, &last_run_at, &next_run_at],
         )
         .await

@@ -259,10 +259,7 @@ async fn locked_exchange(
             }
             .await;
             match written {
-                Ok(()) => {
-                    ctx.vault.unregister(slug, &tokens);
-                    ctx.vault.exchanged(slug);
-                }
+                Ok(()) => ctx.vault.unregister(slug, &tokens),
                 Err(e) => {
                     tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "exchanged tokens could not be stored; kept in memory")
                 }
@@ -446,9 +443,6 @@ pub async fn store_registered(ctx: &Context, slug: &str) -> Result<(), DbError> 
     connected(&*tx, db).await?;
     tx.commit().await.map_err(|e| db.query_error("committing tokens", e))?;
     ctx.vault.unregister(slug, &pair.tokens);
-    if pair.code_sha256.is_some() {
-        ctx.vault.exchanged(slug);
-    }
     tracing::info!(tenant = slug, crm = "amocrm", "tokens kept in memory are stored");
     Ok(())
 }

@@ -36,8 +36,8 @@ struct Inner {
     closed: AtomicBool,
     /// Tenants whose "margin ≥ lifetime" note was logged.
     noted: Mutex<HashSet<String>>,
-    /// Told the slug of every pair exchanged and stored (the daemon re-arms
-    /// the tenant's token timer: the callback runs outside its work).
+    /// Told the slug of every pair exchanged outside the tenant's work (the
+    /// OAuth callback): the daemon re-arms the tenant's token timer.
     exchanged: Mutex<Option<mpsc::UnboundedSender<String>>>,
 }
 
@@ -138,13 +138,15 @@ impl Vault {
         self.inner.noted.lock().unwrap_or_else(|p| p.into_inner()).insert(slug.to_string())
     }
 
-    /// The receiver learns the slug of every pair exchanged and stored.
+    /// The receiver learns the slug of every pair exchanged outside the
+    /// tenant's own work.
     pub fn subscribe_exchanges(&self) -> mpsc::UnboundedReceiver<String> {
         let (sender, receiver) = mpsc::unbounded_channel();
         *self.inner.exchanged.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
         receiver
     }
 
+    /// A pair was exchanged for `slug` outside its work.
     pub(crate) fn exchanged(&self, slug: &str) {
         if let Some(sender) = self.inner.exchanged.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             let _ = sender.send(slug.to_string());
