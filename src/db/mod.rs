@@ -70,11 +70,28 @@ impl Budget {
         if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
             return permit;
         }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted while waiting, also when the wait is given up (the task
+        // was cancelled): a count left behind would keep the reaper busy.
+        let _waiting = Waiting::new(&self.waiting);
         self.wanted.notify_one();
         let permit = Arc::clone(&self.permits).acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
         permit.expect("the budget semaphore is never closed")
+    }
+}
+
+/// One task waiting for a budget, for as long as this lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Waiting<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
