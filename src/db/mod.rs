@@ -411,3 +411,53 @@ pub(crate) fn pg_reason(e: &tokio_postgres::Error) -> String {
     }
     reason
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(permits: usize) -> Budget {
+        Budget { permits: Arc::new(Semaphore::new(permits)), waiting: AtomicUsize::new(0), wanted: Arc::default() }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_no_longer_counts_as_waiting() {
+        let budget = budget(1);
+        let held = budget.acquire().await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), budget.acquire()).await;
+        assert!(gave_up.is_err(), "the only permit is held");
+        assert_eq!(budget.waiting.load(Ordering::SeqCst), 0);
+        drop(held);
+        let _again = budget.acquire().await;
+        assert_eq!(budget.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_in_the_order_they_came() {
+        let budget = Arc::new(budget(1));
+        let held = budget.acquire().await;
+        let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = Vec::new();
+        for i in 0..5 {
+            let (shared, order) = (budget.clone(), order_tx.clone());
+            waiters.push(tokio::spawn(async move {
+                let _permit = shared.acquire().await;
+                order.send(i).unwrap();
+            }));
+            // Each waiter is queued before the next one starts.
+            while budget.waiting.load(Ordering::SeqCst) < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        drop(order_tx);
+        let mut order = Vec::new();
+        while let Some(i) = order_rx.recv().await {
+            order.push(i);
+        }
+        assert_eq!(order, [0, 1, 2, 3, 4]);
+    }
+}
