@@ -231,24 +231,14 @@ async fn locked_exchange(
     let credentials = Credentials::of(amo)?;
     let mut client = db.client().await?;
     let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;
-    queries::keep_token_transaction_alive(&*tx, TOKEN_TRANSACTION_IDLE_SECS)
-        .await
-        .map_err(|e| db.query_error("setting the token transaction's timeout", e))?;
-    let stored = queries::lock_tokens(&*tx).await.map_err(|e| db.query_error("locking config", e))?;
+    let stored = lock_for_token_request(&tx, db).await?;
     if stored.code_sha256.as_deref() == Some(hash.as_str()) {
         return Ok(Obtained::CodeAlreadySent);
     }
     let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
     match api.exchange_code(&credentials, code).await {
         Ok(tokens) => {
-            let pair = Registered {
-                tokens: tokens.clone(),
-                code_sha256: Some(hash.clone()),
-                account: stored.account.clone(),
-                replaces: (stored.access.clone(), stored.refresh.clone()),
-                db: db.clone(),
-            };
-            ctx.vault.register(slug, pair);
+            ctx.vault.register(slug, Registered::replacing(&stored, tokens.clone(), Some(hash.clone()), db));
             let written = async {
                 queries::write_tokens(&*tx, &tokens, Some(&hash))
                     .await
@@ -312,10 +302,7 @@ async fn locked_refresh(
 ) -> Result<Tokens, TokenError> {
     let mut client = db.client().await?;
     let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;
-    queries::keep_token_transaction_alive(&*tx, TOKEN_TRANSACTION_IDLE_SECS)
-        .await
-        .map_err(|e| db.query_error("setting the token transaction's timeout", e))?;
-    let stored = queries::lock_tokens(&*tx).await.map_err(|e| db.query_error("locking config", e))?;
+    let stored = lock_for_token_request(&tx, db).await?;
     if !due(&stored, margin, rejected) {
         // Another process refreshed while this one waited for the lock.
         return usable(stored);
@@ -338,14 +325,7 @@ async fn locked_refresh(
     let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
     match api.refresh(&credentials, &refresh_token).await {
         Ok(tokens) => {
-            let pair = Registered {
-                tokens: tokens.clone(),
-                code_sha256: None,
-                account: stored.account.clone(),
-                replaces: (stored.access.clone(), stored.refresh.clone()),
-                db: db.clone(),
-            };
-            ctx.vault.register(slug, pair);
+            ctx.vault.register(slug, Registered::replacing(&stored, tokens.clone(), None, db));
             let written = async {
                 queries::write_tokens(&*tx, &tokens, None).await.map_err(|e| db.query_error("storing tokens", e))?;
                 event(&*tx, db, "token_refreshed", json!({ "expires_at": tokens.expires_at })).await?;
@@ -385,6 +365,19 @@ async fn locked_refresh(
             Err(e.into())
         }
     }
+}
+
+/// Takes the `config` row lock for an exchange or refresh, and keeps the
+/// session alive past any server-wide idle-in-transaction timeout while the
+/// request runs.
+async fn lock_for_token_request(
+    tx: &deadpool_postgres::Transaction<'_>,
+    db: &TenantDb,
+) -> Result<StoredTokens, DbError> {
+    queries::keep_token_transaction_alive(&**tx, TOKEN_TRANSACTION_IDLE_SECS)
+        .await
+        .map_err(|e| db.query_error("setting the token transaction's timeout", e))?;
+    queries::lock_tokens(&**tx).await.map_err(|e| db.query_error("locking config", e))
 }
 
 /// Runs a token request in a task of its own, counted in flight: no

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
 use crate::db::TenantDb;
-use crate::db::queries::AmoAccount;
+use crate::db::queries::{AmoAccount, StoredTokens};
 use crate::model::Tokens;
 use crate::secret::Secret;
 
@@ -28,6 +28,20 @@ pub(crate) struct Registered {
     pub(crate) replaces: (Option<Secret>, Option<Secret>),
     /// The database it was obtained for.
     pub(crate) db: TenantDb,
+}
+
+impl Registered {
+    /// A pair obtained while the row held `stored`: it belongs to that
+    /// account and replaces those tokens.
+    pub(crate) fn replacing(stored: &StoredTokens, tokens: Tokens, code_sha256: Option<String>, db: &TenantDb) -> Self {
+        Registered {
+            tokens,
+            code_sha256,
+            account: stored.account.clone(),
+            replaces: (stored.access.clone(), stored.refresh.clone()),
+            db: db.clone(),
+        }
+    }
 }
 
 struct Inner {

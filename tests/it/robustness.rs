@@ -10,21 +10,11 @@ use std::time::Duration;
 use crm_connect::apply::{apply_tenant, resync_stages};
 use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use tokio_postgres::Client;
 
-use crate::faults::{AmoSetup, Binary, amo_connected, b24_tenant, succeeded};
+use crate::faults::{AmoSetup, Binary, amo_connected, b24_tenant, state, succeeded};
 use crate::support::daemon::{Running, eventually};
 use crate::support::postgres::fresh_database;
 use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, tenant, write};
-
-async fn state(client: &Client, crm: &str) -> Option<(String, Option<String>)> {
-    client
-        .query_opt("SELECT state, last_error FROM crm_connect_status WHERE crm = $1", &[&crm])
-        .await
-        .ok()
-        .flatten()
-        .map(|r| (r.get(0), r.get(1)))
-}
 
 /// Replaces a file the way editors and `git checkout` do: write aside, rename over.
 fn rewrite(dir: &Path, name: &str, text: &str) {
