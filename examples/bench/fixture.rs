@@ -119,6 +119,22 @@ impl Databases {
     pub async fn connections(&self, prefix: &str) -> anyhow::Result<(usize, usize)> {
         count_connections(&self.admins, &format!("{prefix}%")).await
     }
+
+    /// Sessions ever opened to the databases whose names start with
+    /// `prefix` (PostgreSQL counts each one when it is established).
+    pub async fn sessions(&self, prefix: &str) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for admin in &self.admins {
+            let row = admin
+                .query_one(
+                    "SELECT coalesce(sum(sessions), 0)::bigint FROM pg_stat_database WHERE datname LIKE $1",
+                    &[&format!("{prefix}%")],
+                )
+                .await?;
+            total += u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        }
+        Ok(total)
+    }
 }
 
 async fn count_connections(admins: &[Client], pattern: &str) -> anyhow::Result<(usize, usize)> {

@@ -82,6 +82,8 @@ pub struct ColdStart {
     /// the harness's own (sandboxes included), and how busy the machine's
     /// CPUs were.
     pub postgres_cpu_secs: f64,
+    /// Sessions opened to the tenant databases until all were connected.
+    pub sessions: u64,
     pub harness_cpu_secs: f64,
     pub machine_busy_percent: f64,
     pub mean_reconcile_secs: f64,
@@ -124,6 +126,7 @@ pub struct Restart {
     pub mean_reconcile_secs: f64,
     pub daemon_cpu_secs: f64,
     pub postgres_cpu_secs: f64,
+    pub sessions: u64,
     pub machine_busy_percent: f64,
 }
 
@@ -273,7 +276,7 @@ pub async fn cold_start(
     measure_edits: bool,
 ) -> anyhow::Result<(ColdStart, Option<Edits>)> {
     log(&format!("cold start, {count} tenants: creating databases and sandboxes"));
-    let prefix = format!("c{count}t");
+    let prefix = tenant_prefix(count);
     let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i:04}")).collect();
     let urls = databases.create(&names).await?;
     let dir = TempDir::new("crm-connect-bench-")?;
@@ -302,6 +305,7 @@ pub async fn cold_start(
     let sampler = Sampler::start(databases, &prefix, CONNECTIONS_POLL);
     let timeout = Duration::from_secs(120) + Duration::from_millis(500) * count as u32;
     let postmasters = databases.postmasters();
+    let sessions_before = databases.sessions(&prefix).await?;
     let (pg_before, harness_before, machine_before) =
         (system::postgres_cpu_ticks(&postmasters), system::own_cpu_ticks(), system::machine_ticks());
     let mut daemon = Daemon::spawn(binary, options, &config, &log_file(options, &dir, &format!("cold-start-{count}")))?;
@@ -309,6 +313,7 @@ pub async fn cold_start(
     let at_reconciled = Instant::now();
     let (pg_after, harness_after, machine_after) =
         (system::postgres_cpu_ticks(&postmasters), system::own_cpu_ticks(), system::machine_ticks());
+    let sessions = databases.sessions(&prefix).await?.saturating_sub(sessions_before);
     let pid = daemon.pid;
     let cpu_at_reconciled = system::cpu_ticks(pid);
     let rss_at_reconciled = system::rss_kib(pid);
@@ -412,6 +417,7 @@ pub async fn cold_start(
             rss_at_reconciled_mb: mb(rss_at_reconciled),
             cpu_secs_until_reconciled: cpu_at_reconciled.map_or(f64::NAN, |t| t as f64 / ticks_per_sec),
             postgres_cpu_secs: pg_after.saturating_sub(pg_before) as f64 / ticks_per_sec,
+            sessions,
             harness_cpu_secs: harness_after.saturating_sub(harness_before) as f64 / ticks_per_sec,
             machine_busy_percent,
             mean_reconcile_secs: reconcile_sum / reconcile_count,
@@ -440,6 +446,11 @@ pub async fn cold_start(
     ))
 }
 
+/// The names of a run's tenant databases start with this.
+fn tenant_prefix(count: usize) -> String {
+    format!("c{count}t")
+}
+
 /// A second `crm-connect run` on tenants the first one connected.
 async fn restart(
     options: &Options,
@@ -451,6 +462,8 @@ async fn restart(
 ) -> anyhow::Result<Restart> {
     log(&format!("restart, {count} tenants: a new crm-connect run on the same files and databases"));
     let postmasters = databases.postmasters();
+    let prefix = tenant_prefix(count);
+    let sessions_before = databases.sessions(&prefix).await?;
     let (pg_before, machine_before) = (system::postgres_cpu_ticks(&postmasters), system::machine_ticks());
     let log_path = log_file(options, dir, &format!("restart-{count}"));
     let mut daemon = Daemon::spawn(binary, options, config, &log_path)?;
@@ -458,6 +471,7 @@ async fn restart(
     let reconciled = daemon.wait_connected(count, METRICS_POLL, timeout).await;
     let (pg_after, machine_after) = (system::postgres_cpu_ticks(&postmasters), system::machine_ticks());
     let daemon_ticks = system::cpu_ticks(daemon.pid).unwrap_or(0);
+    let sessions = databases.sessions(&prefix).await?.saturating_sub(sessions_before);
     let metrics = daemon.metrics().await.unwrap_or_default();
     daemon.stop().await;
     let ticks_per_sec = system::clock_ticks_per_sec() as f64;
@@ -468,6 +482,7 @@ async fn restart(
             / reconcile("crm_connect_reconcile_duration_seconds_count"),
         daemon_cpu_secs: daemon_ticks as f64 / ticks_per_sec,
         postgres_cpu_secs: pg_after.saturating_sub(pg_before) as f64 / ticks_per_sec,
+        sessions,
         machine_busy_percent: (machine_after.0 - machine_before.0) as f64
             / (machine_after.1 - machine_before.1).max(1) as f64
             * 100.0,

@@ -390,13 +390,14 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(
             md,
             "| Tenants (AmoCRM + Bitrix24) | First start | Restart | Connection errors | Connections at once | \
-             Connections after idle | PostgreSQL CPU per tenant, first / restart | Daemon CPU, first / restart | \
+             Connections after idle | PostgreSQL sessions per tenant, first / restart | \
+             PostgreSQL CPU per tenant, first / restart | Daemon CPU, first / restart | \
              RSS then / peak | Idle CPU | Verified |"
         );
-        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let _ = writeln!(
             md,
-            "| {} ({} + {}) | {} | {} | {} | {} | {} | {:.1} / {:.1} ms | {:.2} / {:.2} s | {:.1} / {:.1} MB | {:.2} % over {} s | {} |",
+            "| {} ({} + {}) | {} | {} | {} | {} | {} | {:.2} / {:.2} | {:.1} / {:.1} ms | {:.2} / {:.2} s | {:.1} / {:.1} MB | {:.2} % over {} s | {} |",
             c.tenants,
             c.amocrm_tenants,
             c.bitrix24_tenants,
@@ -405,6 +406,8 @@ pub fn markdown(r: &Results) -> String {
             c.connection_errors,
             c.busy_connections_total,
             c.idle_connections,
+            c.sessions as f64 / n,
+            c.restart.sessions as f64 / n,
             c.postgres_cpu_secs / n * 1000.0,
             c.restart.postgres_cpu_secs / n * 1000.0,
             c.cpu_secs_until_reconciled,

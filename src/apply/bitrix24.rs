@@ -9,18 +9,31 @@ use crate::config::{Bitrix24Config, TenantConfig};
 use crate::context::Context;
 use crate::crm::bitrix24::B24Client;
 use crate::db::{TenantDb, queries};
-use crate::model::Crm;
+use crate::model::{B24Stage, Crm};
 
 use super::{CrmOutcome, Failure, Report, stages};
 
+/// What the portal answered, fetched before any database work so that a
+/// tenant's database part needs no connection held across a CRM call.
+pub struct Fetched(Result<(Vec<B24Stage>, Option<String>), Failure>);
+
+/// The webhook checked and every stage read: the reconcile's CRM part.
+pub async fn fetch(ctx: &Context, b24: &Bitrix24Config) -> Fetched {
+    Fetched(fetch_checked(ctx, b24).await)
+}
+
+/// Stores what [`fetch`] got: the connection stamp, the stages, the status.
 pub async fn apply(
-    ctx: &Context,
     tenant: &TenantConfig,
     b24: &Bitrix24Config,
     db: &TenantDb,
+    fetched: Fetched,
     webhook_changed: bool,
 ) -> CrmOutcome {
-    let outcome = connect_and_sync(ctx, b24, db, webhook_changed).await;
+    let outcome = match fetched.0 {
+        Ok((stages, moved_to)) => store(b24, db, stages, moved_to, webhook_changed).await,
+        Err(failure) => Err(failure),
+    };
     super::record_failure(Crm::Bitrix24, &tenant.slug, db, &outcome).await;
     outcome
 }
@@ -38,12 +51,7 @@ pub async fn resync(ctx: &Context, tenant: &TenantConfig, b24: &Bitrix24Config, 
     outcome
 }
 
-async fn connect_and_sync(
-    ctx: &Context,
-    b24: &Bitrix24Config,
-    db: &TenantDb,
-    webhook_changed: bool,
-) -> Result<Report, Failure> {
+async fn fetch_checked(ctx: &Context, b24: &Bitrix24Config) -> Result<(Vec<B24Stage>, Option<String>), Failure> {
     let api = B24Client::new(&ctx.http, &b24.webhook).with_retry(ctx.retry);
     let (grant, fetched) = api.stages(b24.entity_type, true).await?;
     if let Some(grant) = &grant {
@@ -61,7 +69,16 @@ async fn connect_and_sync(
             )));
         }
     }
-    let moved_to = api.moved_to();
+    Ok((fetched, api.moved_to()))
+}
+
+async fn store(
+    b24: &Bitrix24Config,
+    db: &TenantDb,
+    fetched: Vec<B24Stage>,
+    moved_to: Option<String>,
+    webhook_changed: bool,
+) -> Result<Report, Failure> {
     {
         let client = db.client().await?;
         let connected_at =

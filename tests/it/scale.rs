@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use crm_connect::sandbox::postgres::Cluster;
 use tokio_postgres::Client;
 
@@ -87,4 +88,49 @@ async fn a_daemon_closes_each_tenants_connections_once_its_work_is_done() {
     // Well before any idle timeout: closed because the work ended.
     eventually("no connection is left open", Duration::from_secs(2), || async { open().await == 0 }).await;
     assert_eq!(daemon.stop().await, std::process::ExitCode::SUCCESS);
+}
+
+/// Sessions PostgreSQL has counted for each of `names`, once it has counted
+/// at least `at_least` in all (a backend reports its session as it ends).
+async fn sessions(names: &[String], at_least: i64) -> Vec<i64> {
+    let admin = connect(&postgres::admin_url().await).await;
+    let read = || async {
+        admin
+            .query("SELECT sessions FROM pg_stat_database WHERE datname = ANY($1) ORDER BY datname", &[&names])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect::<Vec<i64>>()
+    };
+    eventually("every session is counted", Duration::from_secs(5), || async {
+        read().await.iter().sum::<i64>() >= at_least
+    })
+    .await;
+    read().await
+}
+
+#[tokio::test]
+async fn a_bitrix24_reconcile_needs_one_database_session_while_others_wait_for_the_budget() {
+    // Slow enough that a waiting tenant takes the only connection while the
+    // first one waits for the portal.
+    let config = B24SandboxConfig { latency: Duration::from_millis(200), ..B24SandboxConfig::default() };
+    let portal = B24Sandbox::start(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut names = Vec::new();
+    for i in 0..4 {
+        let db = postgres::fresh_database().await;
+        let text = format!(
+            "[tenant]\nslug = \"b{i}\"\ndatabase_url = \"{}\"\n\n[bitrix24]\nwebhook_url = \"{}\"\n",
+            db.url,
+            portal.webhook_url()
+        );
+        write(dir.path(), &format!("b{i}.toml"), &text);
+        names.push(db.name);
+    }
+    let run = crm_connect(&["sync", "--db-connections", "1", "--config", dir.path().to_str().unwrap()], &[]).await;
+    assert_eq!(run.code, 0, "{}", run.output());
+    assert_eq!(run.stdout.lines().filter(|l| l.contains(": ok")).count(), 4, "{}", run.output());
+    // Fetched first, then migrated, written and recorded in one session.
+    assert_eq!(sessions(&names, 4).await, [1, 1, 1, 1]);
 }
