@@ -79,6 +79,13 @@ pub struct Options {
     #[arg(long, env = "BENCH_ONE_SERVER_TENANTS", default_value_t = 1000)]
     pub one_server_tenants: usize,
 
+    /// Tenants of the soak (each with a resync every second) and the jobs it
+    /// runs in all
+    #[arg(long, env = "BENCH_SOAK_TENANTS", default_value_t = 5000)]
+    pub soak_tenants: usize,
+    #[arg(long, env = "BENCH_SOAK_JOBS", default_value_t = 1_000_000)]
+    pub soak_jobs: u64,
+
     /// Before starting, wait (up to 15 minutes) for the 1-minute load average to drop below this
     #[arg(long, env = "BENCH_MAX_LOAD")]
     pub max_load: Option<f64>,
@@ -89,7 +96,7 @@ pub struct Options {
         env = "BENCH_PHASES",
         value_enum,
         value_delimiter = ',',
-        default_value = "cold,edits,resync,runbook,ceiling,one-server"
+        default_value = "cold,edits,resync,runbook,ceiling,one-server,soak"
     )]
     pub phases: Vec<Phase>,
 
@@ -117,6 +124,7 @@ pub enum Phase {
     Runbook,
     Ceiling,
     OneServer,
+    Soak,
 }
 
 impl Options {
@@ -139,6 +147,8 @@ impl Options {
             && self.runbook_runs == defaults.runbook_runs
             && self.portal_tenants == defaults.portal_tenants
             && self.one_server_tenants == defaults.one_server_tenants
+            && self.soak_tenants == defaults.soak_tenants
+            && self.soak_jobs == defaults.soak_jobs
             && self.phases == defaults.phases
             && self.concurrency.is_none()
     }
@@ -221,6 +231,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
         false => None,
     };
 
+    // Months of uptime in minutes: the daemon's work loop, a million jobs.
+    let soak = match options.runs(Phase::Soak) {
+        true => Some(phases::soak(&options, &binary).await?),
+        false => None,
+    };
+
     let results = report::Results {
         full_run: options.is_full_run(),
         options: options.clone(),
@@ -237,6 +253,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         runbook,
         ceiling,
         one_server,
+        soak,
     };
     drop(databases);
     std::fs::create_dir_all(&out)?;

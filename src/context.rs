@@ -25,7 +25,7 @@ impl Context {
     pub fn new(pool_settings: PoolSettings) -> Context {
         let metrics = Arc::new(Metrics::new());
         Context {
-            pools: Pools::new(pool_settings),
+            pools: Pools::new(pool_settings).counting_busy_retries(metrics.db_busy_retries()),
             http: Http::new(Arc::clone(&metrics)),
             vault: Vault::default(),
             retry: RetryPolicy::default(),

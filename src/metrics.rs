@@ -60,6 +60,14 @@ struct TenantCrmLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkLabels {
+    work: String,
+}
+
+/// The kinds of tenant work the daemon runs, each counted from zero.
+pub const WORK_KINDS: [&str; 3] = ["reconcile", "resync", "refresh"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TenantLabels {
     tenant: String,
 }
@@ -76,6 +84,8 @@ pub struct Metrics {
     stage_syncs: Family<CrmResultLabels, Counter>,
     crm_requests: Family<CrmStatusLabels, Counter>,
     reconcile_duration: Histogram,
+    jobs: Family<WorkLabels, Counter>,
+    db_busy_retries: Counter,
     last_stage_sync: Family<TenantCrmLabels, Timestamp>,
     schedule_last_run: Family<TenantLabels, Timestamp>,
     schedule_next_run: Family<TenantLabels, Timestamp>,
@@ -89,6 +99,8 @@ impl Metrics {
         let stage_syncs = Family::<CrmResultLabels, Counter>::default();
         let crm_requests = Family::<CrmStatusLabels, Counter>::default();
         let reconcile_duration = Histogram::new(RECONCILE_BUCKETS);
+        let jobs = Family::<WorkLabels, Counter>::default();
+        let db_busy_retries = Counter::default();
         let last_stage_sync = Family::<TenantCrmLabels, Timestamp>::default();
         let schedule_last_run = Family::<TenantLabels, Timestamp>::default();
         let schedule_next_run = Family::<TenantLabels, Timestamp>::default();
@@ -109,6 +121,13 @@ impl Metrics {
             "crm_connect_reconcile_duration_seconds",
             "Time one tenant's reconcile took",
             reconcile_duration.clone(),
+        );
+        registry.register("crm_connect_jobs", "Tenant work finished, by kind", jobs.clone());
+        registry.register(
+            "crm_connect_db_busy_retries",
+            "Connection attempts a PostgreSQL server refused as busy (too many clients, cannot connect now), \
+             tried again",
+            db_busy_retries.clone(),
         );
         registry.register(
             "crm_connect_last_stage_sync_timestamp_seconds",
@@ -133,6 +152,8 @@ impl Metrics {
             stage_syncs,
             crm_requests,
             reconcile_duration,
+            jobs,
+            db_busy_retries,
             last_stage_sync,
             schedule_last_run,
             schedule_next_run,
@@ -140,6 +161,9 @@ impl Metrics {
         metrics.set_tenant_states(&[]);
         for result in REFRESH_RESULTS {
             let _ = metrics.token_refreshes.get_or_create(&ResultLabels { result: result.into() });
+        }
+        for work in WORK_KINDS {
+            let _ = metrics.jobs.get_or_create(&WorkLabels { work: work.into() });
         }
         for crm in [Crm::AmoCrm, Crm::Bitrix24] {
             for result in ["ok", "error"] {
@@ -183,6 +207,16 @@ impl Metrics {
     pub fn crm_request(&self, crm: Crm, status: Option<u16>) {
         let status = status.map_or_else(|| "error".to_string(), |s| s.to_string());
         self.crm_requests.get_or_create(&CrmStatusLabels { crm: crm.as_str().into(), status }).inc();
+    }
+
+    /// One piece of tenant work finished (`reconcile`, `resync`, `refresh`).
+    pub fn job_done(&self, work: &str) {
+        self.jobs.get_or_create(&WorkLabels { work: work.into() }).inc();
+    }
+
+    /// The counter the database pools add each busy refusal to.
+    pub fn db_busy_retries(&self) -> Counter {
+        self.db_busy_retries.clone()
     }
 
     pub fn reconcile_duration(&self, seconds: f64) {

@@ -833,3 +833,65 @@ pub async fn ceiling(options: &Options, binary: &Path, databases: &Databases) ->
     ));
     Ok(result)
 }
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Soak {
+    pub tenants: usize,
+    /// (jobs finished, RSS in MB) when first past 10,000 jobs, and at the end.
+    pub early: (u64, f64),
+    pub end: (u64, f64),
+    pub secs: f64,
+    pub daemon_cpu_secs: f64,
+    pub jobs_per_sec: f64,
+}
+
+/// Jobs the daemon finished, of every kind.
+fn jobs_done(metrics: &BTreeMap<String, f64>) -> u64 {
+    metrics.iter().filter(|(k, _)| k.starts_with("crm_connect_jobs_total{")).map(|(_, v)| *v as u64).sum()
+}
+
+/// The daemon's work loop run a million times: tenants without a CRM whose
+/// database refuses at once (a closed port), each resynced every second, so
+/// that what is measured is the loop itself — jobs queued, run, reaped,
+/// recorded, timers re-armed — and not PostgreSQL or a CRM. Memory after
+/// 10,000 jobs and after all of them.
+pub async fn soak(options: &Options, binary: &Path) -> anyhow::Result<Soak> {
+    const EARLY: u64 = 10_000;
+    let count = options.soak_tenants;
+    let dir = TempDir::new("crm-connect-soak")?;
+    let config = dir.join("tenants");
+    std::fs::create_dir_all(&config)?;
+    for i in 0..count {
+        let text = format!(
+            "[tenant]\nslug = \"soak{i:05}\"\ndatabase_url = \"postgres://crm@127.0.0.1:1/soak{i:05}\"\n\n\
+             [schedule]\nstage_resync = \"* * * * * *\"\n"
+        );
+        std::fs::write(config.join(format!("soak{i:05}.toml")), text)?;
+    }
+    log(&format!("soak: {count} tenants, a resync each every second, until {} jobs", options.soak_jobs));
+    let mut daemon = Daemon::spawn(binary, options, &config, &log_file(options, &dir, "soak"))?;
+    let started = Instant::now();
+    let timeout = Duration::from_secs(60) + Duration::from_secs(options.soak_jobs / 100);
+    let (mut early, mut end) = (None, None);
+    while started.elapsed() < timeout && !daemon.exited() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(metrics) = daemon.metrics().await else { continue };
+        let jobs = jobs_done(&metrics);
+        let rss = system::rss_kib(daemon.pid).map_or(f64::NAN, |kib| kib as f64 / 1000.0);
+        if early.is_none() && jobs >= EARLY {
+            early = Some((jobs, rss));
+            log(&format!("soak: {jobs} jobs, RSS {rss:.1} MB"));
+        }
+        if jobs >= options.soak_jobs {
+            end = Some((jobs, rss));
+            break;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let daemon_cpu_secs = system::cpu_ticks(daemon.pid).unwrap_or(0) as f64 / system::clock_ticks_per_sec() as f64;
+    daemon.stop().await;
+    let early = early.context("the soak never reached 10,000 jobs")?;
+    let end = end.with_context(|| format!("the soak did not reach {} jobs in {timeout:?}", options.soak_jobs))?;
+    log(&format!("soak: {} jobs in {secs:.0} s, RSS {:.1} MB (at {} jobs: {:.1} MB)", end.0, end.1, early.0, early.1));
+    Ok(Soak { tenants: count, early, end, secs, daemon_cpu_secs, jobs_per_sec: end.0 as f64 / secs })
+}

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::Options;
-use crate::phases::{Ceiling, ColdStart, Edits, Resync, Runbook};
+use crate::phases::{Ceiling, ColdStart, Edits, Resync, Runbook, Soak};
 use crate::system::Machine;
 
 pub const COMMAND: &str = "cargo run --release --example bench";
@@ -34,6 +34,8 @@ pub struct Results {
     pub ceiling: Option<Ceiling>,
     /// Every tenant database on one cluster at `max_connections = 100`.
     pub one_server: Option<ColdStart>,
+    /// The daemon's work loop over a million jobs.
+    pub soak: Option<Soak>,
 }
 
 /// The one-server run's targets: connections come from `--db-connections`
@@ -236,6 +238,18 @@ pub fn rows(r: &Results) -> Vec<Row> {
         }
         None => rows.push(not_measured("One server at max_connections = 100, 1000 tenants", "see the issue")),
     }
+    match &r.soak {
+        Some(s) => {
+            let growth = (s.end.1 / s.early.1 - 1.0) * 100.0;
+            rows.push(row(
+                format!("Memory after {} jobs vs after {} (RSS)", s.end.0, s.early.0),
+                format!("{:.1} MB vs {:.1} MB ({growth:+.1} %)", s.end.1, s.early.1),
+                "within 10 %",
+                Some(growth.abs() <= 10.0),
+            ));
+        }
+        None => rows.push(not_measured("Memory after 1,000,000 jobs vs after 10,000", "within 10 %")),
+    }
     let elsewhere: usize = r.cold_starts.iter().chain(&r.one_server).map(|c| c.violations).sum::<usize>()
         + r.resync.as_ref().map_or(0, |s| s.violations)
         + r.runbook.as_ref().map_or(0, |b| b.violations);
@@ -417,6 +431,18 @@ pub fn markdown(r: &Results) -> String {
             c.idle_cpu_percent,
             c.idle_secs,
             c.verified_tenants,
+        );
+    }
+
+    if let Some(s) = &r.soak {
+        let _ = writeln!(md, "\n### Soak\n");
+        let _ = writeln!(
+            md,
+            "The daemon's work loop run {} times: {} tenants without a CRM whose database refuses at once (a closed \
+             port), each resynced every second, so that the loop itself is measured (jobs queued, run, reaped and \
+             recorded; timers re-armed) rather than PostgreSQL or a CRM. {:.0} s, {:.0} jobs/s, daemon CPU {:.1} s. \
+             RSS {:.1} MB after {} jobs, {:.1} MB after {}.",
+            s.end.0, s.tenants, s.secs, s.jobs_per_sec, s.daemon_cpu_secs, s.early.1, s.early.0, s.end.1, s.end.0
         );
     }
 
@@ -606,7 +632,9 @@ pub fn markdown(r: &Results) -> String {
         "It needs the PostgreSQL server binaries (`initdb`, `postgres`), bash, curl, psql and jq (or python3). \
          Settings, as flags after `--` or environment variables: `BENCH_LATENCY_MS` (30), `BENCH_TENANTS` \
          (10,100,500), `BENCH_IDLE_SECS` (60), `BENCH_IDLE_TIMEOUT_SECS` (30), `BENCH_EDITS` (100), \
-         `BENCH_RUNBOOK_RUNS` (5), `BENCH_PORTAL_TENANTS` (20), `BENCH_PHASES` (cold,edits,resync,runbook,ceiling), \
+         `BENCH_RUNBOOK_RUNS` (5), `BENCH_PORTAL_TENANTS` (20), `BENCH_ONE_SERVER_TENANTS` (1000), \
+         `BENCH_SOAK_TENANTS` (5000), `BENCH_SOAK_JOBS` (1000000), \
+         `BENCH_PHASES` (cold,edits,resync,runbook,ceiling,one-server,soak), \
          `BENCH_CONCURRENCY` (the daemon's own), `BENCH_MAX_LOAD` (wait for a lower load average first), \
          `BENCH_LOGS` (keep the daemons' logs there), `BENCH_OUT` (where the two files go). A quick run: `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 \
          BENCH_IDLE_TIMEOUT_SECS=5 BENCH_EDITS=20 BENCH_OUT=/tmp/bench {COMMAND}`."

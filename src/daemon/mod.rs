@@ -580,6 +580,7 @@ impl Daemon {
 
     fn record(&self, slug: &str, outcome: &Outcome) {
         let metrics = &self.ctx.metrics;
+        metrics.job_done(outcome.work.as_str());
         if let (Work::Reconcile, Some(elapsed)) = (outcome.work, outcome.elapsed) {
             metrics.reconcile_duration(elapsed.as_secs_f64());
         }

@@ -34,6 +34,17 @@ pub(crate) enum Work {
     Reconcile,
 }
 
+impl Work {
+    /// Its name in metrics (one of [`crate::metrics::WORK_KINDS`]).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Work::Refresh => "refresh",
+            Work::Resync => "resync",
+            Work::Reconcile => "reconcile",
+        }
+    }
+}
+
 pub(crate) struct Tenant {
     pub(crate) config: TenantConfig,
     pub(crate) digest: Option<[u8; 32]>,

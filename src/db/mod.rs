@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use migrate::migrate;
@@ -101,7 +102,7 @@ impl Drop for Waiting<'_> {
 struct BudgetedConnect {
     connector: tls::Connector,
     budget: Arc<Budget>,
-    busy_retries: Arc<AtomicUsize>,
+    busy_retries: Counter,
 }
 
 impl deadpool_postgres::Connect for BudgetedConnect {
@@ -114,7 +115,7 @@ impl deadpool_postgres::Connect for BudgetedConnect {
             let (client, connection) = loop {
                 match self.connector.open(&config).await {
                     Err(e) if is_busy(&e) && started.elapsed() + delay < BUSY_RETRY_FOR => {
-                        self.busy_retries.fetch_add(1, Ordering::Relaxed);
+                        self.busy_retries.inc();
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
@@ -238,7 +239,7 @@ pub struct Pools {
     budgets: Arc<Mutex<HashMap<String, Arc<Budget>>>>,
     /// Told when a task starts waiting for a budget.
     wanted: Arc<Notify>,
-    busy_retries: Arc<AtomicUsize>,
+    busy_retries: Counter,
     settings: PoolSettings,
 }
 
@@ -250,17 +251,18 @@ impl Pools {
             inner: Arc::default(),
             budgets: Arc::default(),
             wanted: Arc::default(),
-            busy_retries: Arc::default(),
+            busy_retries: Counter::default(),
             settings,
         };
         tokio::spawn(close_idle_connections(Arc::downgrade(&pools.inner), pools.wanted.clone(), settings.idle_timeout));
         pools
     }
 
-    /// Connection attempts the server refused as busy (53300, 57P03) and
-    /// that were tried again.
-    pub fn busy_retries(&self) -> usize {
-        self.busy_retries.load(Ordering::Relaxed)
+    /// Counts connection attempts a server refused as busy (53300, 57P03)
+    /// and that were tried again in `counter` (the daemon's metric).
+    pub fn counting_busy_retries(mut self, counter: Counter) -> Pools {
+        self.busy_retries = counter;
+        self
     }
 
     /// The budget of the server `config` points at: same host (or socket

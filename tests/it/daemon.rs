@@ -239,6 +239,8 @@ async fn the_binary_serves_health_and_metrics_and_stops_on_sigterm_with_exit_0_w
     let metrics = http.get(format!("http://{listen}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("crm_connect_tenants{state=\"connected\"} 1"), "{metrics}");
     assert!(metrics.contains("crm_connect_reconcile_duration_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("crm_connect_jobs_total{work=\"reconcile\"} 1"), "{metrics}");
+    assert!(metrics.contains("crm_connect_db_busy_retries_total 0"), "{metrics}");
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());

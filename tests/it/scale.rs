@@ -134,3 +134,47 @@ async fn a_bitrix24_reconcile_needs_one_database_session_while_others_wait_for_t
     // Fetched first, then migrated, written and recorded in one session.
     assert_eq!(sessions(&names, 4).await, [1, 1, 1, 1]);
 }
+
+/// The value of an unlabelled counter in the metrics text.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_server_out_of_connections_is_waited_for_and_each_refusal_is_counted() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start_with_max_connections(4)).await.unwrap().unwrap();
+    let admin = connect(&cluster.admin_url()).await;
+    admin.batch_execute("CREATE DATABASE busy").await.unwrap();
+    // Another program takes every connection the server has left.
+    let mut others = Vec::new();
+    loop {
+        match tokio_postgres::connect(&cluster.admin_url(), tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                others.push(client);
+            }
+            Err(e) => {
+                assert_eq!(e.as_db_error().map(|e| e.code().code()), Some("53300"), "{e}");
+                break;
+            }
+        }
+    }
+    let ctx = crate::support::fast_context();
+    let tenant = crate::support::tenant("busy", &plain_tenant("busy", &cluster.database_url("busy")));
+    let work = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { crm_connect::apply::apply_tenant(&ctx, &tenant).await.map(|_| ()) })
+    };
+    eventually("the server refused the tenant as busy", Duration::from_secs(10), || async {
+        counter(&ctx.metrics.encode(), "crm_connect_db_busy_retries_total") >= 1
+    })
+    .await;
+    others.pop();
+    work.await.unwrap().expect("connected once a connection was free");
+    drop(admin);
+}
