@@ -4,7 +4,8 @@
 //! this module writes SQL.
 //!
 //! A connection holds a permit of its server's budget from before it is
-//! opened until it is closed (the permit lives in the connection's task), so
+//! opened until the server has closed it (the permit lives in the
+//! connection's task, which ends once the server closed its end), so
 //! the daemon never has more connections to one server than the budget,
 //! however many tenants it serves. Waiting for a permit is FIFO. Idle
 //! connections are closed when their tenant's work ends, and at once when
@@ -12,6 +13,7 @@
 
 mod migrate;
 pub mod queries;
+mod socket;
 pub(crate) mod tls;
 
 use std::collections::HashMap;

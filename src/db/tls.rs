@@ -5,9 +5,12 @@
 //! tokio-postgres's (which already reads socket directories as hosts).
 //! Reads the root certificate file; never prints the URL.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
@@ -18,13 +21,13 @@ use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::{Host, SslMode as WireMode, SslNegotiation};
 use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::{Client, Config, Connection, Socket};
+use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use x509_cert::der::{Decode, Tag, Tagged};
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
 
-use super::DbError;
+use super::{DbError, socket};
 
 /// libpq's `sslmode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -318,8 +321,6 @@ impl Check {
     }
 }
 
-type TlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
-
 /// Opens connections as libpq would for the URL's `sslmode` (see
 /// [`Attempts`]); deadpool uses it through [`deadpool_postgres::Connect`].
 ///
@@ -342,15 +343,11 @@ impl Connector {
     }
 
     /// One connection, trying a second way where the `sslmode` says so.
-    pub(crate) async fn open(
-        &self,
-        config: &Config,
-    ) -> Result<(Client, Connection<Socket, TlsStream>), tokio_postgres::Error> {
+    pub(crate) async fn open(&self, config: &Config) -> Result<(Client, Driver), tokio_postgres::Error> {
         let attempt = |mode: WireMode| {
             let mut config = config.clone();
             config.ssl_mode(mode);
-            let tls = self.tls.clone();
-            async move { config.connect(tls).await }
+            connect(config, self.tls.clone())
         };
         match self.attempts {
             Attempts::Plain => attempt(WireMode::Disable).await,
@@ -367,6 +364,33 @@ impl Connector {
             },
         }
     }
+}
+
+/// What runs a connection until it ends.
+pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+/// One attempt, over a [`socket::Socket`] whose closing waits for the
+/// server where the URL names one host. A socket that cannot be opened is
+/// left to tokio-postgres to try and report (its errors are its own to
+/// make): at once after a timeout, so that a timeout is not waited twice.
+async fn connect(config: Config, mut tls: MakeRustlsConnect) -> Result<(Client, Driver), tokio_postgres::Error> {
+    let mut fallback = config.clone();
+    if let Some(target) = socket::Target::of(&config) {
+        match target.open(&config).await {
+            Ok(socket) => {
+                let name = target.tls_name.as_deref().unwrap_or("");
+                let Ok(tls) = MakeTlsConnect::<socket::Socket>::make_tls_connect(&mut tls, name);
+                let (client, connection) = config.connect_raw(socket, tls).await?;
+                return Ok((client, Box::pin(connection)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                fallback.connect_timeout(Duration::from_millis(1));
+            }
+            Err(_) => {}
+        }
+    }
+    let (client, connection) = fallback.connect(tls).await?;
+    Ok((client, Box::pin(connection)))
 }
 
 /// tokio-postgres reports a failed TLS negotiation only through its message.
