@@ -226,7 +226,8 @@ async fn run(options: Options) -> anyhow::Result<()> {
             let one = fixture::Databases::one_server(fixture::STOCK_MAX_CONNECTIONS).await?;
             system::log(&format!("one cluster at max_connections = {} up", fixture::STOCK_MAX_CONNECTIONS));
             let (cold, _) = phases::cold_start(&options, &binary, &one, options.one_server_tenants, false).await?;
-            Some(cold)
+            let floor = phases::floor(&one, &crate_dir.join("migrations")).await?;
+            Some((cold, floor))
         }
         false => None,
     };

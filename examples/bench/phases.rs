@@ -895,3 +895,56 @@ pub async fn soak(options: &Options, binary: &Path) -> anyhow::Result<Soak> {
     log(&format!("soak: {} jobs in {secs:.0} s, RSS {:.1} MB (at {} jobs: {:.1} MB)", end.0, end.1, early.0, early.1));
     Ok(Soak { tenants: count, early, end, secs, daemon_cpu_secs, jobs_per_sec: end.0 as f64 / secs })
 }
+
+/// What PostgreSQL itself charges, with no crm-connect in the way: a plain
+/// client connecting to a fresh database and running the whole schema
+/// (every migration file) in one transaction, and a plain client's session
+/// of one query on a migrated database. Measured on the one-server cluster
+/// once its tenants exist, so the caches are under the same pressure.
+#[derive(Clone, Debug, Serialize)]
+pub struct Floor {
+    pub databases: usize,
+    pub fresh_ms: f64,
+    pub session_ms: f64,
+}
+
+pub async fn floor(databases: &Databases, migrations: &Path) -> anyhow::Result<Floor> {
+    const COUNT: usize = 100;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(migrations)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort_by_key(|p| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        name.trim_start_matches('V').split("__").next().and_then(|v| v.parse::<u32>().ok()).unwrap_or(u32::MAX)
+    });
+    let mut schema = String::from("BEGIN;\n");
+    for file in &files {
+        schema.push_str(&std::fs::read_to_string(file)?);
+        schema.push_str(";\n");
+    }
+    schema.push_str("COMMIT;\n");
+    let names: Vec<String> = (0..COUNT).map(|i| format!("floor{i:03}")).collect();
+    let urls = databases.create(&names).await?;
+    log(&format!("floor: the schema on {COUNT} fresh databases by a plain client"));
+    let postmasters = databases.postmasters();
+    let ticks_per_ms = system::clock_ticks_per_sec() as f64 / 1000.0;
+    let measure = |sql: String| {
+        let (urls, postmasters) = (urls.clone(), postmasters.clone());
+        async move {
+            let before = system::postgres_cpu_ticks(&postmasters);
+            for url in &urls {
+                let client = fixture::connect(url).await?;
+                client.batch_execute(&sql).await?;
+            }
+            // A backend counts its CPU once it has exited.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let ticks = system::postgres_cpu_ticks(&postmasters).saturating_sub(before);
+            Ok::<f64, anyhow::Error>(ticks as f64 / ticks_per_ms / urls.len() as f64)
+        }
+    };
+    let fresh_ms = measure(schema).await?;
+    let session_ms = measure("SELECT * FROM config".to_owned()).await?;
+    log(&format!("floor: {fresh_ms:.1} ms per fresh database, {session_ms:.1} ms per session"));
+    Ok(Floor { databases: COUNT, fresh_ms, session_ms })
+}
