@@ -78,6 +78,7 @@ pub enum Command {
     /// The daemon: reconcile every tenant, then keep tokens fresh, stages synced and files watched
     Run,
     /// A throwaway PostgreSQL, both CRM sandboxes and two demo tenants under the daemon
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
     /// Check every tenant file offline; exit 0 if valid (warnings allowed), 1 if not
     Validate,

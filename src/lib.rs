@@ -27,8 +27,6 @@ pub mod daemon;
 pub mod watch;
 /// The HTTP side of the daemon: health, metrics, the AmoCRM OAuth callback.
 pub mod server;
-/// The AmoCRM and Bitrix24 emulators used by the tests and `demo`.
-pub mod sandbox;
 /// The command line.
 pub mod cli;
 /// Log output that never carries a secret.
@@ -44,6 +42,7 @@ use cli::{Cli, Command};
 pub async fn run(cli: Cli) -> ExitCode {
     match &cli.command {
         Command::Run => daemon::run(cli.global.clone(), daemon::Hooks::default(), daemon::signals()).await,
+        #[cfg(feature = "demo")]
         Command::Demo(args) => commands::demo::run(&cli.global, args).await,
         Command::Validate => commands::validate::run(&cli.global),
         Command::Sync(args) => commands::sync::run(&cli.global, args).await,

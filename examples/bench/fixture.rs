@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crm_connect::sandbox::bitrix24::{B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
-use crm_connect::sandbox::postgres::{Cluster, create_database};
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::bitrix24::{B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
+use crm_connect_sandbox::postgres::{Cluster, create_database};
 use tokio_postgres::{Client, NoTls};
 
 use crate::Options;

@@ -6,9 +6,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use crm_connect::sandbox::amocrm::AmoSandbox;
-use crm_connect::sandbox::bitrix24::B24Sandbox;
-use crm_connect::sandbox::faults::RecordedRequest;
+use crm_connect_sandbox::amocrm::AmoSandbox;
+use crm_connect_sandbox::bitrix24::B24Sandbox;
+use crm_connect_sandbox::faults::RecordedRequest;
 use serde::Serialize;
 
 use crate::Options;

@@ -14,10 +14,10 @@ use tokio::sync::oneshot;
 use crate::cli::{DemoArgs, GlobalArgs, StatusArgs};
 use crate::config::{self, DEFAULT_DATABASE_URL_TEMPLATE};
 use crate::daemon::{self, Hooks};
-use crate::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crate::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use crate::sandbox::postgres::{self as pg, Cluster, ClusterError};
 use crate::secret::Secret;
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::postgres::{self as pg, Cluster, ClusterError};
 
 /// What the temporary tenant directory's name starts with.
 const CONFIG_DIR_PREFIX: &str = "crm-connect-demo-";
@@ -37,6 +37,12 @@ enum DemoError {
         slug: &'static str,
         #[source]
         source: ClusterError,
+    },
+    #[error("cannot prepare the database of {slug}: {source}")]
+    TheirDatabase {
+        slug: &'static str,
+        #[source]
+        source: crate::db::DbError,
     },
     #[error("cannot start the {crm} sandbox: {source}")]
     Sandbox {
@@ -196,7 +202,7 @@ impl Demo {
         let (postgres, amo_db, b24_db) = if theirs {
             for slug in [AMO_SLUG, B24_SLUG] {
                 let url = Secret::new(global.database_url_template.expose().replace("{slug}", slug));
-                pg::ensure_database(&url).await.map_err(|source| DemoError::Database { slug, source })?;
+                crate::db::ensure_database(&url).await.map_err(|source| DemoError::TheirDatabase { slug, source })?;
             }
             // The files leave the URL to the template, so no password is written to them.
             (Postgres::Theirs, None, None)

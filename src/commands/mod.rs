@@ -3,6 +3,7 @@
 
 pub mod auth_url;
 pub mod authorize;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod stages;
 pub mod status;

@@ -11,6 +11,7 @@
 //! connections are closed when their tenant's work ends, and at once when
 //! another tenant waits for the budget.
 
+mod maintenance;
 mod migrate;
 pub mod queries;
 mod socket;
@@ -26,6 +27,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+pub use maintenance::ensure_database;
 pub use migrate::migrate;
 
 use crate::secret::Secret;

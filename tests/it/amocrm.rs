@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use crm_connect::apply::apply_tenant;
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
-use crm_connect::sandbox::faults::Fault;
 use crm_connect::tokens::{self, sha256_hex};
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
+use crm_connect_sandbox::faults::Fault;
 use tokio_postgres::Client;
 
 use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, postgres::fresh_database, tenant, write};

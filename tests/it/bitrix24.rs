@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use crm_connect::apply::apply_tenant;
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig, BlockedCommandTime, query_limit_exceeded};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig, BlockedCommandTime, query_limit_exceeded};
 use tokio_postgres::Client;
 
 use crate::support::{connect, crm_connect, fast_context, postgres::fresh_database, tenant, write};

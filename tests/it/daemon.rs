@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Running, eventually};
@@ -57,7 +57,7 @@ async fn tokens_are_refreshed_a_margin_before_expiry_again_and_again() {
     write(dir.path(), "acme.toml", &text);
     let daemon = Running::start(dir.path()).await;
 
-    let refreshes = |r: &[crm_connect::sandbox::faults::RecordedRequest]| {
+    let refreshes = |r: &[crm_connect_sandbox::faults::RecordedRequest]| {
         r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
     };
     assert!(amo.wait_for_requests(|r| refreshes(r) >= 2, Duration::from_secs(30)).await, "refreshes keep coming");
@@ -90,7 +90,7 @@ async fn two_daemons_on_one_tenant_neither_double_nor_break_refreshes() {
     write(dir.path(), "acme.toml", &text);
     let (a, b) = tokio::join!(Running::start(dir.path()), Running::start(dir.path()));
     let started = Instant::now();
-    let refreshes = |r: &[crm_connect::sandbox::faults::RecordedRequest]| {
+    let refreshes = |r: &[crm_connect_sandbox::faults::RecordedRequest]| {
         r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
     };
     assert!(amo.wait_for_requests(|r| refreshes(r) >= 3, Duration::from_secs(40)).await);

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use tokio_postgres::Client;
 
 use crate::support::{Run, amocrm_tenant, connect, crm_connect, postgres::fresh_database, write};

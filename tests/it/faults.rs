@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use crm_connect::apply::{Applied, apply_tenant, resync_stages};
 use crm_connect::context::Context;
 use crm_connect::model::CrmState;
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use crm_connect::sandbox::faults::{Fault, RecordedRequest};
-use crm_connect::sandbox::postgres::Cluster;
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::faults::{Fault, RecordedRequest};
+use crm_connect_sandbox::postgres::Cluster;
 use tokio_postgres::{Client, NoTls};
 
 use crate::support::daemon::{Running, eventually};

@@ -10,8 +10,6 @@ mod faults;
 mod migrations;
 mod pools;
 mod robustness;
-mod sandbox_amocrm;
-mod sandbox_bitrix24;
 mod scale;
 mod server;
 mod stage_lists;

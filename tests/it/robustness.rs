@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crm_connect::apply::{apply_tenant, resync_stages};
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 
 use crate::faults::{AmoSetup, Binary, amo_connected, b24_tenant, state, succeeded};
 use crate::support::daemon::{Running, eventually};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use crm_connect::sandbox::postgres::Cluster;
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::postgres::Cluster;
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Running, eventually};

@@ -10,9 +10,9 @@ use crm_connect::config::TenantConfig;
 use crm_connect::context::Context;
 use crm_connect::crm::amocrm::AmoClient;
 use crm_connect::model::Crm;
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
 use crm_connect::secret::Secret;
 use crm_connect::tokens::sha256_hex;
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 

@@ -7,9 +7,9 @@ use crm_connect::apply::{Applied, apply_tenant, resync_stages};
 use crm_connect::config::TenantConfig;
 use crm_connect::context::Context;
 use crm_connect::model::CrmState;
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use crm_connect::sandbox::faults::Fault;
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::faults::Fault;
 use tokio_postgres::Client;
 
 use crate::support::postgres::fresh_database;

@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::Path;
 
-use crm_connect::sandbox::postgres::Cluster;
+use crm_connect_sandbox::postgres::Cluster;
 use tokio_postgres::{Client, NoTls};
 
 use crate::support::postgres::{admin_url, fresh_database};

@@ -2,8 +2,8 @@
 //! writes nothing, failures of one tenant do not stop the others, and no
 //! secret reaches any output.
 
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 
 use crate::support::{connect, crm_connect, postgres::fresh_database, write};
 

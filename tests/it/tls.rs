@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 
 use crm_connect::config::{LoadOptions, parse_file};
 use crm_connect::db::{DbError, PoolSettings, Pools};
-use crm_connect::sandbox::postgres::Cluster;
 use crm_connect::secret::Secret;
+use crm_connect_sandbox::postgres::Cluster;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use chrono::{Datelike, Utc};
 use crm_connect::apply::{apply_tenant, resync_stages};
 use crm_connect::model::CrmState;
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
-use crm_connect::sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use crm_connect::sandbox::faults::{Fault, RecordedRequest};
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
+use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::faults::{Fault, RecordedRequest};
 use serde_json::json;
 use tokio_postgres::Client;
 

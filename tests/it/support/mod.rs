@@ -61,7 +61,7 @@ pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 
 /// A tenant file using the AmoCRM sandbox: `extra` is appended inside
 /// `[amocrm]` (e.g. an authorization code) and may open further tables.
-pub fn amocrm_tenant(database_url: &str, sandbox: &crm_connect::sandbox::amocrm::AmoSandbox, extra: &str) -> String {
+pub fn amocrm_tenant(database_url: &str, sandbox: &crm_connect_sandbox::amocrm::AmoSandbox, extra: &str) -> String {
     let c = sandbox.config();
     format!(
         "[tenant]\ndatabase_url = \"{database_url}\"\n\n[amocrm]\nsubdomain = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nredirect_uri = \"{}\"\nbase_url = \"{}\"\n{extra}\n",

@@ -2,7 +2,7 @@
 //!
 //! The server is either the one named by `CRM_CONNECT_TEST_DATABASE_URL` (an
 //! admin URL; test databases are created on it) or one throwaway
-//! `crm_connect::sandbox::postgres::Cluster` per test process, started on
+//! `crm_connect_sandbox::postgres::Cluster` per test process, started on
 //! first use. Test binaries never run static destructors, so the cluster is
 //! never dropped: it dies with the process (parent-death signal) and its
 //! directory is removed by the next cluster that starts.
@@ -11,7 +11,7 @@ use std::process;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crm_connect::sandbox::postgres::{self as pg, Cluster};
+use crm_connect_sandbox::postgres::{self as pg, Cluster};
 
 const URL_VAR: &str = "CRM_CONNECT_TEST_DATABASE_URL";
 

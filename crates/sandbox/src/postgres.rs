@@ -33,9 +33,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::NoTls;
 
-use crate::db::{PoolSettings, Pools};
-use crate::secret::Secret;
-
 /// What every cluster directory's name starts with, in the temp directory.
 pub const DIR_PREFIX: &str = "crm-connect-pg-";
 /// The database role and, when we are root, the system user the server runs as.
@@ -272,45 +269,6 @@ pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Clus
     Ok(with_database(admin_url, name))
 }
 
-/// Creates the database that `database_url` names unless it exists, by way
-/// of the same server's `postgres` database and the crate's own connection
-/// settings (TLS as `sslmode` says). Returns whether it was created.
-pub async fn ensure_database(database_url: &Secret) -> Result<bool, ClusterError> {
-    let (config, _) = crate::db::tls::parse(database_url.expose()).map_err(|_| ClusterError::BadUrl)?;
-    let name = config.get_dbname().ok_or(ClusterError::BadUrl)?.to_owned();
-    let url = database_url.expose();
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(ClusterError::BadUrl);
-    }
-    let maintenance = Secret::new(with_database(url, "postgres"));
-
-    let pools = Pools::new(PoolSettings { max_size: 1, ..PoolSettings::default() });
-    let db = pools.get("maintenance", &maintenance).map_err(|_| ClusterError::BadUrl)?;
-    // The pool's error already names the server.
-    let client = db.client().await.map_err(|e| ClusterError::Io {
-        what: "connecting to the maintenance database".to_owned(),
-        source: io::Error::other(e.to_string()),
-    })?;
-    let failed = |what: String, e: tokio_postgres::Error| ClusterError::Database {
-        what,
-        target: db.target().to_owned(),
-        reason: pg_reason(&e),
-    };
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await
-        .map_err(|e| failed(format!("looking up database {name}"), e))?
-        .is_some();
-    if exists {
-        return Ok(false);
-    }
-    client
-        .batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&name)))
-        .await
-        .map_err(|e| failed(format!("creating database {name}"), e))?;
-    Ok(true)
-}
-
 /// `url` with its database (the URL path) replaced by `name`; the query
 /// (`?sslmode=…`) is kept.
 pub fn with_database(url: &str, name: &str) -> String {
@@ -348,7 +306,8 @@ fn pg_reason(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_owned())
 }
 
-fn quote_identifier(name: &str) -> String {
+/// `name` as an SQL identifier in double quotes.
+pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use crm_connect::sandbox::bitrix24::{
+use crm_connect_sandbox::bitrix24::{
     B24Category, B24Sandbox, B24SandboxConfig, B24Stage, BlockedCommandTime, query_limit_exceeded,
 };
-use crm_connect::sandbox::faults::Fault;
+use crm_connect_sandbox::faults::Fault;
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 use serde_json::{Value, json};
 

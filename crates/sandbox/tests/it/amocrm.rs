@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use crm_connect::sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, SandboxPipeline, SandboxStatus, TokenStats};
-use crm_connect::sandbox::faults::Fault;
+use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, SandboxPipeline, SandboxStatus, TokenStats};
+use crm_connect_sandbox::faults::Fault;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde_json::{Value, json};
 

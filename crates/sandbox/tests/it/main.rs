@@ -1,0 +1,5 @@
+//! The emulators tested on their own, over HTTP: what they answer is what
+//! the real services answer, faults included.
+
+mod amocrm;
+mod bitrix24;

@@ -1,0 +1,52 @@
+//! Creating a tenant database that does not exist yet (the demo on a
+//! server of the user's), by way of the same server's `postgres` database
+//! and the program's own connection settings (TLS as `sslmode` says).
+
+use super::{DbError, PoolSettings, Pools, pg_reason};
+use crate::secret::Secret;
+
+/// Creates the database `database_url` names unless it exists; returns
+/// whether it was created.
+pub async fn ensure_database(database_url: &Secret) -> Result<bool, DbError> {
+    let (config, _) = super::tls::parse(database_url.expose()).map_err(|_| DbError::BadUrl)?;
+    let name = config.get_dbname().ok_or(DbError::BadUrl)?.to_owned();
+    let url = database_url.expose();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(DbError::BadUrl);
+    }
+    let maintenance = Secret::new(with_database(url, "postgres"));
+    let pools = Pools::new(PoolSettings { max_size: 1, ..PoolSettings::default() });
+    let db = pools.get("maintenance", &maintenance)?;
+    let client = db.client().await?;
+    let failed = |e: tokio_postgres::Error| DbError::Query {
+        what: "creating the database",
+        target: db.target().to_owned(),
+        reason: pg_reason(&e),
+        transient: false,
+    };
+    let exists =
+        client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.map_err(failed)?.is_some();
+    if exists {
+        return Ok(false);
+    }
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    client.batch_execute(&format!("CREATE DATABASE {quoted}")).await.map_err(failed)?;
+    Ok(true)
+}
+
+/// `url` with its database (the URL path) replaced by `name`; the query
+/// (`?sslmode=…`) is kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..].find('/').map_or(base.len(), |i| authority + i);
+    let mut out = format!("{}/{name}", &base[..path]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
