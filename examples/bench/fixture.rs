@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow};
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect_sandbox::bitrix24::{B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
+use crm_connect_sandbox::files::{OwnedDir, toml_string};
 use crm_connect_sandbox::postgres::{Cluster, create_database};
 use tokio_postgres::{Client, NoTls};
 
@@ -253,25 +254,10 @@ pub async fn b24_sandbox(latency: Duration) -> anyhow::Result<B24Sandbox> {
     Ok(sandbox)
 }
 
-/// A TOML basic string.
-pub fn quoted(value: &str) -> String {
-    let mut out = String::from("\"");
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn head(database_url: &str, resync: Option<&str>) -> String {
-    let mut text = format!("[tenant]\ndatabase_url = {}\n", quoted(database_url));
+    let mut text = format!("[tenant]\ndatabase_url = {}\n", toml_string(database_url));
     if let Some(cron) = resync {
-        text.push_str(&format!("\n[schedule]\nstage_resync = {}\n", quoted(cron)));
+        text.push_str(&format!("\n[schedule]\nstage_resync = {}\n", toml_string(cron)));
     }
     text
 }
@@ -282,12 +268,12 @@ pub fn amo_file(sandbox: &AmoSandbox, database_url: &str, resync: Option<&str>) 
     format!(
         "{head}\n[amocrm]\nsubdomain = {}\nclient_id = {}\nclient_secret = {}\nredirect_uri = {}\nbase_url = {}\n\
          authorization_code = {}\n\n[amocrm.stages]\nqualified = [{{ pipeline = \"Продажи\", stage = \"Квалифицирован\" }}]\n",
-        quoted(&c.subdomain),
-        quoted(&c.client_id),
-        quoted(&c.client_secret),
-        quoted(&c.redirect_uri),
-        quoted(&sandbox.base_url()),
-        quoted(&sandbox.issue_code()),
+        toml_string(&c.subdomain),
+        toml_string(&c.client_id),
+        toml_string(&c.client_secret),
+        toml_string(&c.redirect_uri),
+        toml_string(&sandbox.base_url()),
+        toml_string(&sandbox.issue_code()),
         head = head(database_url, resync),
     )
 }
@@ -296,8 +282,8 @@ pub fn amo_file(sandbox: &AmoSandbox, database_url: &str, resync: Option<&str>) 
 pub fn b24_file(webhook_url: &str, database_url: &str, qualified: &str, resync: Option<&str>) -> String {
     format!(
         "{head}\n[bitrix24]\nwebhook_url = {}\n\n[bitrix24.stages]\nqualified = [{}]\n",
-        quoted(webhook_url),
-        quoted(qualified),
+        toml_string(webhook_url),
+        toml_string(qualified),
         head = head(database_url, resync),
     )
 }
@@ -417,15 +403,10 @@ pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// A directory removed with its contents when dropped.
-pub struct TempDir(tempfile::TempDir);
+/// A private directory of this run, removed with its contents when dropped
+/// (and swept by a later run if this one was killed).
+pub type TempDir = OwnedDir;
 
-impl TempDir {
-    pub fn new(prefix: &str) -> anyhow::Result<TempDir> {
-        Ok(TempDir(tempfile::Builder::new().prefix(prefix).tempdir()?))
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
+pub fn temp_dir(prefix: &str) -> anyhow::Result<TempDir> {
+    Ok(OwnedDir::create(&std::env::temp_dir(), prefix, |_| true)?)
 }

@@ -239,7 +239,7 @@ fn connection_errors_in(log: &Path) -> usize {
 fn log_file(options: &Options, dir: &TempDir, name: &str) -> PathBuf {
     match &options.logs {
         Some(logs) => logs.join(format!("{name}.log")),
-        None => dir.join(&format!("{name}.log")),
+        None => dir.join(format!("{name}.log")),
     }
 }
 
@@ -279,7 +279,7 @@ pub async fn cold_start(
     let prefix = tenant_prefix(count);
     let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i:04}")).collect();
     let urls = databases.create(&names).await?;
-    let dir = TempDir::new("crm-connect-bench-")?;
+    let dir = fixture::temp_dir("crm-connect-bench-")?;
     let config = tenants_dir(&dir)?;
     let mut tenants = Vec::new();
     for (i, database_url) in urls.into_iter().enumerate() {
@@ -557,7 +557,7 @@ pub async fn resync(options: &Options, binary: &Path, databases: &Databases) -> 
     let urls = databases.create(&["rsamo".to_owned(), "rsbtx".to_owned()]).await?;
     let amo = fixture::amo_sandbox(90_001, options.latency()).await?;
     let b24 = fixture::b24_sandbox(options.latency()).await?;
-    let dir = TempDir::new("crm-connect-bench-")?;
+    let dir = fixture::temp_dir("crm-connect-bench-")?;
     let config = tenants_dir(&dir)?;
     std::fs::write(config.join("rsamo.toml"), fixture::amo_file(&amo, &urls[0], Some(RESYNC_CRON)))?;
     std::fs::write(
@@ -675,7 +675,7 @@ pub async fn runbook(
         ids.join(" ")
     };
     let (success, fail) = (ids(&["WON"]), ids(&["LOSE", "APOLOGY"]));
-    let dir = TempDir::new("crm-connect-bench-")?;
+    let dir = fixture::temp_dir("crm-connect-bench-")?;
 
     let (mut runbook_secs, mut sync_secs) = (Vec::new(), Vec::new());
     let (mut runbook_requests, mut sync_requests) = (Vec::new(), Vec::new());
@@ -688,7 +688,7 @@ pub async fn runbook(
             client.batch_execute(sql).await.context("preparing the runbook's tables")?;
         }
         drop(client);
-        let file = dir.join(&format!("shop{run}.toml"));
+        let file = dir.join(format!("shop{run}.toml"));
         std::fs::write(&file, fixture::b24_file(&sandbox.webhook_url(), sync_url, QUALIFIED, None))?;
 
         for sync_first in [run % 2 == 0, run % 2 != 0] {
@@ -773,7 +773,7 @@ pub async fn ceiling(options: &Options, binary: &Path, databases: &Databases) ->
     let sandbox = fixture::b24_sandbox(options.latency()).await?;
     let names: Vec<String> = (0..count).map(|i| format!("portal{i:03}")).collect();
     let urls = databases.create(&names).await?;
-    let dir = TempDir::new("crm-connect-bench-")?;
+    let dir = fixture::temp_dir("crm-connect-bench-")?;
     let config = tenants_dir(&dir)?;
     for (name, url) in names.iter().zip(&urls) {
         std::fs::write(
@@ -858,7 +858,7 @@ fn jobs_done(metrics: &BTreeMap<String, f64>) -> u64 {
 pub async fn soak(options: &Options, binary: &Path) -> anyhow::Result<Soak> {
     const EARLY: u64 = 10_000;
     let count = options.soak_tenants;
-    let dir = TempDir::new("crm-connect-soak")?;
+    let dir = fixture::temp_dir("crm-connect-soak-")?;
     let config = dir.join("tenants");
     std::fs::create_dir_all(&config)?;
     for i in 0..count {

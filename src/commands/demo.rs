@@ -4,7 +4,7 @@
 //! exit.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::pin;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,7 +17,8 @@ use crate::daemon::{self, Hooks};
 use crate::secret::Secret;
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use crm_connect_sandbox::postgres::{self as pg, Cluster, ClusterError};
+use crm_connect_sandbox::files::{OwnedDir, toml_string};
+use crm_connect_sandbox::postgres::{Cluster, ClusterError};
 
 /// What the temporary tenant directory's name starts with.
 const CONFIG_DIR_PREFIX: &str = "crm-connect-demo-";
@@ -183,7 +184,7 @@ struct Demo {
     postgres: Postgres,
     amo: AmoSandbox,
     b24: B24Sandbox,
-    config_dir: TempDir,
+    config_dir: OwnedDir,
     /// The caller's flags with the demo's tenant directory and databases.
     global: GlobalArgs,
 }
@@ -225,17 +226,16 @@ impl Demo {
         };
 
         let base = std::env::temp_dir();
-        remove_stale_dirs(&base);
-        let config_dir = pg::create_private_dir_named(&base, CONFIG_DIR_PREFIX)
-            .map(|path| TempDir { path })
+        let config_dir = OwnedDir::create(&base, CONFIG_DIR_PREFIX, |_| true)
             .map_err(|source| DemoError::Files { dir: base.clone(), source })?;
         let write = |slug: &str, text: String| {
-            let path = config_dir.path.join(format!("{slug}.toml"));
-            std::fs::write(&path, text).map_err(|source| DemoError::Files { dir: config_dir.path.clone(), source })
+            config_dir
+                .write(&format!("{slug}.toml"), &text)
+                .map_err(|source| DemoError::Files { dir: config_dir.path().to_path_buf(), source })
         };
         write(AMO_SLUG, amo_tenant(&amo, amo_db.as_deref()))?;
         write(B24_SLUG, b24_tenant(&b24, b24_db.as_deref()))?;
-        global.config = config_dir.path.clone();
+        global.config = config_dir.path().to_path_buf();
 
         // A mistake here is the demo's own; say so before the daemon starts.
         let loaded = config::load(&global.config, &super::load_options(&global));
@@ -260,12 +260,12 @@ impl Demo {
         println!("  PostgreSQL        {postgres}");
         println!("  AmoCRM sandbox    {}", self.amo.base_url());
         println!("  Bitrix24 sandbox  {}", self.b24.base_url());
-        println!("  tenant files      {}  ({AMO_SLUG}.toml, {B24_SLUG}.toml)", self.config_dir.path.display());
+        println!("  tenant files      {}  ({AMO_SLUG}.toml, {B24_SLUG}.toml)", self.config_dir.path().display());
         println!();
     }
 
     fn print_hints(&self) {
-        let config = self.config_dir.path.display();
+        let config = self.config_dir.path().display();
         // The binary as it was started, so the hints work under `cargo run` too.
         let program = std::env::current_exe().map_or_else(|_| "crm-connect".to_owned(), |p| p.display().to_string());
         println!();
@@ -278,8 +278,10 @@ impl Demo {
     /// What `stop` removes, for the last line.
     fn removed_on_exit(&self) -> String {
         match &self.postgres {
-            Postgres::Own(cluster) => format!("{} and {}", self.config_dir.path.display(), cluster.dir().display()),
-            Postgres::Theirs => format!("{} (the demo databases stay on your server)", self.config_dir.path.display()),
+            Postgres::Own(cluster) => format!("{} and {}", self.config_dir.path().display(), cluster.dir().display()),
+            Postgres::Theirs => {
+                format!("{} (the demo databases stay on your server)", self.config_dir.path().display())
+            }
         }
     }
 
@@ -290,30 +292,6 @@ impl Demo {
         if let Postgres::Own(cluster) = postgres {
             // Waiting for the server to stop blocks.
             let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
-        }
-    }
-}
-
-/// A directory removed, with its contents, when dropped.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// Removes tenant directories of demos that are gone (killed, say).
-fn remove_stale_dirs(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let owner = entry.file_name().to_str().and_then(|name| pg::owner_pid(name, CONFIG_DIR_PREFIX));
-        if owner.is_some_and(|pid| !pg::is_alive(pid)) {
-            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -334,12 +312,12 @@ fn amo_tenant(sandbox: &AmoSandbox, database_url: Option<&str>) -> String {
          [amocrm.stages]\n\
          qualified = [{{ pipeline = \"Продажи\", stage = \"Квалифицирован\" }}]\n",
         tenant = tenant_table(database_url),
-        subdomain = quoted(&c.subdomain),
-        client_id = quoted(&c.client_id),
-        client_secret = quoted(&c.client_secret),
-        redirect_uri = quoted(&c.redirect_uri),
-        base_url = quoted(&sandbox.base_url()),
-        code = quoted(&sandbox.issue_code()),
+        subdomain = toml_string(&c.subdomain),
+        client_id = toml_string(&c.client_id),
+        client_secret = toml_string(&c.client_secret),
+        redirect_uri = toml_string(&c.redirect_uri),
+        base_url = toml_string(&sandbox.base_url()),
+        code = toml_string(&sandbox.issue_code()),
     )
 }
 
@@ -353,29 +331,13 @@ fn b24_tenant(sandbox: &B24Sandbox, database_url: Option<&str>) -> String {
          [bitrix24.stages]\n\
          qualified = [\"C1:PREPARATION\"]\n",
         tenant = tenant_table(database_url),
-        webhook_url = quoted(&sandbox.webhook_url()),
+        webhook_url = toml_string(&sandbox.webhook_url()),
     )
 }
 
 /// `[tenant]` with the database URL, or nothing when the template gives it.
 fn tenant_table(database_url: Option<&str>) -> String {
-    database_url.map_or_else(String::new, |url| format!("[tenant]\ndatabase_url = {}\n", quoted(url)))
-}
-
-/// A TOML basic string.
-fn quoted(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    database_url.map_or_else(String::new, |url| format!("[tenant]\ndatabase_url = {}\n", toml_string(url)))
 }
 
 /// A database URL fit to print: the password, if any, becomes `***`.
@@ -404,11 +366,5 @@ mod tests {
         assert_eq!(without_password("postgresql://u@h/x?sslmode=require"), "postgresql://u@h/x?sslmode=require");
         assert_eq!(without_password("postgresql://h/x"), "postgresql://h/x");
         assert_eq!(without_password("host=h password=p"), "(a database URL that is not printed)");
-    }
-
-    #[test]
-    fn strings_are_quoted_for_toml() {
-        assert_eq!(quoted("a\"b\\c"), "\"a\\\"b\\\\c\"");
-        assert_eq!(quoted("Продажи"), "\"Продажи\"");
     }
 }

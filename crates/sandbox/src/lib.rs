@@ -6,6 +6,7 @@
 pub mod amocrm;
 pub mod bitrix24;
 pub mod faults;
+pub mod files;
 pub mod postgres;
 
 use std::collections::VecDeque;

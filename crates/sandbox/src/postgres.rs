@@ -18,20 +18,21 @@
 //!   for tests that take PostgreSQL away from a running program;
 //! - can serve TLS (`ssl = on`) with a certificate and key of the caller's.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::hash::{BuildHasher, RandomState};
-use std::io::{self, ErrorKind, Read, Write};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{self, Child, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
+
+use crate::files::{OwnedDir, is_alive};
 
 /// What every cluster directory's name starts with, in the temp directory.
 pub const DIR_PREFIX: &str = "crm-connect-pg-";
@@ -88,7 +89,8 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
 /// A running throwaway cluster. Dropping it stops the server (fast shutdown)
 /// and removes its directory.
 pub struct Cluster {
-    dir: PathBuf,
+    /// Removed after `Drop::drop` has stopped the server.
+    dir: OwnedDir,
     port: u16,
     /// `setpriv`, which became `postgres`.
     server: Child,
@@ -104,7 +106,7 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("dir", &self.dir).field("port", &self.port).finish()
+        f.debug_struct("Cluster").field("dir", &self.dir.path()).field("port", &self.port).finish()
     }
 }
 
@@ -142,20 +144,22 @@ impl Cluster {
         // whatever TMPDIR says; the server is given absolute paths in any case.
         let tmp = std::env::temp_dir();
         let base = if as_root || !tmp.is_absolute() { PathBuf::from("/tmp") } else { tmp };
-        remove_stale_dirs(&base);
-        let dir = create_private_dir(&base)?;
-        // From here on a failure removes the directory again.
-        let started = initdb_and_launch(&bindir, as_root, &dir, tls, max_connections);
-        if started.is_err() {
-            let _ = fs::remove_dir_all(&dir);
-        }
-        started
+        // A directory whose server still runs is not swept.
+        let dir = OwnedDir::create(&base, DIR_PREFIX, |dir| {
+            let server_pid = fs::read_to_string(dir.join("data/postmaster.pid"))
+                .ok()
+                .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok());
+            !server_pid.is_some_and(is_alive)
+        })
+        .map_err(io_error(format!("cannot create a directory in {}", base.display())))?;
+        // A failure drops (removes) the directory again.
+        initdb_and_launch(&bindir, as_root, dir, tls, max_connections)
     }
 
     /// The directory holding the data, the unix socket (the directory to
     /// give as a socket host) and `postgres.log`.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     pub fn port(&self) -> u16 {
@@ -214,7 +218,7 @@ impl Cluster {
         self.stop();
         let log = self.dir.join("postgres.log");
         let _ = fs::rename(&log, self.dir.join("postgres.previous.log"));
-        match launch(&self.bindir, self.as_root, &self.dir, self.port, self.max_connections) {
+        match launch(&self.bindir, self.as_root, self.dir.path(), self.port, self.max_connections) {
             Ok((server, release, owner)) => {
                 self.server = server;
                 self.release = Some(release);
@@ -232,7 +236,6 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -321,10 +324,11 @@ struct ServerTls<'a> {
 fn initdb_and_launch(
     bindir: &Path,
     as_root: bool,
-    dir: &Path,
+    owned: OwnedDir,
     tls: Option<ServerTls<'_>>,
     max_connections: u32,
 ) -> Result<Cluster, ClusterError> {
+    let dir = owned.path();
     let data = dir.join("data");
     let log = dir.join("postgres.log");
     File::create(&log).map_err(io_error(format!("cannot create {}", log.display())))?;
@@ -352,7 +356,7 @@ fn initdb_and_launch(
             Ok((server, release, owner)) => {
                 return Ok(Cluster {
                     max_connections,
-                    dir: dir.to_owned(),
+                    dir: owned,
                     port,
                     server,
                     release: Some(release),
@@ -609,64 +613,11 @@ fn user_exists(user: &str) -> bool {
         .is_ok_and(|status| status.success())
 }
 
-/// Removes cluster directories of processes that are gone (and whose
-/// server, if any, has stopped).
-fn remove_stale_dirs(base: &Path) {
-    let Ok(entries) = fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(owner) = name.to_str().and_then(|name| owner_pid(name, DIR_PREFIX)) else {
-            continue;
-        };
-        let dir = entry.path();
-        let server_pid = fs::read_to_string(dir.join("data/postmaster.pid"))
-            .ok()
-            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok());
-        if !is_alive(owner) && !server_pid.is_some_and(is_alive) {
-            let _ = fs::remove_dir_all(&dir);
-        }
-    }
-}
-
-/// The process id in a directory name `<prefix><pid>-<random>`.
-pub fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
-    name.strip_prefix(prefix)?.split('-').next()?.parse().ok()
-}
-
-/// Whether a process with this id exists (Linux: `/proc/<pid>`).
-pub fn is_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Creates `<base>/<prefix><pid>-<random>`, readable by its owner only.
-pub fn create_private_dir_named(base: &Path, prefix: &str) -> io::Result<PathBuf> {
-    loop {
-        let dir = base.join(format!("{prefix}{}-{:016x}", process::id(), random()));
-        match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn create_private_dir(base: &Path) -> Result<PathBuf, ClusterError> {
-    create_private_dir_named(base, DIR_PREFIX)
-        .map_err(io_error(format!("cannot create a directory in {}", base.display())))
-}
-
 fn free_port() -> Result<u16, ClusterError> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .map_err(io_error("cannot find a free TCP port on 127.0.0.1"))
-}
-
-/// Good enough for unique names; not for secrets.
-pub fn random() -> u64 {
-    RandomState::new().hash_one(SystemTime::now())
 }
 
 fn log_tail(log: &Path, text: &str) -> String {
@@ -684,13 +635,6 @@ mod tests {
         assert_eq!(with_database("postgresql://u@h:1/postgres", "x"), "postgresql://u@h:1/x");
         assert_eq!(with_database("postgresql://u@h:1", "x"), "postgresql://u@h:1/x");
         assert_eq!(with_database("postgres://u:p@h/db?sslmode=require", "x"), "postgres://u:p@h/x?sslmode=require");
-    }
-
-    #[test]
-    fn owner_pid_reads_the_directory_name() {
-        assert_eq!(owner_pid("crm-connect-pg-123-00ff", DIR_PREFIX), Some(123));
-        assert_eq!(owner_pid("crm-connect-pg-x-00ff", DIR_PREFIX), None);
-        assert_eq!(owner_pid("other-123-00ff", DIR_PREFIX), None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub async fn fresh_database() -> TestDatabase {
         "crm_connect_test_{}_{}_{:08x}",
         process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed),
-        pg::random() as u32
+        crm_connect_sandbox::files::random() as u32
     );
     let url = pg::create_database(&server.admin_url, &name)
         .await
