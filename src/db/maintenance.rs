@@ -14,7 +14,9 @@ pub async fn ensure_database(database_url: &Secret) -> Result<bool, DbError> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(DbError::BadUrl);
     }
-    let maintenance = Secret::new(with_database(url, "postgres"));
+    let mut maintenance = url::Url::parse(url).map_err(|_| DbError::BadUrl)?;
+    maintenance.set_path("/postgres");
+    let maintenance = Secret::new(String::from(maintenance));
     let pools = Pools::new(PoolSettings { max_size: 1, ..PoolSettings::default() });
     let db = pools.get("maintenance", &maintenance)?;
     let client = db.client().await?;
@@ -32,21 +34,4 @@ pub async fn ensure_database(database_url: &Secret) -> Result<bool, DbError> {
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     client.batch_execute(&format!("CREATE DATABASE {quoted}")).await.map_err(failed)?;
     Ok(true)
-}
-
-/// `url` with its database (the URL path) replaced by `name`; the query
-/// (`?sslmode=…`) is kept.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority = base.find("://").map_or(0, |i| i + 3);
-    let path = base[authority..].find('/').map_or(base.len(), |i| authority + i);
-    let mut out = format!("{}/{name}", &base[..path]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
 }

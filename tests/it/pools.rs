@@ -1,4 +1,6 @@
-//! Tenant pools: at most two connections while busy, none once idle.
+//! Tenant pools: at most two connections while busy, none once idle; a
+//! missing database created on its server (the demo on a server of the
+//! user's).
 
 use std::time::{Duration, Instant};
 
@@ -6,6 +8,7 @@ use crm_connect::apply::apply_tenant;
 use crm_connect::config::{LoadOptions, parse_file};
 use crm_connect::context::Context;
 use crm_connect::db::PoolSettings;
+use crm_connect::secret::Secret;
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
@@ -44,4 +47,21 @@ async fn a_tenant_never_holds_more_than_two_connections_and_none_once_idle() {
         assert!(Instant::now() < deadline, "idle connections were not closed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_missing_database_is_created_once_on_the_same_server() {
+    let admin = postgres::admin_url().await;
+    let name = format!("crm_connect_ensure_{}", crm_connect_sandbox::files::random() as u32);
+    let (server, _) = admin.rsplit_once('/').unwrap();
+    let url = Secret::new(format!("{server}/{name}?sslmode=prefer"));
+    assert!(crm_connect::db::ensure_database(&url).await.unwrap(), "created");
+    assert!(!crm_connect::db::ensure_database(&url).await.unwrap(), "already there");
+    let exists: bool = connect(&admin)
+        .await
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&name])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists);
 }
