@@ -17,7 +17,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
 
-use crate::config::{AmoCrmConfig, TenantConfig};
+use crate::config::TenantConfig;
 use crate::context::Context;
 use crate::db::{DbError, TenantDb, queries};
 use crate::metrics;
@@ -137,21 +137,6 @@ fn state_slug(state: &str) -> Option<&str> {
         && random.len() == (STATE_RANDOM_BYTES * 4).div_ceil(3)
         && random.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     shaped.then_some(slug)
-}
-
-/// The account host AmoCRM names as `referer`: `acme.amocrm.ru`, or the
-/// `base_url`'s host[:port] (tests, the sandbox).
-fn account_host(amo: &AmoCrmConfig) -> Option<String> {
-    match &amo.base_url {
-        Some(url) => {
-            let host = url.host_str()?;
-            Some(match url.port() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_string(),
-            })
-        }
-        None => Some(format!("{}.{}", amo.subdomain, amo.domain.as_str())),
-    }
 }
 
 /// AmoCRM sends a bare host; a URL of that host (no path) is accepted too.
@@ -341,7 +326,7 @@ async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Opti
     if query.error.is_some() {
         return Err(fail(CallbackError::AccessDenied));
     }
-    let expected = account_host(amo).unwrap_or_default();
+    let expected = amo.account_host();
     if !query.referer.as_deref().is_some_and(|r| referer_matches(r, &expected)) {
         return Err(fail(CallbackError::WrongReferer { expected }));
     }

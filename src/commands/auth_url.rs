@@ -9,7 +9,6 @@ use crate::config::AmoCrmConfig;
 use crate::context::Context;
 use crate::crm::amocrm::Credentials;
 use crate::db;
-use crate::model::AmoDomain;
 use crate::secret::Secret;
 use crate::server;
 
@@ -53,14 +52,7 @@ async fn auth_url(global: &GlobalArgs, args: &TenantArg) -> Result<String, Strin
 /// `https://www.amocrm.ru/oauth?client_id=…&state=…&mode=post_message`, on
 /// the domain's own host, or `<base_url>/oauth?…` for a sandbox.
 fn authorization_url(amo: &AmoCrmConfig, client_id: &str, state: &Secret) -> Result<url::Url, String> {
-    let base = match &amo.base_url {
-        Some(base) => base.as_str().trim_end_matches('/').to_string(),
-        None => match amo.domain {
-            AmoDomain::AmocrmRu => "https://www.amocrm.ru".into(),
-            AmoDomain::AmocrmCom => "https://www.amocrm.com".into(),
-            AmoDomain::KommoCom => "https://www.kommo.com".into(),
-        },
-    };
+    let base = amo.authorize_base();
     let mut url = url::Url::parse(&format!("{base}/oauth")).map_err(|e| format!("`amocrm.base_url`: {e}"))?;
     url.query_pairs_mut()
         .append_pair("client_id", client_id)

@@ -59,12 +59,7 @@ pub struct AmoClient<'h> {
 
 impl<'h> AmoClient<'h> {
     pub fn new(http: &'h Http, config: &AmoCrmConfig) -> AmoClient<'h> {
-        let base = match &config.base_url {
-            Some(url) => url.as_str().trim_end_matches('/').to_string(),
-            None => format!("https://{}.{}", config.subdomain, config.domain.as_str()),
-        };
-        let account = base.split("://").nth(1).unwrap_or(&base).to_string();
-        AmoClient { http, base, account, retry: RetryPolicy::default() }
+        AmoClient { http, base: config.api_base(), account: config.account_host(), retry: RetryPolicy::default() }
     }
 
     /// Shortens the retry deadline (a one-shot command wants an answer).
