@@ -566,13 +566,15 @@ impl Daemon {
         let finished_first = std::mem::take(&mut tenant.in_first_pass);
         tenant.after(&outcome, &events);
         let queued = tenant.queued.take();
+        // Recorded (states published) before the first pass can be declared
+        // done: whoever waits for READY reads the metrics next.
+        self.record(slug, &outcome);
         if finished_first {
             self.first_pass_left = self.first_pass_left.saturating_sub(1);
             if self.in_first_pass && self.first_pass_left == 0 {
                 self.finish_first_pass();
             }
         }
-        self.record(slug, &outcome);
         if let Some(work) = queued {
             self.request(slug, work);
         }
