@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crm_connect_sandbox::bitrix24::{B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
+use crm_connect_sandbox::bitrix24::{self, B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
 use crm_connect_sandbox::files::{OwnedDir, toml_string};
 use crm_connect_sandbox::postgres::{Cluster, create_database};
 use tokio_postgres::{Client, NoTls};
@@ -203,27 +203,20 @@ impl Sampler {
     }
 }
 
-/// Stages sorted 10, 20, …: three in progress, won, lost, apology.
+/// Three stages in progress, won, lost, apology.
 fn category_stages(prefix: &str) -> Vec<B24Stage> {
     let rows = [
-        ("NEW", "Новая", None, "process", "#39A8EF"),
-        ("PREPARATION", "Квалификация", None, "process", "#2FC6F6"),
-        ("EXECUTING", "В работе", None, "process", "#55D0E0"),
-        ("WON", "Сделка успешна", Some("S"), "success", "#7BD500"),
-        ("LOSE", "Сделка провалена", Some("F"), "failure", "#FF5752"),
-        ("APOLOGY", "Анализ причины провала", Some("F"), "apology", "#FF5752"),
+        ("NEW", "Новая", "process"),
+        ("PREPARATION", "Квалификация", "process"),
+        ("EXECUTING", "В работе", "process"),
+        ("WON", "Сделка успешна", "success"),
+        ("LOSE", "Сделка провалена", "failure"),
+        ("APOLOGY", "Анализ причины провала", "apology"),
     ];
-    rows.iter()
-        .zip((10..).step_by(10))
-        .map(|(&(id, name, semantics, extra, color), sort)| B24Stage {
-            status_id: format!("{prefix}{id}"),
-            name: name.to_owned(),
-            sort,
-            semantics: semantics.map(str::to_owned),
-            extra_semantics: extra.to_owned(),
-            color: color.to_owned(),
-        })
-        .collect()
+    let ids: Vec<String> = rows.iter().map(|(id, _, _)| format!("{prefix}{id}")).collect();
+    let prefixed: Vec<(&str, &str, &str)> =
+        rows.iter().zip(&ids).map(|(&(_, name, extra), id)| (id.as_str(), name, extra)).collect();
+    bitrix24::stages(&prefixed)
 }
 
 /// Categories 0 ("Общее") to 7, six stages each.

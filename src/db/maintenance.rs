@@ -2,7 +2,7 @@
 //! server of the user's), by way of the same server's `postgres` database
 //! and the program's own connection settings (TLS as `sslmode` says).
 
-use super::{DbError, PoolSettings, Pools, pg_reason};
+use super::{DbError, PoolSettings, Pools, pg_reason, queries};
 use crate::secret::Secret;
 
 /// Creates the database `database_url` names unless it exists; returns
@@ -26,12 +26,9 @@ pub async fn ensure_database(database_url: &Secret) -> Result<bool, DbError> {
         reason: pg_reason(&e),
         transient: false,
     };
-    let exists =
-        client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.map_err(failed)?.is_some();
-    if exists {
+    if queries::database_exists(&**client, &name).await.map_err(failed)? {
         return Ok(false);
     }
-    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-    client.batch_execute(&format!("CREATE DATABASE {quoted}")).await.map_err(failed)?;
+    queries::create_database(&**client, &name).await.map_err(failed)?;
     Ok(true)
 }

@@ -67,6 +67,17 @@ pub async fn schema_version(client: &impl GenericClient, table: &str) -> Result<
     col(&row, 0, "crm_connect_schema_history")
 }
 
+/// Whether the server has a database of this name.
+pub async fn database_exists(client: &impl GenericClient, name: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some())
+}
+
+/// `CREATE DATABASE` (no parameters there: the name is quoted as an
+/// identifier).
+pub async fn create_database(client: &impl GenericClient, name: &str) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(&format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))).await
+}
+
 /// The managed columns of the `config` row, as stored now.
 pub async fn read_config_columns(client: &impl GenericClient) -> Result<CurrentColumns, QueryError> {
     config_columns(client, "").await

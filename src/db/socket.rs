@@ -75,22 +75,8 @@ impl Target {
     async fn connect(&self, config: &Config) -> io::Result<Socket> {
         let stream = match &self.host {
             Host::Tcp(host) => {
-                let mut last = None;
-                let mut stream = None;
-                for addr in tokio::net::lookup_host((host.as_str(), self.port)).await? {
-                    match TcpStream::connect(addr).await {
-                        Ok(s) => {
-                            stream = Some(s);
-                            break;
-                        }
-                        Err(e) => last = Some(e),
-                    }
-                }
-                let stream = stream.ok_or_else(|| {
-                    last.unwrap_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidInput, "could not resolve any addresses")
-                    })
-                })?;
+                // Every address the name resolves to, in turn.
+                let stream = TcpStream::connect((host.as_str(), self.port)).await?;
                 stream.set_nodelay(true)?;
                 let socket = SockRef::from(&stream);
                 if let Some(timeout) = config.get_tcp_user_timeout() {

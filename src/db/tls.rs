@@ -373,8 +373,7 @@ pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::
 /// server where the URL names one host. A socket that cannot be opened is
 /// left to tokio-postgres to try and report (its errors are its own to
 /// make): at once after a timeout, so that a timeout is not waited twice.
-async fn connect(config: Config, mut tls: MakeRustlsConnect) -> Result<(Client, Driver), tokio_postgres::Error> {
-    let mut fallback = config.clone();
+async fn connect(mut config: Config, mut tls: MakeRustlsConnect) -> Result<(Client, Driver), tokio_postgres::Error> {
     if let Some(target) = socket::Target::of(&config) {
         match target.open(&config).await {
             Ok(socket) => {
@@ -384,12 +383,12 @@ async fn connect(config: Config, mut tls: MakeRustlsConnect) -> Result<(Client, 
                 return Ok((client, Box::pin(connection)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                fallback.connect_timeout(Duration::from_millis(1));
+                config.connect_timeout(Duration::from_millis(1));
             }
             Err(_) => {}
         }
     }
-    let (client, connection) = fallback.connect(tls).await?;
+    let (client, connection) = config.connect(tls).await?;
     Ok((client, Box::pin(connection)))
 }
 

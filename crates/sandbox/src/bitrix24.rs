@@ -358,8 +358,9 @@ impl B24Sandbox {
     }
 }
 
-/// Stages sorted 10, 20, 30… with the colors a new portal gives them.
-fn stages(rows: &[(&str, &str, &str)]) -> Vec<B24Stage> {
+/// Stages sorted 10, 20, 30… with the colors a new portal gives them, from
+/// (status id, name, `EXTRA.SEMANTICS`: process, success, failure, apology).
+pub fn stages(rows: &[(&str, &str, &str)]) -> Vec<B24Stage> {
     const PROCESS_COLORS: [&str; 5] = ["#39A8EF", "#2FC6F6", "#55D0E0", "#47E4C2", "#FFA900"];
     let mut process = PROCESS_COLORS.iter().cycle();
     rows.iter()
