@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::crm::{Http, RetryPolicy};
 use crate::db::{PoolSettings, Pools};
 use crate::metrics::Metrics;
-use crate::tokens::Vault;
+use crate::tokens::{TokenService, Vault};
 
 #[derive(Clone)]
 pub struct Context {
@@ -30,6 +30,16 @@ impl Context {
             vault: Vault::default(),
             retry: RetryPolicy::default(),
             metrics,
+        }
+    }
+
+    /// What token work needs, from this context.
+    pub fn tokens(&self) -> TokenService {
+        TokenService {
+            http: self.http.clone(),
+            retry: self.retry,
+            vault: self.vault.clone(),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 

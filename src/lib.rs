@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod context;
 /// AmoCRM tokens: one exchange per code, refreshes under the row lock.
 pub mod tokens;
+/// One failure type for every CRM step, with its kind.
+pub mod failure;
 /// Applying one tenant: migrate, write what changed, connect, sync stages.
 pub mod apply;
 /// The long-running daemon: one loop over tenant events, schedules, timers.

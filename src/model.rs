@@ -9,6 +9,10 @@ use chrono::{DateTime, Utc};
 
 use crate::secret::Secret;
 
+mod stored;
+
+pub use stored::{ColumnValue, ConfigColumn, CurrentColumns, StoredAccount, StoredStage, StoredTokens};
+
 /// The two CRMs, as named in `crm_connect_status.crm` and in the events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Crm {
@@ -219,6 +223,12 @@ impl CrmState {
             CrmState::Error => "error",
             CrmState::Unmanaged => "unmanaged",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<CrmState> {
+        [CrmState::Connected, CrmState::NeedsAuthorization, CrmState::Error, CrmState::Unmanaged]
+            .into_iter()
+            .find(|state| state.as_str() == s)
     }
 }
 

@@ -19,10 +19,10 @@ use rand::RngCore;
 
 use crate::config::TenantConfig;
 use crate::context::Context;
-use crate::db::{DbError, TenantDb, queries};
+use crate::db::{self, DbError, TenantDb};
 use crate::metrics;
 use crate::secret::Secret;
-use crate::tokens::{self, Obtained, TokenError};
+use crate::tokens::{Obtained, Owner, TokenError, sha256_hex};
 
 /// `/healthz` answers 200 while the main loop went round this recently.
 pub const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
@@ -121,10 +121,7 @@ pub async fn issue_state(db: &TenantDb, slug: &str) -> Result<Secret, DbError> {
     let mut random = [0u8; STATE_RANDOM_BYTES];
     rand::rng().fill_bytes(&mut random);
     let state = Secret::new(format!("{slug}.{}", URL_SAFE_NO_PAD.encode(random)));
-    let client = db.client().await?;
-    queries::insert_oauth_state(&**client, &tokens::sha256_hex(&state), STATE_LIFETIME.as_secs_f64())
-        .await
-        .map_err(|e| db.query_error("recording an authorisation state", e))?;
+    db::oauth_states::insert(&db.session().await?, &sha256_hex(&state), STATE_LIFETIME).await?;
     Ok(state)
 }
 
@@ -312,12 +309,9 @@ async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Opti
     let fail = |e: CallbackError| (Some(slug.to_string()), e);
 
     let db = app.ctx.pools.get(slug, &tenant.database_url).map_err(|e| fail(e.into()))?;
-    let hash = tokens::sha256_hex(&Secret::new(state));
-    let client = db.client().await.map_err(|e| fail(e.into()))?;
-    let consumed = queries::consume_oauth_state(&**client, &hash)
-        .await
-        .map_err(|e| fail(db.query_error("consuming an authorisation state", e).into()))?;
-    drop(client);
+    let hash = sha256_hex(&Secret::new(state));
+    let consumed =
+        async { db::oauth_states::consume(&db.session().await?, &hash).await }.await.map_err(|e| fail(e.into()))?;
     if !consumed {
         return Err(fail(CallbackError::UnknownState));
     }
@@ -335,9 +329,11 @@ async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Opti
         return Err(fail(CallbackError::LongLivedToken));
     }
     let ctx = &app.ctx;
-    let obtained = tokens::obtain(ctx, slug, &db, amo, Some(&Secret::new(code))).await.map_err(|e| fail(e.into()))?;
+    let tokens = ctx.tokens();
+    let owner = Owner::of(&tenant, amo, &db);
+    let obtained = tokens.obtain(owner, Some(&Secret::new(code))).await.map_err(|e| fail(e.into()))?;
     if ctx.vault.contains(slug)
-        && let Err(e) = tokens::store_registered_within(ctx, slug, STORE_PENDING_WITHIN).await
+        && let Err(e) = tokens.store_registered_within(slug, STORE_PENDING_WITHIN).await
     {
         // The pair stays in memory; the daemon stores it once the database is back.
         tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "exchanged tokens are not stored yet");

@@ -13,12 +13,12 @@ use serde_json::json;
 
 use crate::config::TenantConfig;
 use crate::context::Context;
-use crate::crm::CrmError;
-use crate::db::queries::StatusUpdate;
-use crate::db::{self, DbError, TenantDb, queries};
-use crate::model::{Crm, CrmState};
+use crate::db::status::StatusUpdate;
+use crate::db::{self, DbError, TenantDb, config_row};
+use crate::failure::Failure;
+use crate::model::Crm;
 use crate::reconcile::{self, ConfigColumn};
-use crate::tokens::{Obtained, TokenError};
+use crate::tokens::Obtained;
 
 /// The outcome of one CRM of one tenant.
 pub type CrmOutcome = Result<Report, Failure>;
@@ -34,53 +34,16 @@ pub struct Report {
     pub moved_to: Option<String>,
 }
 
-/// Why a CRM step failed, the state that leaves the connection in, and
-/// whether trying again later may help (network, 5xx, database down).
-#[derive(Clone, Debug)]
-pub struct Failure {
-    pub state: CrmState,
-    pub message: String,
-    pub transient: bool,
-}
-
-impl Failure {
-    pub fn error(message: impl Into<String>) -> Failure {
-        Failure { state: CrmState::Error, message: message.into(), transient: false }
-    }
-}
-
-impl From<TokenError> for Failure {
-    fn from(e: TokenError) -> Self {
-        let state = match e {
-            TokenError::NeedsAuthorization(_) => CrmState::NeedsAuthorization,
-            _ => CrmState::Error,
-        };
-        Failure { state, transient: e.is_transient(), message: e.to_string() }
-    }
-}
-
-impl From<CrmError> for Failure {
-    fn from(e: CrmError) -> Self {
-        Failure { state: CrmState::Error, transient: e.is_transient(), message: e.to_string() }
-    }
-}
-
-impl From<DbError> for Failure {
-    fn from(e: DbError) -> Self {
-        Failure { state: CrmState::Error, transient: e.is_transient(), message: e.to_string() }
-    }
-}
-
 /// Records a failed CRM step in its status row (best effort: the database
 /// may be what failed) and in the log.
-pub(crate) async fn record_failure(crm: Crm, slug: &str, db: &TenantDb, outcome: &CrmOutcome) {
+pub(crate) async fn record_failure(slug: &str, db: &TenantDb, outcome: &CrmOutcome) {
     let Err(failure) = outcome else { return };
-    let update =
-        StatusUpdate { crm, state: failure.state, error: Some(&failure.message), success: false, stage_count: None };
-    if let Ok(client) = db.client().await {
-        let _ = queries::write_status(&**client, &update).await;
+    let crm = failure.crm;
+    let update = StatusUpdate { error: Some(&failure.message), ..StatusUpdate::state(crm, failure.state()) };
+    if let Ok(session) = db.session().await {
+        let _ = db::status::write(&session, &update).await;
     }
-    tracing::error!(tenant = slug, crm = crm.as_str(), error = %failure.message, "{crm} failed");
+    tracing::error!(tenant = slug, crm = crm.as_str(), kind = failure.kind.as_str(), error = %failure.message, "{crm} failed");
 }
 
 /// What applying a tenant did.
@@ -97,7 +60,7 @@ impl Applied {
 
     /// Some CRM failed for a reason that may pass (worth a retry soon).
     pub fn transient_failure(&self) -> bool {
-        self.crms.iter().any(|(_, outcome)| outcome.as_ref().is_err_and(|f| f.transient))
+        self.crms.iter().any(|(_, outcome)| outcome.as_ref().is_err_and(Failure::is_transient))
     }
 }
 
@@ -164,36 +127,34 @@ pub async fn resync_stages(ctx: &Context, tenant: &TenantConfig) -> Result<Appli
 /// `config` row lock, in the transaction that clears: another process that
 /// applied the same edit first may have stored the new account's pair since.
 async fn apply_config_columns(tenant: &TenantConfig, db: &TenantDb) -> Result<Vec<ConfigColumn>, DbError> {
-    let mut client = db.client().await?;
+    let mut session = db.session().await?;
     let desired = reconcile::desired_columns(tenant);
-    let current = queries::read_config_columns(&**client).await.map_err(|e| db.query_error("reading config", e))?;
+    let current = config_row::read_columns(&session).await?;
     if reconcile::config_changes(desired.clone(), &current).is_empty() {
         return Ok(Vec::new());
     }
-    let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;
-    let current = queries::lock_config_columns(&*tx).await.map_err(|e| db.query_error("locking config", e))?;
+    let tx = session.transaction().await?;
+    let current = config_row::lock_columns(&tx).await?;
     let changes = reconcile::config_changes(desired, &current);
     if changes.is_empty() {
         return Ok(Vec::new());
     }
     let account_changed = reconcile::amocrm_account_changed(&changes, &current);
-    queries::update_config_columns(&*tx, &changes).await.map_err(|e| db.query_error("updating config", e))?;
+    config_row::update_columns(&tx, &changes).await?;
     if account_changed {
-        queries::clear_tokens(&*tx).await.map_err(|e| db.query_error("clearing tokens", e))?;
+        config_row::clear_tokens(&tx).await?;
     }
-    let mut by_crm: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut by_crm: BTreeMap<Crm, Vec<&str>> = BTreeMap::new();
     for (column, _) in &changes {
-        by_crm.entry(column.crm().as_str()).or_default().push(column.name());
+        by_crm.entry(column.crm()).or_default().push(column.name());
     }
     for (crm, columns) in by_crm {
         let mut detail = json!({ "columns": columns, "file": tenant.file.display().to_string() });
-        if account_changed && crm == Crm::AmoCrm.as_str() {
+        if account_changed && crm == Crm::AmoCrm {
             detail["tokens_cleared"] = json!("the account or integration changed");
         }
-        queries::insert_event(&*tx, Some(crm), "config_applied", &detail)
-            .await
-            .map_err(|e| db.query_error("recording an event", e))?;
+        db::events::insert(&tx, Some(crm), "config_applied", &detail).await?;
     }
-    tx.commit().await.map_err(|e| db.query_error("committing config", e))?;
+    tx.commit().await?;
     Ok(changes.into_iter().map(|(c, _)| c).collect())
 }

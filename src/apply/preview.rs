@@ -9,19 +9,16 @@
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::error::SqlState;
 
 use crate::config::{AmoCrmConfig, Bitrix24Config, StageMapping, TenantConfig};
 use crate::context::Context;
 use crate::crm::CrmError;
-use crate::crm::amocrm::{AmoClient, Credentials, jwt_expiry};
+use crate::crm::amocrm::{AmoClient, Credentials};
 use crate::crm::bitrix24::B24Client;
-use crate::db::queries::{self, StoredTokens};
-use crate::db::{DbError, TenantDb};
-use crate::model::{AmoStage, B24Stage, Crm, CrmState, StageFlags};
-use crate::reconcile::{self, ConfigColumn, CurrentColumns, StoredStage, map_flags, plan_stages};
-use crate::secret::Secret;
-use crate::tokens::sha256_hex;
+use crate::db::{self, DbError, TenantDb, Tx, config_row};
+use crate::model::{AmoStage, B24Stage, Crm, CrmState, StoredTokens};
+use crate::reconcile::tokens::{ObtainStep, RefreshStep, obtain_step, refresh_step};
+use crate::reconcile::{self, ConfigColumn, CurrentColumns, StoredStage, WebhookProblem, check_grant, plan_stage_sync};
 
 use super::stages::StageTable;
 
@@ -162,7 +159,7 @@ struct Stored {
     tables_missing: bool,
     columns: CurrentColumns,
     tokens: StoredTokens,
-    amocrm_state: Option<String>,
+    amocrm_state: Option<CrmState>,
     bitrix24_connected_at: Option<DateTime<Utc>>,
     amocrm_stages: Vec<StoredStage<AmoStage>>,
     bitrix24_stages: Vec<StoredStage<B24Stage>>,
@@ -171,84 +168,58 @@ struct Stored {
 /// Reads everything in one read-only transaction, each read in a savepoint
 /// so that a missing table fails only that read.
 async fn read_stored(db: &TenantDb, tenant: &TenantConfig) -> Result<Stored, DbError> {
-    let mut client = db.client().await?;
-    let mut tx = client
-        .build_transaction()
-        .read_only(true)
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .map_err(|e| db.query_error("starting a read-only transaction", e))?;
+    let mut session = db.session().await?;
+    let mut tx = session.read_only_snapshot().await?;
     let mut stored = Stored::default();
     let missing = &mut stored.tables_missing;
-
-    let sp = savepoint(&mut tx, db).await?;
-    let result = queries::config_row_exists(&*sp).await;
-    let row_exists = settle(sp, result, missing, db, "reading config").await?.unwrap_or(false);
+    macro_rules! read {
+        ($read:expr) => {{
+            let sp = tx.savepoint().await?;
+            let result = $read(&sp).await;
+            settle(sp, result, missing).await?
+        }};
+    }
+    let row_exists = read!(config_row::row_exists).unwrap_or(false);
     if row_exists {
-        let sp = savepoint(&mut tx, db).await?;
-        let result = queries::read_config_columns(&*sp).await;
-        stored.columns = settle(sp, result, missing, db, "reading config").await?.unwrap_or_default();
-        let sp = savepoint(&mut tx, db).await?;
-        let result = queries::read_tokens(&*sp).await;
-        stored.tokens = settle(sp, result, missing, db, "reading tokens").await?.unwrap_or_default();
+        stored.columns = read!(config_row::read_columns).unwrap_or_default();
+        stored.tokens = read!(config_row::read_tokens).unwrap_or_default();
         if tenant.bitrix24.is_some() {
-            let sp = savepoint(&mut tx, db).await?;
-            let result = queries::bitrix24_connected_at(&*sp).await;
-            stored.bitrix24_connected_at = settle(sp, result, missing, db, "reading config").await?.flatten();
+            stored.bitrix24_connected_at = read!(config_row::bitrix24_connected_at).flatten();
         }
     } else {
         *missing = true;
     }
     if tenant.amocrm.is_some() {
-        let sp = savepoint(&mut tx, db).await?;
-        let result = queries::read_state(&*sp, Crm::AmoCrm).await;
-        stored.amocrm_state = settle(sp, result, missing, db, "reading status").await?.flatten();
-        let sp = savepoint(&mut tx, db).await?;
-        let result = AmoStage::read(&*sp, ()).await;
-        stored.amocrm_stages = settle(sp, result, missing, db, "reading stages").await?.unwrap_or_default();
+        stored.amocrm_state = read!(|c| db::status::read_state(c, Crm::AmoCrm)).flatten();
+        stored.amocrm_stages = read!(db::amocrm_stages::read).unwrap_or_default();
     }
     if let Some(b24) = &tenant.bitrix24 {
-        let sp = savepoint(&mut tx, db).await?;
-        let result = B24Stage::read(&*sp, b24.entity_type).await;
-        stored.bitrix24_stages = settle(sp, result, missing, db, "reading stages").await?.unwrap_or_default();
+        stored.bitrix24_stages = read!(|c| db::bitrix24_stages::read(c, b24.entity_type)).unwrap_or_default();
     }
-    tx.rollback().await.map_err(|e| db.query_error("ending the read-only transaction", e))?;
+    tx.rollback().await?;
     Ok(stored)
-}
-
-async fn savepoint<'a>(
-    tx: &'a mut deadpool_postgres::Transaction<'_>,
-    db: &TenantDb,
-) -> Result<deadpool_postgres::Transaction<'a>, DbError> {
-    tx.savepoint("preview_read").await.map_err(|e| db.query_error("setting a savepoint", e))
 }
 
 /// Ends a read's savepoint: its value, or `None` (and `missing` set) when
 /// the read hit a table or column the migrations would create.
-async fn settle<T>(
-    sp: deadpool_postgres::Transaction<'_>,
-    result: Result<T, impl Into<queries::QueryError>>,
-    missing: &mut bool,
-    db: &TenantDb,
-    what: &'static str,
-) -> Result<Option<T>, DbError> {
-    match result.map_err(Into::into) {
+async fn settle<T>(sp: Tx<'_>, result: Result<T, DbError>, missing: &mut bool) -> Result<Option<T>, DbError> {
+    match result {
         Ok(value) => {
-            sp.commit().await.map_err(|e| db.query_error(what, e))?;
+            sp.commit().await?;
             Ok(Some(value))
         }
-        Err(e) if e.code().is_some_and(|c| *c == SqlState::UNDEFINED_TABLE || *c == SqlState::UNDEFINED_COLUMN) => {
-            sp.rollback().await.map_err(|e| db.query_error(what, e))?;
+        Err(e) if e.is_missing_schema() => {
+            sp.rollback().await?;
             *missing = true;
             Ok(None)
         }
-        Err(e) => Err(db.query_error(what, e)),
+        Err(e) => Err(e),
     }
 }
 
-/// The token steps a sync would take, then the pipelines read with the
-/// token it would use (never exchanged or refreshed here).
+/// The token steps a sync would take — the plans `tokens` executes — then
+/// the pipelines read with the token it would use (never exchanged or
+/// refreshed here).
 async fn preview_amocrm(
     ctx: &Context,
     tenant: &TenantConfig,
@@ -262,35 +233,34 @@ async fn preview_amocrm(
     } else {
         stored.tokens.clone()
     };
-    // The token a sync would call the API with: access, refresh, expiry.
-    let mut current: Option<(Secret, Option<Secret>, DateTime<Utc>)> = match (&kept.access, kept.expires_at) {
-        (Some(access), Some(expires_at)) => Some((access.clone(), kept.refresh.clone(), expires_at)),
-        _ => None,
-    };
+    // The tokens a sync would call the API with.
+    let mut current = kept.clone();
     let mut exchanging = false;
-    if let Some(token) = &amo.long_lived_token {
-        let Some(expires_at) = jwt_expiry(token.expose()) else {
-            preview.problems.push("`amocrm.long_lived_token` is not a JWT with an `exp` claim".into());
+    match obtain_step(amo.long_lived_token.as_ref(), amo.authorization_code.as_ref(), &kept) {
+        ObtainStep::Invalid(why) => {
+            preview.problems.push(why.into());
             preview.stages = Err(NO_TOKENS.into());
             return preview;
-        };
-        if kept.access.as_ref() != Some(token) || kept.refresh.is_some() || kept.expires_at != Some(expires_at) {
-            preview.actions.push(Action::StoreLongLivedToken);
         }
-        current = Some((token.clone(), None, expires_at));
-    } else if let Some(code) = &amo.authorization_code
-        && kept.code_sha256.as_deref() != Some(sha256_hex(code).as_str())
-    {
-        match Credentials::of(amo) {
+        ObtainStep::StoreLongLived(tokens) => {
+            preview.actions.push(Action::StoreLongLivedToken);
+            current = StoredTokens {
+                access: Some(tokens.access),
+                refresh: None,
+                expires_at: Some(tokens.expires_at),
+                ..current
+            };
+        }
+        ObtainStep::Exchange { .. } => match Credentials::of(amo) {
             Ok(_) => {
                 preview.actions.push(Action::ExchangeCode);
                 exchanging = true;
             }
             Err(e) => preview.problems.push(e.to_string()),
-        }
+        },
+        ObtainStep::LongLivedUnchanged | ObtainStep::CodeAlreadySent | ObtainStep::NothingConfigured => {}
     }
-
-    let Some((access, refresh, expires_at)) = current else {
+    if current.access.is_none() || current.expires_at.is_none() {
         preview.stages = Err(if exchanging {
             format!("{NO_TOKENS} until the authorization code is exchanged")
         } else {
@@ -300,30 +270,21 @@ async fn preview_amocrm(
             )
         });
         return preview;
-    };
+    }
     let now = Utc::now();
-    let margin = chrono::Duration::from_std(tenant.schedule.token_refresh_margin).unwrap_or(chrono::Duration::MAX);
+    let margin = tenant.schedule.token_refresh_margin;
     // A code exchange brings a fresh pair: nothing to refresh then.
-    if !exchanging && expires_at.checked_sub_signed(margin).is_none_or(|due| due <= now) {
-        match refresh {
-            Some(_) if stored.amocrm_state.as_deref() == Some(CrmState::NeedsAuthorization.as_str()) => {
-                preview.problems.push(
-                    "the last refresh was rejected; a new authorization_code or long_lived_token is needed".into(),
-                );
-            }
-            Some(_) => preview.actions.push(Action::RefreshToken),
-            None if expires_at <= now => preview.problems.push(
-                "the access token has expired and cannot be refreshed; a new authorization_code or \
-                 long_lived_token is needed"
-                    .into(),
-            ),
-            None => {}
+    if !exchanging {
+        match refresh_step(&current, stored.amocrm_state, margin, None, now) {
+            RefreshStep::Refresh(_) => preview.actions.push(Action::RefreshToken),
+            RefreshStep::NeedsAuthorization(why) => preview.problems.push(why.into()),
+            RefreshStep::Use(_) => {}
         }
     }
-    if expires_at <= now {
+    let Some(access) = current.access.filter(|_| current.expires_at.is_some_and(|at| at > now)) else {
         preview.stages = Err(format!("{NO_TOKENS} (the stored access token has expired)"));
         return preview;
-    }
+    };
     let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
     preview.stages = match api.pipelines(&access).await {
         Ok(fetched) => Ok(plan(fetched, &amo.stages, &stored.amocrm_stages)),
@@ -349,23 +310,15 @@ async fn preview_bitrix24(ctx: &Context, b24: &Bitrix24Config, stored: &Stored, 
             return preview;
         }
     };
-    if let Some(grant) = &grant {
-        if !grant.scopes.iter().any(|s| s == "crm") {
-            let granted = if grant.scopes.is_empty() { "none".to_string() } else { grant.scopes.join(", ") };
-            preview.problems.push(format!(
-                "the webhook {} lacks the `crm` scope (granted: {granted}); add it in Bitrix24 under Developer resources",
-                b24.webhook
-            ));
-            preview.stages = Err("stages cannot be previewed without the `crm` scope".into());
-            return preview;
-        }
-        if let Some(id) = grant.profile_id.as_deref().filter(|id| *id != b24.webhook.user_id().to_string()) {
-            preview
-                .problems
-                .push(format!("the webhook {} belongs to user {id}, not to the user in its URL", b24.webhook));
-            preview.stages = Err("stages cannot be previewed with another user's webhook".into());
-            return preview;
-        }
+    if let Some(grant) = &grant
+        && let Err(problem) = check_grant(&b24.webhook, &grant.scopes, grant.profile_id.as_deref())
+    {
+        preview.stages = Err(match problem {
+            WebhookProblem::NoCrmScope { .. } => "stages cannot be previewed without the `crm` scope".into(),
+            WebhookProblem::OtherUser { .. } => "stages cannot be previewed with another user's webhook".into(),
+        });
+        preview.problems.push(problem.to_string());
+        return preview;
     }
     if let Some(to) = api.moved_to() {
         preview.actions.push(Action::PortalMoved(to));
@@ -377,26 +330,16 @@ async fn preview_bitrix24(ctx: &Context, b24: &Bitrix24Config, stored: &Stored, 
     preview
 }
 
-/// The flags mapped (or, on a mapping error, kept as stored, as a sync
-/// keeps them) and the plan against the stored rows.
+/// The plan a sync would write, summarised.
 fn plan<S: StageTable>(fetched: Vec<S>, mapping: &StageMapping<S::Ref>, stored: &[StoredStage<S>]) -> StageChanges {
-    let mapped = map_flags(&fetched, mapping, S::MAPPING);
-    let flags: Vec<StageFlags> = match &mapped {
-        Ok(flags) => flags.clone(),
-        Err(_) => fetched
-            .iter()
-            .map(|s| stored.iter().find(|old| old.row.key() == s.key()).map(|old| old.flags).unwrap_or_default())
-            .collect(),
-    };
-    let stage_count = fetched.len();
-    let plan = plan_stages(fetched.into_iter().zip(flags).collect(), stored);
+    let sync = plan_stage_sync(fetched, mapping, S::MAPPING, stored);
     StageChanges {
-        stage_count,
-        added: plan.added,
-        changed: plan.changed,
-        removed: plan.removed_labels,
-        restored: plan.restored,
-        flags_moved: plan.flags_moved,
-        mapping_error: mapped.err().map(|e| format!("stage mapping: {e}")),
+        stage_count: sync.stage_count,
+        added: sync.plan.added,
+        changed: sync.plan.changed,
+        removed: sync.plan.removed_labels,
+        restored: sync.plan.restored,
+        flags_moved: sync.plan.flags_moved,
+        mapping_error: sync.mapping_error,
     }
 }

@@ -1,23 +1,19 @@
-//! A stage sync's write, the same for both CRMs: the flags mapped (or, on a
-//! mapping error, kept), the plan against the stored rows, and one
-//! transaction that writes the rows only if something changed and records
-//! the outcome in the status row. It trusts the list to be whole (the CRM
-//! clients return an error for any list that is not) and refuses an empty one.
+//! A stage sync's write, the same for both CRMs: the plan of
+//! [`plan_stage_sync`] against the stored rows, and one transaction that
+//! writes the rows only if something changed and records the outcome in the
+//! status row. It trusts the list to be whole (the CRM clients return an
+//! error for any list that is not) and refuses an empty one.
 
 use std::future::Future;
 
 use serde_json::json;
-use tokio_postgres::GenericClient;
 
 use crate::config::{AmoStageRef, Bitrix24StageRef, StageMapping};
-use crate::db::TenantDb;
-use crate::db::queries::{self, QueryError, StatusUpdate};
-use crate::model::{AmoStage, B24Stage, Crm, CrmState, EntityType, StageFlags};
-use crate::reconcile::{Reference, StageMatch, StageRow, StoredStage, map_flags, plan_stages};
-
-use super::Failure;
-
-type PgResult<T> = Result<T, tokio_postgres::Error>;
+use crate::db::status::StatusUpdate;
+use crate::db::{self, Conn, DbError, TenantDb};
+use crate::failure::{Cause, FailureKind};
+use crate::model::{AmoStage, B24Stage, Crm, CrmState, EntityType, StageFlags, StoredStage};
+use crate::reconcile::{Reference, StageMatch, StageRow, plan_stage_sync};
 
 /// A stage type with its table.
 pub(crate) trait StageTable: StageRow + StageMatch<Self::Ref> + Send + Sync + Sized {
@@ -27,15 +23,13 @@ pub(crate) trait StageTable: StageRow + StageMatch<Self::Ref> + Send + Sync + Si
     const CRM: Crm;
     const MAPPING: &'static str;
 
+    fn lock(conn: &impl Conn) -> impl Future<Output = Result<(), DbError>> + Send;
     fn read(
-        tx: &(impl GenericClient + Sync),
+        conn: &impl Conn,
         scope: Self::Scope,
-    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, QueryError>> + Send;
-    fn upsert(
-        tx: &(impl GenericClient + Sync),
-        rows: &[(Self, StageFlags)],
-    ) -> impl Future<Output = PgResult<()>> + Send;
-    fn mark_removed(tx: &(impl GenericClient + Sync), keys: &[Self::Key]) -> impl Future<Output = PgResult<()>> + Send;
+    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, DbError>> + Send;
+    fn upsert(conn: &impl Conn, rows: &[(Self, StageFlags)]) -> impl Future<Output = Result<(), DbError>> + Send;
+    fn mark_removed(conn: &impl Conn, keys: &[Self::Key]) -> impl Future<Output = Result<(), DbError>> + Send;
 }
 
 impl StageTable for AmoStage {
@@ -44,22 +38,20 @@ impl StageTable for AmoStage {
     const CRM: Crm = Crm::AmoCrm;
     const MAPPING: &'static str = "amocrm.stages";
 
-    fn read(
-        tx: &(impl GenericClient + Sync),
-        (): (),
-    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, QueryError>> + Send {
-        queries::read_amocrm_stages(tx)
+    fn lock(conn: &impl Conn) -> impl Future<Output = Result<(), DbError>> + Send {
+        db::amocrm_stages::lock_sync(conn)
     }
 
-    fn upsert(
-        tx: &(impl GenericClient + Sync),
-        rows: &[(Self, StageFlags)],
-    ) -> impl Future<Output = PgResult<()>> + Send {
-        queries::upsert_amocrm_stages(tx, rows)
+    fn read(conn: &impl Conn, (): ()) -> impl Future<Output = Result<Vec<StoredStage<Self>>, DbError>> + Send {
+        db::amocrm_stages::read(conn)
     }
 
-    fn mark_removed(tx: &(impl GenericClient + Sync), keys: &[Self::Key]) -> impl Future<Output = PgResult<()>> + Send {
-        queries::mark_amocrm_stages_removed(tx, keys)
+    fn upsert(conn: &impl Conn, rows: &[(Self, StageFlags)]) -> impl Future<Output = Result<(), DbError>> + Send {
+        db::amocrm_stages::upsert(conn, rows)
+    }
+
+    fn mark_removed(conn: &impl Conn, keys: &[Self::Key]) -> impl Future<Output = Result<(), DbError>> + Send {
+        db::amocrm_stages::mark_removed(conn, keys)
     }
 }
 
@@ -69,22 +61,23 @@ impl StageTable for B24Stage {
     const CRM: Crm = Crm::Bitrix24;
     const MAPPING: &'static str = "bitrix24.stages";
 
+    fn lock(conn: &impl Conn) -> impl Future<Output = Result<(), DbError>> + Send {
+        db::bitrix24_stages::lock_sync(conn)
+    }
+
     fn read(
-        tx: &(impl GenericClient + Sync),
+        conn: &impl Conn,
         entity: EntityType,
-    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, QueryError>> + Send {
-        queries::read_bitrix24_stages(tx, entity)
+    ) -> impl Future<Output = Result<Vec<StoredStage<Self>>, DbError>> + Send {
+        db::bitrix24_stages::read(conn, entity)
     }
 
-    fn upsert(
-        tx: &(impl GenericClient + Sync),
-        rows: &[(Self, StageFlags)],
-    ) -> impl Future<Output = PgResult<()>> + Send {
-        queries::upsert_bitrix24_stages(tx, rows)
+    fn upsert(conn: &impl Conn, rows: &[(Self, StageFlags)]) -> impl Future<Output = Result<(), DbError>> + Send {
+        db::bitrix24_stages::upsert(conn, rows)
     }
 
-    fn mark_removed(tx: &(impl GenericClient + Sync), keys: &[Self::Key]) -> impl Future<Output = PgResult<()>> + Send {
-        queries::mark_bitrix24_stages_removed(tx, keys)
+    fn mark_removed(conn: &impl Conn, keys: &[Self::Key]) -> impl Future<Output = Result<(), DbError>> + Send {
+        db::bitrix24_stages::mark_removed(conn, keys)
     }
 }
 
@@ -96,57 +89,46 @@ pub(crate) async fn sync_stages<S: StageTable>(
     scope: S::Scope,
     mapping: &StageMapping<S::Ref>,
     stages: Vec<S>,
-) -> Result<(usize, bool), Failure> {
-    let crm = S::CRM.as_str();
+) -> Result<(usize, bool), Cause> {
     // Every AmoCRM pipeline has 142 and 143, every Bitrix24 category its
     // NEW, WON and LOSE: an empty list is a read that failed somewhere, and
     // would mark every stored stage removed.
     if stages.is_empty() {
-        return Err(Failure::error("the CRM listed no stages at all; the stored stages are left as they were"));
+        return Err(Cause::new(
+            FailureKind::Crm,
+            "the CRM listed no stages at all; the stored stages are left as they were",
+        ));
     }
-    let mapped = map_flags(&stages, mapping, S::MAPPING);
-    let mut client = db.client().await?;
-    let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;
-    queries::lock_stage_sync(&*tx, S::CRM).await.map_err(|e| db.query_error("locking the stage sync", e))?;
-    let stored = S::read(&*tx, scope).await.map_err(|e| db.query_error("reading stages", e))?;
-    let flags: Vec<StageFlags> = match &mapped {
-        Ok(flags) => flags.clone(),
-        Err(_) => stages
-            .iter()
-            .map(|s| stored.iter().find(|old| old.row.key() == s.key()).map(|old| old.flags).unwrap_or_default())
-            .collect(),
-    };
-    let stage_count = stages.len();
-    let plan = plan_stages(stages.into_iter().zip(flags).collect(), &stored);
+    let mut session = db.session().await?;
+    let tx = session.transaction().await?;
+    S::lock(&tx).await?;
+    let stored = S::read(&tx, scope).await?;
+    let sync = plan_stage_sync(stages, mapping, S::MAPPING, &stored);
+    let plan = &sync.plan;
     let changed = !plan.is_empty();
     if changed {
-        S::upsert(&*tx, &plan.upserts).await.map_err(|e| db.query_error("writing stages", e))?;
-        S::mark_removed(&*tx, &plan.removed).await.map_err(|e| db.query_error("marking removed stages", e))?;
+        S::upsert(&tx, &plan.upserts).await?;
+        S::mark_removed(&tx, &plan.removed).await?;
         let detail = json!({
             "added": plan.added, "changed": plan.changed, "removed": plan.removed_labels,
             "restored": plan.restored, "flags_moved": plan.flags_moved,
         });
-        queries::insert_event(&*tx, Some(crm), "stages_changed", &detail)
-            .await
-            .map_err(|e| db.query_error("recording an event", e))?;
+        db::events::insert(&tx, Some(S::CRM), "stages_changed", &detail).await?;
     }
-    let mapping_error = mapped.err().map(|e| format!("stage mapping: {e}"));
-    if let Some(message) = &mapping_error {
-        queries::insert_event(&*tx, Some(crm), "mapping_error", &json!({ "message": message }))
-            .await
-            .map_err(|e| db.query_error("recording an event", e))?;
+    if let Some(message) = &sync.mapping_error {
+        db::events::insert(&tx, Some(S::CRM), "mapping_error", &json!({ "message": message })).await?;
     }
     let update = StatusUpdate {
         crm: S::CRM,
-        state: if mapping_error.is_some() { CrmState::Error } else { CrmState::Connected },
-        error: mapping_error.as_deref(),
-        success: mapping_error.is_none(),
-        stage_count: Some(i32::try_from(stage_count).unwrap_or(i32::MAX)),
+        state: if sync.mapping_error.is_some() { CrmState::Error } else { CrmState::Connected },
+        error: sync.mapping_error.as_deref(),
+        success: sync.mapping_error.is_none(),
+        stage_count: Some(i32::try_from(sync.stage_count).unwrap_or(i32::MAX)),
     };
-    queries::write_status(&*tx, &update).await.map_err(|e| db.query_error("writing status", e))?;
-    tx.commit().await.map_err(|e| db.query_error("committing stages", e))?;
-    match mapping_error {
-        Some(message) => Err(Failure::error(message)),
-        None => Ok((stage_count, changed)),
+    db::status::write(&tx, &update).await?;
+    tx.commit().await?;
+    match sync.mapping_error {
+        Some(message) => Err(Cause::new(FailureKind::Config, message)),
+        None => Ok((sync.stage_count, changed)),
     }
 }

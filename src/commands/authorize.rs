@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use crate::cli::{AuthorizeArgs, GlobalArgs};
 use crate::context::Context;
 use crate::db;
-use crate::tokens::{self, Obtained};
+use crate::tokens::{Obtained, Owner};
 
 pub async fn run(global: &GlobalArgs, args: &AuthorizeArgs) -> ExitCode {
     let ctx = Context::new(global.pool_settings());
@@ -22,7 +22,8 @@ async fn authorize(ctx: &Context, global: &GlobalArgs, args: &AuthorizeArgs) -> 
     }
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     db::migrate(&db).await.map_err(|e| e.to_string())?;
-    let obtained = tokens::obtain(ctx, &tenant.slug, &db, amo, Some(&args.code)).await.map_err(|e| e.to_string())?;
+    let owner = Owner::of(&tenant, amo, &db);
+    let obtained = ctx.tokens().obtain(owner, Some(&args.code)).await.map_err(|e| e.to_string())?;
     match obtained {
         Obtained::Exchanged => Ok(format!("{}: authorized, tokens stored", tenant.slug)),
         Obtained::CodeAlreadySent => {

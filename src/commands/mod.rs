@@ -30,7 +30,7 @@ pub(crate) async fn settled<T>(
         outcome = work => outcome,
         () = crate::daemon::signals() => Err("interrupted".into()),
     };
-    if let Some((_, e)) = crate::tokens::settle(ctx, SETTLE_WITHIN).await.pop() {
+    if let Some((_, e)) = ctx.tokens().settle(SETTLE_WITHIN).await.pop() {
         return Err(format!("a token pair was obtained but could not be stored: {e}"));
     }
     outcome

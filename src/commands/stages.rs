@@ -3,10 +3,8 @@
 
 use std::process::ExitCode;
 
-use tokio_postgres::error::SqlState;
-
 use crate::cli::{GlobalArgs, TenantArg};
-use crate::db::{self, Pools, queries};
+use crate::db::{self, Pools};
 use crate::model::EntityType;
 
 pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
@@ -21,14 +19,13 @@ pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
     let result = async {
         // Read-only: no migration. Tables not there yet mean nothing synced yet.
         let db = pools.get(&tenant.slug, &tenant.database_url)?;
-        let client = db.client().await?;
-        let amocrm = match queries::read_amocrm_stages(&**client).await {
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok((Vec::new(), Vec::new())),
-            other => other.map_err(|e| db.query_error("reading stages", e))?,
+        let session = db.session().await?;
+        let amocrm = match db::amocrm_stages::read(&session).await {
+            Err(e) if e.is_missing_schema() => return Ok((Vec::new(), Vec::new())),
+            other => other?,
         };
         let entity = tenant.bitrix24.as_ref().map_or(EntityType::Deal, |b| b.entity_type);
-        let bitrix24 =
-            queries::read_bitrix24_stages(&**client, entity).await.map_err(|e| db.query_error("reading stages", e))?;
+        let bitrix24 = db::bitrix24_stages::read(&session, entity).await?;
         Ok::<_, db::DbError>((amocrm, bitrix24))
     }
     .await;

@@ -10,9 +10,10 @@ use crate::cli::{GlobalArgs, StatusArgs};
 use crate::config;
 use std::time::Duration;
 
-use crate::db::queries::StoredTokens;
-use crate::db::{Pools, queries};
-use crate::tokens::{self, NextCheck};
+use crate::db::status::StatusRow;
+use crate::db::{self, Pools, config_row};
+use crate::model::StoredTokens;
+use crate::reconcile::tokens::{NextCheck, next_check};
 
 #[derive(Serialize)]
 struct Line {
@@ -119,31 +120,31 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
 }
 
 type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-type Read = (Vec<queries::StatusRow>, StoredTokens, Times, Option<String>);
+type Read = (Vec<StatusRow>, StoredTokens, Times, Option<String>);
 
 /// The status rows, the AmoCRM token expiry, the resync schedule and the
 /// lease holder; the tables may not exist yet.
 async fn read(pools: &Pools, tenant: &config::TenantConfig) -> Result<Read, String> {
     let db = pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
-    let client = db.client().await.map_err(|e| e.to_string())?;
-    let rows = match queries::read_statuses(&**client).await {
+    let session = db.session().await.map_err(|e| e.to_string())?;
+    let rows = match db::status::read_all(&session).await {
         Ok(rows) => rows,
         // Never synced: the tables are not there yet.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+        Err(e) if e.is_missing_schema() => {
             return Ok((Vec::new(), StoredTokens::default(), (None, None), None));
         }
-        Err(e) => return Err(db.query_error("reading status", e).to_string()),
+        Err(e) => return Err(e.to_string()),
     };
-    let stored = queries::read_tokens(&**client).await.unwrap_or_default();
-    let schedule = queries::read_schedule(&**client, "stage_resync").await.ok().flatten().unwrap_or_default();
-    let holder = queries::lease_holder(&**client).await.ok().flatten();
+    let stored = config_row::read_tokens(&session).await.unwrap_or_default();
+    let schedule = db::schedule::read(&session, "stage_resync").await.ok().flatten().unwrap_or_default();
+    let holder = db::lease::holder(&session).await.ok().flatten();
     Ok((rows, stored, schedule, holder))
 }
 
 /// Says so when the margin is not shorter than the token's lifetime (the
 /// daemon then refreshes at half the lifetime).
 fn margin_note(stored: &StoredTokens, margin: Duration) -> Option<String> {
-    match tokens::next_check(stored, margin) {
+    match next_check(stored, margin) {
         NextCheck::Refresh { capped: true, .. } => Some(format!(
             "token_refresh_margin ({}) is not shorter than the token lifetime: refreshed at half the token lifetime",
             humantime::format_duration(margin)

@@ -14,7 +14,6 @@ use crate::apply::{Applied, apply_tenant};
 use crate::cli::{GlobalArgs, SyncArgs};
 use crate::config::{self, TenantConfig};
 use crate::context::Context;
-use crate::tokens;
 
 pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     if args.dry_run {
@@ -36,7 +35,7 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
     failed |= stopped;
     // Token requests cut off by the timeout are still running: their pairs
     // are stored before the process exits.
-    for (slug, e) in tokens::settle(&ctx, super::SETTLE_WITHIN).await {
+    for (slug, e) in ctx.tokens().settle(super::SETTLE_WITHIN).await {
         println!("{slug}: amocrm error: a token pair could not be stored and is lost: {e}");
         failed = true;
     }
@@ -58,7 +57,7 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
                                 println!("{slug}: {crm} portal moved to {to}: update webhook_url");
                             }
                         }
-                        Err(failure) => println!("{slug}: {crm} {}: {}", failure.state.as_str(), failure.message),
+                        Err(failure) => println!("{slug}: {crm} {}: {}", failure.state().as_str(), failure.message),
                     }
                 }
                 failed |= applied.failed();

@@ -6,12 +6,11 @@ use std::process::ExitCode;
 
 use crate::cli::{CrmArg, GlobalArgs, TestLeadArgs};
 use crate::context::Context;
-use crate::crm::CrmError;
 use crate::crm::amocrm::AmoClient;
 use crate::crm::bitrix24::B24Client;
 use crate::db;
 use crate::model::EntityType;
-use crate::tokens;
+use crate::tokens::Owner;
 
 pub const TEST_LEAD_NAME: &str = "Тест crm-connect";
 
@@ -49,19 +48,17 @@ async fn create(ctx: &Context, global: &GlobalArgs, args: &TestLeadArgs) -> Resu
         amo.test_pipeline_id.ok_or("set `amocrm.test_pipeline_id` to the pipeline the test lead goes to")?;
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     db::migrate(&db).await.map_err(|e| e.to_string())?;
-    let margin = tenant.schedule.token_refresh_margin;
-    let mut tokens =
-        tokens::refresh_if_due(ctx, &tenant.slug, &db, amo, margin, None).await.map_err(|e| e.to_string())?;
-    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
-    let id = match api.create_lead(&tokens.access, TEST_LEAD_NAME, pipeline_id).await {
-        Err(CrmError::Unauthorized { .. }) => {
-            tokens = tokens::refresh_if_due(ctx, &tenant.slug, &db, amo, margin, Some(&tokens.access))
-                .await
-                .map_err(|e| e.to_string())?;
-            api.create_lead(&tokens.access, TEST_LEAD_NAME, pipeline_id).await
-        }
-        other => other,
-    }
-    .map_err(|e| e.to_string())?;
+    let owner = Owner::of(&tenant, amo, &db);
+    let tokens = ctx.tokens();
+    let mut access = tokens.refresh_if_due(owner, None).await.map_err(|e| e.to_string())?;
+    let api = &AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let id = tokens
+        .with_fresh_access(
+            owner,
+            &mut access,
+            |t| async move { api.create_lead(&t, TEST_LEAD_NAME, pipeline_id).await },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(format!("created AmoCRM lead {id} \"{TEST_LEAD_NAME}\" in pipeline {pipeline_id}"))
 }

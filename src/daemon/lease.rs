@@ -9,11 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::error::SqlState;
-
 use crate::config::TenantConfig;
 use crate::context::Context;
-use crate::db::{self, queries};
+use crate::db;
 
 /// Unique per process: host name, pid and a random part, so two daemons on
 /// one host are two holders.
@@ -51,19 +49,17 @@ pub(crate) async fn take(ctx: &Context, config: &TenantConfig, holder: &str, dur
     let mut sent_at = Instant::now();
     let attempt = async {
         let db = ctx.pools.get(&config.slug, &config.database_url)?;
-        let client = db.client().await?;
+        let session = db.session().await?;
         sent_at = Instant::now();
-        match queries::take_lease(&**client, holder, duration).await {
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
-                drop(client);
+        match db::lease::take(&session, holder, duration).await {
+            Err(e) if e.is_missing_schema() => {
+                drop(session);
                 db::migrate(&db).await?;
-                let client = db.client().await?;
+                let session = db.session().await?;
                 sent_at = Instant::now();
-                queries::take_lease(&**client, holder, duration)
-                    .await
-                    .map_err(|e| db.query_error("taking the lease", e))
+                db::lease::take(&session, holder, duration).await
             }
-            other => other.map_err(|e| db.query_error("taking the lease", e)),
+            other => other,
         }
     };
     let held = match tokio::time::timeout(renew_every(duration), attempt).await {
@@ -78,8 +74,8 @@ pub(crate) async fn take(ctx: &Context, config: &TenantConfig, holder: &str, dur
 pub(crate) async fn release(ctx: &Context, config: &TenantConfig, holder: &str) {
     let released = tokio::time::timeout(Duration::from_secs(1), async {
         let db = ctx.pools.get(&config.slug, &config.database_url).ok()?;
-        let client = db.client().await.ok()?;
-        queries::release_lease(&**client, holder).await.ok()
+        let session = db.session().await.ok()?;
+        db::lease::release(&session, holder).await.ok()
     })
     .await;
     if !matches!(released, Ok(Some(()))) {

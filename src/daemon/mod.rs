@@ -641,7 +641,7 @@ impl Daemon {
             tracing::warn!("work still running after {}s; stopping it", SHUTDOWN_GRACE.as_secs());
             self.tasks.abort_all();
         }
-        crate::tokens::settle(&self.ctx, SHUTDOWN_PAIRS_WITHIN).await;
+        self.ctx.tokens().settle(SHUTDOWN_PAIRS_WITHIN).await;
         let mut releases = JoinSet::new();
         for tenant in self.tenants.values().filter(|t| t.holds_lease) {
             let (ctx, config, holder) = (self.ctx.clone(), tenant.config.clone(), self.holder.clone());

@@ -10,12 +10,13 @@ use tokio::task::AbortHandle;
 
 use super::Event;
 use super::schedule::{delay_until, timer};
-use crate::apply::{Applied, Failure, Report, apply_tenant, record_failure, resync_stages};
+use crate::apply::{Applied, Report, apply_tenant, record_failure, resync_stages};
 use crate::config::TenantConfig;
 use crate::context::Context;
-use crate::db::queries;
+use crate::db;
+use crate::failure::{Cause, Failure, FailureKind};
 use crate::model::{Crm, CrmState};
-use crate::tokens::{self, NextCheck};
+use crate::tokens::{NextCheck, Owner};
 
 /// Failed work is tried again after this, doubling up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -154,7 +155,7 @@ impl Tenant {
         let delay = match (amo_failure, outcome.next_token_check) {
             // No refresh until a new code or token arrives; only a look at
             // what is stored, now and then.
-            (Some(f), _) if f.state == CrmState::NeedsAuthorization => Some(AUTHORIZATION_RECHECK),
+            (Some(f), _) if f.state() == CrmState::NeedsAuthorization => Some(AUTHORIZATION_RECHECK),
             // Every failure backs off, whatever its kind: never a loop.
             (Some(_), _) => Some(self.next_token_backoff()),
             // A pair waiting in memory, or an expiry that could not be read.
@@ -221,7 +222,7 @@ impl Outcome {
             Err(_) => return CrmState::Error.as_str(),
         };
         let failures: Vec<CrmState> =
-            applied.crms.iter().filter_map(|(_, o)| o.as_ref().err().map(|f| f.state)).collect();
+            applied.crms.iter().filter_map(|(_, o)| o.as_ref().err().map(Failure::state)).collect();
         if failures.contains(&CrmState::Error) {
             CrmState::Error.as_str()
         } else if failures.contains(&CrmState::NeedsAuthorization) {
@@ -298,17 +299,18 @@ async fn refresh(ctx: &Context, config: &TenantConfig, awaiting_authorization: b
     let Some(amo) = &config.amocrm else { return Applied::default() };
     let outcome = match ctx.pools.get(&config.slug, &config.database_url) {
         Ok(db) => {
-            let outcome =
-                tokens::refresh_if_due(ctx, &config.slug, &db, amo, config.schedule.token_refresh_margin, None)
-                    .await
-                    .map(|_| Report::default())
-                    .map_err(Failure::from);
+            let outcome = ctx
+                .tokens()
+                .refresh_if_due(Owner::of(config, amo, &db), None)
+                .await
+                .map(|_| Report::default())
+                .map_err(|e| Cause::from(e).of(Crm::AmoCrm));
             // A long-lived token that expired, say, is recorded as such; a
             // failure that may pass is not an `error` while the token lives.
-            let needs_authorization = matches!(&outcome, Err(f) if f.state == CrmState::NeedsAuthorization);
+            let needs_authorization = matches!(&outcome, Err(f) if f.state() == CrmState::NeedsAuthorization);
             match &outcome {
                 Err(_) if needs_authorization && !awaiting_authorization => {
-                    record_failure(Crm::AmoCrm, &config.slug, &db, &outcome).await
+                    record_failure(&config.slug, &db, &outcome).await
                 }
                 Err(f) if needs_authorization => {
                     tracing::debug!(tenant = %config.slug, crm = "amocrm", error = %f.message, "still waiting for authorisation")
@@ -320,14 +322,15 @@ async fn refresh(ctx: &Context, config: &TenantConfig, awaiting_authorization: b
             }
             outcome
         }
-        Err(e) => Err(Failure::from(e)),
+        Err(e) => Err(Cause::from(e).of(Crm::AmoCrm)),
     };
     Applied { changed_columns: Vec::new(), crms: vec![(Crm::AmoCrm, outcome)] }
 }
 
 async fn next_token_check(ctx: &Context, config: &TenantConfig) -> Option<NextCheck> {
     let db = ctx.pools.get(&config.slug, &config.database_url).ok()?;
-    tokens::next_check_for(ctx, &config.slug, &db, config.schedule.token_refresh_margin).await.ok()
+    let amo = config.amocrm.as_ref()?;
+    ctx.tokens().next_check(Owner::of(config, amo, &db)).await.ok()
 }
 
 async fn record_schedule(
@@ -336,8 +339,8 @@ async fn record_schedule(
     (last, next): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
 ) {
     let Ok(db) = ctx.pools.get(&config.slug, &config.database_url) else { return };
-    let Ok(client) = db.client().await else { return };
-    if let Err(e) = queries::write_schedule(&**client, "stage_resync", last, next).await {
+    let Ok(session) = db.session().await else { return };
+    if let Err(e) = db::schedule::write(&session, "stage_resync", last, next).await {
         tracing::debug!(tenant = %config.slug, error = %e, "cannot record the schedule");
     }
 }
@@ -346,10 +349,9 @@ async fn record_schedule(
 pub(crate) async fn mark_unmanaged(ctx: &Context, config: &TenantConfig) {
     let crms = [(Crm::AmoCrm, config.amocrm.is_some()), (Crm::Bitrix24, config.bitrix24.is_some())];
     let result = async {
-        let db = ctx.pools.get(&config.slug, &config.database_url)?;
-        let client = db.client().await?;
+        let session = ctx.pools.get(&config.slug, &config.database_url)?.session().await?;
         for (crm, _) in crms.iter().filter(|(_, on)| *on) {
-            queries::mark_unmanaged(&**client, *crm).await.map_err(|e| db.query_error("writing status", e))?;
+            db::status::mark_unmanaged(&session, *crm).await?;
         }
         Ok::<_, crate::db::DbError>(())
     }
@@ -374,10 +376,10 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 /// Best effort: the status rows of the tenant's CRMs say `error`.
 async fn record_internal_error(ctx: &Context, config: &TenantConfig, message: &str) {
     let Ok(db) = ctx.pools.get(&config.slug, &config.database_url) else { return };
-    let failure: crate::apply::CrmOutcome = Err(Failure::error(message));
     for (crm, on) in [(Crm::AmoCrm, config.amocrm.is_some()), (Crm::Bitrix24, config.bitrix24.is_some())] {
         if on {
-            record_failure(crm, &config.slug, &db, &failure).await;
+            let failure = Failure { kind: FailureKind::Internal, crm, message: message.to_string() };
+            record_failure(&config.slug, &db, &Err(failure)).await;
         }
     }
 }

@@ -2,7 +2,9 @@
 //! server of the user's), by way of the same server's `postgres` database
 //! and the program's own connection settings (TLS as `sslmode` says).
 
-use super::{DbError, PoolSettings, Pools, pg_reason, queries};
+use super::error::{DbError, QueryError};
+use super::session::{Conn, step};
+use super::{PoolSettings, Pools};
 use crate::secret::Secret;
 
 /// Creates the database `database_url` names unless it exists; returns
@@ -19,16 +21,15 @@ pub async fn ensure_database(database_url: &Secret) -> Result<bool, DbError> {
     let maintenance = Secret::new(String::from(maintenance));
     let pools = Pools::new(PoolSettings { max_size: 1, ..PoolSettings::default() });
     let db = pools.get("maintenance", &maintenance)?;
-    let client = db.client().await?;
-    let failed = |e: tokio_postgres::Error| DbError::Query {
-        what: "creating the database",
-        target: db.target().to_owned(),
-        reason: pg_reason(&e),
-        transient: false,
-    };
-    if queries::database_exists(&**client, &name).await.map_err(failed)? {
-        return Ok(false);
-    }
-    queries::create_database(&**client, &name).await.map_err(failed)?;
-    Ok(true)
+    let session = db.session().await?;
+    step(&session, "creating the database", async {
+        let client = session.pg();
+        if client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some() {
+            return Ok(false);
+        }
+        // No parameters in CREATE DATABASE: the name is quoted as an identifier.
+        client.batch_execute(&format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))).await?;
+        Ok::<_, QueryError>(true)
+    })
+    .await
 }

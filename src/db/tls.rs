@@ -93,7 +93,7 @@ pub(crate) struct UrlProblem(String);
 pub(crate) fn connect_params(url: &str) -> Result<(Config, Connector), DbError> {
     let (config, tls) = parse(url).map_err(|_| DbError::BadUrl)?;
     let connector = Connector::new(&config, &tls)
-        .map_err(|reason| DbError::Connect { target: super::describe(&config), reason })?;
+        .map_err(|reason| DbError::Connect { target: super::pool::describe(&config), reason })?;
     Ok((config, connector))
 }
 

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
-use crate::model::StageFlags;
+use super::mapping::{Reference, StageMatch, map_flags};
+use crate::config::StageMapping;
+use crate::model::{StageFlags, StoredStage};
 
 /// A stage as a stage table stores it (flags aside).
 pub trait StageRow: Clone + PartialEq {
@@ -13,14 +15,6 @@ pub trait StageRow: Clone + PartialEq {
     fn key(&self) -> Self::Key;
     /// `"Pipeline" / "Stage" (ID)`, for change summaries.
     fn label(&self) -> String;
-}
-
-/// A stored row.
-#[derive(Clone, Debug)]
-pub struct StoredStage<R> {
-    pub row: R,
-    pub flags: StageFlags,
-    pub removed: bool,
 }
 
 /// What a stage sync writes, and a summary of it for events and dry runs.
@@ -40,6 +34,46 @@ pub struct StagePlan<R: StageRow> {
 impl<R: StageRow> StagePlan<R> {
     pub fn is_empty(&self) -> bool {
         self.upserts.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// A stage sync: the plan, the number of stages the CRM listed, and the
+/// mapping's error, if any.
+#[derive(Debug)]
+pub struct StageSync<R: StageRow> {
+    pub plan: StagePlan<R>,
+    pub stage_count: usize,
+    /// The mapping matches no stage or flags one both ways: the stored
+    /// flags are kept (names and order still sync) and the sync fails.
+    pub mapping_error: Option<String>,
+}
+
+/// The one rule of a stage sync, for the sync and the dry run alike: the
+/// flags mapped — or, on a mapping error, kept as stored — then the rows
+/// compared. `table` names the mapping in messages (`amocrm.stages`).
+pub fn plan_stage_sync<S, Ref>(
+    fetched: Vec<S>,
+    mapping: &StageMapping<Ref>,
+    table: &str,
+    stored: &[StoredStage<S>],
+) -> StageSync<S>
+where
+    S: StageRow + StageMatch<Ref>,
+    Ref: Reference,
+{
+    let mapped = map_flags(&fetched, mapping, table);
+    let flags: Vec<StageFlags> = match &mapped {
+        Ok(flags) => flags.clone(),
+        Err(_) => fetched
+            .iter()
+            .map(|s| stored.iter().find(|old| old.row.key() == s.key()).map(|old| old.flags).unwrap_or_default())
+            .collect(),
+    };
+    let stage_count = fetched.len();
+    StageSync {
+        plan: plan_stages(fetched.into_iter().zip(flags).collect(), stored),
+        stage_count,
+        mapping_error: mapped.err().map(|e| format!("stage mapping: {e}")),
     }
 }
 

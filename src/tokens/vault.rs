@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
 use crate::db::TenantDb;
-use crate::db::queries::{AmoAccount, StoredTokens};
 use crate::model::Tokens;
+use crate::model::{StoredAccount, StoredTokens};
 use crate::secret::Secret;
 
 /// A pair obtained from the CRM, with what it may be written over.
@@ -22,7 +22,7 @@ pub(crate) struct Registered {
     /// Set for an exchanged pair: the code it came from counts as sent.
     pub(crate) code_sha256: Option<String>,
     /// The account the pair was obtained for, as the row named it then.
-    pub(crate) account: AmoAccount,
+    pub(crate) account: StoredAccount,
     /// The row's tokens when the request was sent: the pair replaces them
     /// and is written only while the row still holds them (or nothing).
     pub(crate) replaces: (Option<Secret>, Option<Secret>),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use crm_connect::apply::apply_tenant;
-use crm_connect::tokens::{self, sha256_hex};
+use crm_connect::tokens::{Owner, sha256_hex};
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
 use crm_connect_sandbox::faults::Fault;
 use tokio_postgres::Client;
@@ -135,9 +135,10 @@ async fn two_processes_refreshing_one_tenant_at_once_make_exactly_one_refresh() 
         let dba = a.pools.get("acme", &tenant.database_url).unwrap();
         let dbb = b.pools.get("acme", &tenant.database_url).unwrap();
         let margin = Duration::from_secs(3600);
+        let (ta, tb) = (a.tokens(), b.tokens());
         let (ra, rb) = tokio::join!(
-            tokens::refresh_if_due(&a, "acme", &dba, &amo_config, margin, None),
-            tokens::refresh_if_due(&b, "acme", &dbb, &amo_config, margin, None),
+            ta.refresh_if_due(Owner { slug: "acme", db: &dba, amo: &amo_config, margin }, None),
+            tb.refresh_if_due(Owner { slug: "acme", db: &dbb, amo: &amo_config, margin }, None),
         );
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
         assert_eq!(ra.access, rb.access, "both end with the same pair");
@@ -184,7 +185,12 @@ async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back(
     let refresh = {
         let (ctx, amo_config, tenant_db) = (ctx.clone(), amo_config.clone(), tenant_db.clone());
         tokio::spawn(async move {
-            tokens::refresh_if_due(&ctx, "acme", &tenant_db, &amo_config, Duration::from_secs(3600), None).await
+            ctx.tokens()
+                .refresh_if_due(
+                    Owner { slug: "acme", db: &tenant_db, amo: &amo_config, margin: Duration::from_secs(3600) },
+                    None,
+                )
+                .await
         })
     };
     // The refresh holds the row lock while the CRM answers: its session sits
@@ -214,12 +220,18 @@ async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back(
     assert!(amo.is_access_token_valid(new.access.expose()));
 
     // No second refresh while the pair waits: the next attempt only tries to store it.
-    let again = tokens::refresh_if_due(&ctx, "acme", &tenant_db, &amo_config, Duration::from_secs(3600), None).await;
+    let again = ctx
+        .tokens()
+        .refresh_if_due(
+            Owner { slug: "acme", db: &tenant_db, amo: &amo_config, margin: Duration::from_secs(3600) },
+            None,
+        )
+        .await;
     assert!(again.is_err(), "the database is still down");
     assert_eq!(amo.token_stats().refreshed, 1);
 
     admin.execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"), &[]).await.unwrap();
-    tokens::store_registered_within(&ctx, "acme", Duration::from_secs(20)).await.unwrap();
+    ctx.tokens().store_registered_within("acme", Duration::from_secs(20)).await.unwrap();
     assert!(!ctx.vault.contains("acme"));
     let client = connect(&db.url).await;
     assert_eq!(stored_access_token(&client).await, new.access.expose());

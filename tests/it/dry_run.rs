@@ -243,7 +243,7 @@ async fn a_dry_run_prints_no_secret() {
 }
 
 #[tokio::test]
-async fn a_token_due_for_refresh_and_refused_by_the_api_is_reported_not_refreshed() {
+async fn a_token_refused_by_the_api_or_expired_is_reported_never_refreshed() {
     let amo = amocrm().await;
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
@@ -255,22 +255,35 @@ async fn a_token_due_for_refresh_and_refused_by_the_api_is_reported_not_refreshe
     let config = dir.path().to_str().unwrap();
     sync(config).await;
     let client = connect(&db.url).await;
+    // The CRM's clock passes the token's expiry: the API refuses it. By the
+    // stored expiry (10 minutes, half its lifetime not yet gone) a sync
+    // would not refresh before calling, so it would refresh after the 401.
     client.execute("UPDATE config SET amocrm_token_expires_at = now() + interval '10 minutes'", &[]).await.unwrap();
-    // The CRM's clock passes the token's expiry: the API refuses it.
     amo.advance_clock(Duration::from_secs(2 * 86_400));
     let versions = row_versions(&client).await;
 
-    let run = dry_run(config).await;
-
+    let refused = dry_run(config).await;
     assert_eq!(
-        lines(&run),
+        lines(&refused),
+        ["acme: amocrm: stages cannot be previewed: the API refused the access token (HTTP 401); \
+          a sync would refresh it and try again"],
+        "{refused:?}"
+    );
+    assert_eq!(row_versions(&client).await, versions);
+
+    // Expired by the stored expiry: a sync would refresh first.
+    client.execute("UPDATE config SET amocrm_token_expires_at = now() - interval '1 minute'", &[]).await.unwrap();
+    let versions_expired = row_versions(&client).await;
+    let expired = dry_run(config).await;
+    assert_eq!(
+        lines(&expired),
         [
             "acme: amocrm: would refresh the token first",
-            "acme: amocrm: stages cannot be previewed: the API refused the access token (HTTP 401); \
-             a sync would refresh it and try again",
+            "acme: amocrm: stages cannot be previewed without tokens (the stored access token has expired)",
         ],
-        "{run:?}"
+        "{expired:?}"
     );
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() }, "no refresh");
-    assert_eq!(row_versions(&client).await, versions);
+    assert_ne!(versions, versions_expired, "the test itself changed the expiry");
+    assert_eq!(row_versions(&client).await, versions_expired);
 }

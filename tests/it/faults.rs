@@ -237,7 +237,7 @@ fn amo_failure(applied: &Applied) -> String {
     match outcome {
         Ok(report) => panic!("the sync succeeded: {report:?}"),
         Err(failure) => {
-            assert_eq!(failure.state, CrmState::Error, "{failure:?}");
+            assert_eq!(failure.state(), CrmState::Error, "{failure:?}");
             failure.message.clone()
         }
     }
@@ -670,7 +670,7 @@ async fn malformed_or_truncated_bitrix24_json_is_a_clear_error_that_changes_noth
         let applied = apply_tenant(&ctx, &tenant).await.unwrap();
         let (_, outcome) = &applied.crms[0];
         let failure = outcome.as_ref().expect_err("the sync failed");
-        assert_eq!(failure.state, CrmState::Error);
+        assert_eq!(failure.state(), CrmState::Error);
         assert!(failure.message.starts_with("unexpected response: `batch` answered"), "{}", failure.message);
         let (state, error) = state(&client, "bitrix24").await.unwrap();
         assert_eq!((state.as_str(), error.as_deref()), ("error", Some(failure.message.as_str())));

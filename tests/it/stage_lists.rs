@@ -44,7 +44,7 @@ async fn status(client: &Client, crm: &str) -> (String, Option<String>) {
 fn failure(applied: &Applied) -> String {
     let (_, outcome) = applied.crms.first().expect("one CRM");
     let failure = outcome.as_ref().expect_err("the sync failed");
-    assert_eq!(failure.state, CrmState::Error, "{failure:?}");
+    assert_eq!(failure.state(), CrmState::Error, "{failure:?}");
     failure.message.clone()
 }
 

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use crm_connect::config::{LoadOptions, parse_file};
-use crm_connect::db::{DbError, PoolSettings, Pools};
+use crm_connect::db::{Conn, DbError, PoolSettings, Pools};
 use crm_connect::secret::Secret;
 use crm_connect_sandbox::postgres::Cluster;
 use rcgen::{
@@ -124,8 +124,9 @@ fn plain() -> &'static Cluster {
 async fn encrypted(url: &str) -> Result<bool, DbError> {
     let pools = Pools::new(PoolSettings::default());
     let db = pools.get("tls", &Secret::new(url))?;
-    let client = db.client().await?;
-    let row = client
+    let session = db.session().await?;
+    let row = session
+        .pg()
         .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
         .await
         .expect("pg_stat_ssl answers");
@@ -300,8 +301,9 @@ async fn socket_hosts_work_as_a_host_parameter_and_as_a_percent_encoded_host() {
     ] {
         let pools = Pools::new(PoolSettings::default());
         let db = pools.get("socket", &Secret::new(url.as_str())).unwrap_or_else(|e| panic!("{url}: {e}"));
-        let client = db.client().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-        let row = client
+        let session = db.session().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let row = session
+            .pg()
             .query_one(
                 "SELECT a.client_addr IS NULL, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
                  WHERE pid = pg_backend_pid()",
