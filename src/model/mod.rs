@@ -1,0 +1,22 @@
+//! Domain types shared by configuration, the CRM clients and the database:
+//! which CRM and its connection state, the AmoCRM account, the Bitrix24
+//! webhook and entity, and the stages of both. No I/O here. Each type is
+//! re-exported here, so callers name `model::X` whatever file it lives in.
+
+mod amocrm;
+mod bitrix24;
+mod crm;
+mod stage;
+
+use std::net::IpAddr;
+
+pub use amocrm::{AmoDomain, Tokens};
+pub use bitrix24::{B24Stage, EntityType, Semantics, Webhook, WebhookError};
+pub use crm::{Crm, CrmState};
+pub use stage::{AmoStage, StageFlags};
+
+/// Loopback hosts, the only ones allowed plain http (the sandboxes in tests).
+pub fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
