@@ -25,7 +25,7 @@ pub async fn resync(ctx: &Context, tenant: &TenantConfig, amo: &AmoCrmConfig, db
     let outcome = async {
         let margin = tenant.schedule.token_refresh_margin;
         let mut tokens = tokens::refresh_if_due(ctx, &tenant.slug, db, amo, margin, None).await?;
-        let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+        let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
         let stages = match api.pipelines(&tokens.access).await {
             Err(CrmError::Unauthorized { .. }) => {
                 tokens = reauthorize(ctx, tenant, amo, db, &tokens.access).await?;
@@ -68,7 +68,7 @@ async fn connect_and_sync(
         }
         Err(e) => return Err(e.into()),
     };
-    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
     // A 401 gets one refresh and one more try.
     match api.account(&tokens.access).await {
         Err(CrmError::Unauthorized { .. }) => {

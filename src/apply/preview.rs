@@ -14,7 +14,7 @@ use tokio_postgres::error::SqlState;
 use crate::config::{AmoCrmConfig, Bitrix24Config, StageMapping, TenantConfig};
 use crate::context::Context;
 use crate::crm::CrmError;
-use crate::crm::amocrm::{AmoClient, Credentials, jwt_expiry};
+use crate::crm::amocrm::{AmoClient, jwt_expiry};
 use crate::crm::bitrix24::B24Client;
 use crate::db::queries::{self, StoredTokens};
 use crate::db::{DbError, TenantDb};
@@ -281,7 +281,7 @@ async fn preview_amocrm(
     } else if let Some(code) = &amo.authorization_code
         && kept.code_sha256.as_deref() != Some(sha256_hex(code).as_str())
     {
-        match Credentials::of(amo) {
+        match amo.credentials() {
             Ok(_) => {
                 preview.actions.push(Action::ExchangeCode);
                 exchanging = true;
@@ -324,7 +324,7 @@ async fn preview_amocrm(
         preview.stages = Err(format!("{NO_TOKENS} (the stored access token has expired)"));
         return preview;
     }
-    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
     preview.stages = match api.pipelines(&access).await {
         Ok(fetched) => Ok(plan(fetched, &amo.stages, &stored.amocrm_stages)),
         Err(CrmError::Unauthorized { .. }) => Err("stages cannot be previewed: the API refused the access token \

@@ -52,7 +52,7 @@ async fn create(ctx: &Context, global: &GlobalArgs, args: &TestLeadArgs) -> Resu
     let margin = tenant.schedule.token_refresh_margin;
     let mut tokens =
         tokens::refresh_if_due(ctx, &tenant.slug, &db, amo, margin, None).await.map_err(|e| e.to_string())?;
-    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
     let id = match api.create_lead(&tokens.access, TEST_LEAD_NAME, pipeline_id).await {
         Err(CrmError::Unauthorized { .. }) => {
             tokens = tokens::refresh_if_due(ctx, &tenant.slug, &db, amo, margin, Some(&tokens.access))

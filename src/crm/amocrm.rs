@@ -13,31 +13,12 @@ use serde_json::json;
 
 use super::http::{RawResponse, RetryPolicy, retrying};
 use super::{CrmError, Http};
-use crate::config::AmoCrmConfig;
-use crate::model::{AmoStage, Tokens};
+use crate::model::{AmoAccount, AmoStage, Credentials, Tokens};
 use crate::secret::Secret;
 
 /// AmoCRM documents at most 50 pipelines per account and every page lists
 /// at least one, so `_links.next` past page 50 is a list that never ends.
 const MAX_PAGES: usize = 50;
-
-/// The integration's credentials, needed by every token request.
-pub struct Credentials<'a> {
-    pub client_id: &'a str,
-    pub client_secret: &'a Secret,
-    pub redirect_uri: &'a str,
-}
-
-impl<'a> Credentials<'a> {
-    pub fn of(config: &'a AmoCrmConfig) -> Result<Credentials<'a>, CrmError> {
-        match (&config.client_id, &config.client_secret, &config.redirect_uri) {
-            (Some(client_id), Some(client_secret), Some(redirect_uri)) => {
-                Ok(Credentials { client_id, client_secret, redirect_uri })
-            }
-            _ => Err(CrmError::Config("client_id, client_secret and redirect_uri are needed to obtain tokens".into())),
-        }
-    }
-}
 
 /// The account an access token belongs to.
 #[derive(Clone, Debug, Deserialize)]
@@ -51,15 +32,14 @@ pub struct Account {
 
 pub struct AmoClient<'h> {
     http: &'h Http,
-    base: String,
-    /// Rate-limit key: one budget per account host.
-    account: String,
+    /// Its host is the rate-limit key: one budget per account.
+    account: AmoAccount,
     retry: RetryPolicy,
 }
 
 impl<'h> AmoClient<'h> {
-    pub fn new(http: &'h Http, config: &AmoCrmConfig) -> AmoClient<'h> {
-        AmoClient { http, base: config.api_base(), account: config.account_host(), retry: RetryPolicy::default() }
+    pub fn new(http: &'h Http, account: &AmoAccount) -> AmoClient<'h> {
+        AmoClient { http, account: account.clone(), retry: RetryPolicy::default() }
     }
 
     /// Shortens the retry deadline (a one-shot command wants an answer).
@@ -70,7 +50,7 @@ impl<'h> AmoClient<'h> {
 
     /// `https://acme.amocrm.ru`: the account's API host, for messages.
     pub fn base(&self) -> &str {
-        &self.base
+        self.account.api_base()
     }
 
     /// Exchanges a one-time authorization code for tokens.
@@ -90,7 +70,7 @@ impl<'h> AmoClient<'h> {
         grant_key: &str,
         grant: &Secret,
     ) -> Result<Tokens, CrmError> {
-        let url = format!("{}/oauth2/access_token", self.base);
+        let url = format!("{}/oauth2/access_token", self.base());
         let body = json!({
             "client_id": credentials.client_id,
             "client_secret": credentials.client_secret.expose(),
@@ -102,7 +82,8 @@ impl<'h> AmoClient<'h> {
         // it for less long than an API call.
         let policy = RetryPolicy { deadline: self.retry.deadline.min(Duration::from_secs(60)), ..self.retry };
         let response = retrying(policy, || async {
-            let response = self.http.send_amocrm(&self.account, self.http.client().post(&url).json(&body)).await?;
+            let response =
+                self.http.send_amocrm(self.account.host(), self.http.client().post(&url).json(&body)).await?;
             match response.status {
                 200..=299 => Ok(response),
                 // Any 4xx: this grant is dead; sending it again cannot help.
@@ -127,7 +108,7 @@ impl<'h> AmoClient<'h> {
     }
 
     pub async fn account(&self, access: &Secret) -> Result<Account, CrmError> {
-        let response = self.get(&format!("{}/api/v4/account", self.base), access).await?;
+        let response = self.get(&format!("{}/api/v4/account", self.base()), access).await?;
         response.json()
     }
 
@@ -137,7 +118,7 @@ impl<'h> AmoClient<'h> {
     pub async fn pipelines(&self, access: &Secret) -> Result<Vec<AmoStage>, CrmError> {
         let mut stages = Vec::new();
         let mut pipeline_ids = HashSet::new();
-        let mut url = format!("{}/api/v4/leads/pipelines", self.base);
+        let mut url = format!("{}/api/v4/leads/pipelines", self.base());
         for page in 1..=MAX_PAGES {
             let response = self.get(&url, access).await?;
             // AmoCRM answers an empty list with 204 and no body.
@@ -184,7 +165,7 @@ impl<'h> AmoClient<'h> {
             }
             match next {
                 // The token goes only to the account's own host.
-                Some(next) if next.starts_with(&format!("{}/", self.base)) => url = next,
+                Some(next) if next.starts_with(&format!("{}/", self.base())) => url = next,
                 Some(_) => return Err(CrmError::Malformed("`_links.next` points to another host".into())),
                 None => return Ok(stages),
             }
@@ -196,12 +177,12 @@ impl<'h> AmoClient<'h> {
 
     /// Creates one lead and returns its id.
     pub async fn create_lead(&self, access: &Secret, name: &str, pipeline_id: i64) -> Result<i64, CrmError> {
-        let url = format!("{}/api/v4/leads", self.base);
+        let url = format!("{}/api/v4/leads", self.base());
         let body = json!([{ "name": name, "pipeline_id": pipeline_id }]);
         // Not retried: a lost answer must not create a second lead.
         let response = self
             .http
-            .send_amocrm(&self.account, self.http.client().post(&url).bearer_auth(access.expose()).json(&body))
+            .send_amocrm(self.account.host(), self.http.client().post(&url).bearer_auth(access.expose()).json(&body))
             .await?;
         let response = check_api(response)?;
         let created: LeadsCreated = response.json()?;
@@ -216,7 +197,7 @@ impl<'h> AmoClient<'h> {
     async fn get(&self, url: &str, access: &Secret) -> Result<RawResponse, CrmError> {
         retrying(self.retry, || async {
             let request = self.http.client().get(url).bearer_auth(access.expose());
-            check_api(self.http.send_amocrm(&self.account, request).await?)
+            check_api(self.http.send_amocrm(self.account.host(), request).await?)
         })
         .await
     }

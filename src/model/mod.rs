@@ -10,7 +10,7 @@ mod stage;
 
 use std::net::IpAddr;
 
-pub use amocrm::{AmoDomain, Tokens};
+pub use amocrm::{AmoAccount, AmoDomain, Credentials, MissingCredentials, Tokens};
 pub use bitrix24::{B24Stage, EntityType, Semantics, Webhook, WebhookError};
 pub use crm::{Crm, CrmState};
 pub use stage::{AmoStage, StageFlags};

@@ -27,7 +27,7 @@ pub use vault::Vault;
 use crate::config::AmoCrmConfig;
 use crate::context::Context;
 use crate::crm::CrmError;
-use crate::crm::amocrm::{AmoClient, Credentials, jwt_expiry, jwt_issued_at, latest_time};
+use crate::crm::amocrm::{AmoClient, jwt_expiry, jwt_issued_at, latest_time};
 use crate::db::queries::{self, StatusUpdate, StoredTokens};
 use crate::db::{DbError, TenantDb};
 use crate::model::{Crm, CrmState, Tokens};
@@ -215,7 +215,7 @@ async fn exchange_once(
             return Ok(Obtained::CodeAlreadySent);
         }
     }
-    Credentials::of(amo)?;
+    amo.credentials().map_err(CrmError::from)?;
     let (ctx2, slug2, db2, amo2, code2) = (ctx.clone(), slug.to_string(), db.clone(), amo.clone(), code.clone());
     detached(ctx, async move { locked_exchange(&ctx2, &slug2, &db2, &amo2, &code2, hash).await }).await
 }
@@ -228,14 +228,14 @@ async fn locked_exchange(
     code: &Secret,
     hash: String,
 ) -> Result<Obtained, TokenError> {
-    let credentials = Credentials::of(amo)?;
+    let credentials = amo.credentials().map_err(CrmError::from)?;
     let mut client = db.client().await?;
     let tx = client.transaction().await.map_err(|e| db.query_error("starting a transaction", e))?;
     let stored = lock_for_token_request(&tx, db).await?;
     if stored.code_sha256.as_deref() == Some(hash.as_str()) {
         return Ok(Obtained::CodeAlreadySent);
     }
-    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
     match api.exchange_code(&credentials, code).await {
         Ok(tokens) => {
             ctx.vault.register(slug, Registered::replacing(&stored, tokens.clone(), Some(hash.clone()), db));
@@ -321,8 +321,8 @@ async fn locked_refresh(
             "the last refresh was rejected; a new authorization_code or long_lived_token is needed".into(),
         ));
     }
-    let credentials = Credentials::of(amo)?;
-    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let credentials = amo.credentials().map_err(CrmError::from)?;
+    let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
     match api.refresh(&credentials, &refresh_token).await {
         Ok(tokens) => {
             ctx.vault.register(slug, Registered::replacing(&stored, tokens.clone(), None, db));
