@@ -320,7 +320,7 @@ async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Opti
     if query.error.is_some() {
         return Err(fail(CallbackError::AccessDenied));
     }
-    let expected = amo.account_host();
+    let expected = amo.account.host().to_string();
     if !query.referer.as_deref().is_some_and(|r| referer_matches(r, &expected)) {
         return Err(fail(CallbackError::WrongReferer { expected }));
     }

@@ -25,7 +25,7 @@ pub async fn resync(ctx: &Context, tenant: &TenantConfig, amo: &AmoCrmConfig, db
         let owner = Owner::of(tenant, amo, db);
         let tokens = ctx.tokens();
         let mut access = tokens.refresh_if_due(owner, None).await?;
-        let api = &AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+        let api = &AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
         let stages = tokens.with_fresh_access(owner, &mut access, |t| async move { api.pipelines(&t).await }).await?;
         let (stage_count, stages_changed) = stages::sync_stages(db, (), &amo.stages, stages).await?;
         Ok::<_, Cause>(Report { obtained: None, stage_count, stages_changed, moved_to: None })
@@ -57,7 +57,7 @@ async fn connect_and_sync(ctx: &Context, owner: Owner<'_>) -> Result<Report, Cau
         }
         Err(e) => return Err(e.into()),
     };
-    let api = &AmoClient::new(&ctx.http, owner.amo).with_retry(ctx.retry);
+    let api = &AmoClient::new(&ctx.http, &owner.amo.account).with_retry(ctx.retry);
     tokens.with_fresh_access(owner, &mut access, |t| async move { api.account(&t).await }).await?;
     let stages = tokens.with_fresh_access(owner, &mut access, |t| async move { api.pipelines(&t).await }).await?;
     let (stage_count, stages_changed) = stages::sync_stages(owner.db, (), &owner.amo.stages, stages).await?;

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use crate::config::{AmoCrmConfig, Bitrix24Config, StageMapping, TenantConfig};
 use crate::context::Context;
 use crate::crm::CrmError;
-use crate::crm::amocrm::{AmoClient, Credentials};
+use crate::crm::amocrm::AmoClient;
 use crate::crm::bitrix24::B24Client;
 use crate::db::{self, DbError, TenantDb, Tx, config_row};
 use crate::model::{AmoStage, B24Stage, Crm, CrmState, StoredTokens};
@@ -251,7 +251,7 @@ async fn preview_amocrm(
                 ..current
             };
         }
-        ObtainStep::Exchange { .. } => match Credentials::of(amo) {
+        ObtainStep::Exchange { .. } => match amo.credentials() {
             Ok(_) => {
                 preview.actions.push(Action::ExchangeCode);
                 exchanging = true;
@@ -285,7 +285,7 @@ async fn preview_amocrm(
         preview.stages = Err(format!("{NO_TOKENS} (the stored access token has expired)"));
         return preview;
     };
-    let api = AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
     preview.stages = match api.pipelines(&access).await {
         Ok(fetched) => Ok(plan(fetched, &amo.stages, &stored.amocrm_stages)),
         Err(CrmError::Unauthorized { .. }) => Err("stages cannot be previewed: the API refused the access token \

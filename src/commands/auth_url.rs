@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use crate::cli::{GlobalArgs, TenantArg};
 use crate::config::AmoCrmConfig;
 use crate::context::Context;
-use crate::crm::amocrm::Credentials;
 use crate::db;
 use crate::secret::Secret;
 use crate::server;
@@ -33,7 +32,7 @@ async fn auth_url(global: &GlobalArgs, args: &TenantArg) -> Result<String, Strin
     }
     // The callback will need all three to exchange the code: say so now,
     // not after the user has clicked through.
-    let credentials = Credentials::of(amo).map_err(|e| e.to_string())?;
+    let credentials = amo.credentials().map_err(|e| e.to_string())?;
     let ctx = Context::new(global.pool_settings());
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     db::migrate(&db).await.map_err(|e| e.to_string())?;
@@ -52,7 +51,7 @@ async fn auth_url(global: &GlobalArgs, args: &TenantArg) -> Result<String, Strin
 /// `https://www.amocrm.ru/oauth?client_id=…&state=…&mode=post_message`, on
 /// the domain's own host, or `<base_url>/oauth?…` for a sandbox.
 fn authorization_url(amo: &AmoCrmConfig, client_id: &str, state: &Secret) -> Result<url::Url, String> {
-    let base = amo.authorize_base();
+    let base = amo.account.authorize_base();
     let mut url = url::Url::parse(&format!("{base}/oauth")).map_err(|e| format!("`amocrm.base_url`: {e}"))?;
     url.query_pairs_mut()
         .append_pair("client_id", client_id)

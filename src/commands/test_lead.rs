@@ -51,7 +51,7 @@ async fn create(ctx: &Context, global: &GlobalArgs, args: &TestLeadArgs) -> Resu
     let owner = Owner::of(&tenant, amo, &db);
     let tokens = ctx.tokens();
     let mut access = tokens.refresh_if_due(owner, None).await.map_err(|e| e.to_string())?;
-    let api = &AmoClient::new(&ctx.http, amo).with_retry(ctx.retry);
+    let api = &AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
     let id = tokens
         .with_fresh_access(
             owner,

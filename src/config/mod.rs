@@ -20,7 +20,7 @@ pub use secret_source::{Environment, SOURCE_KEYS};
 pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
 pub use tenant::{DEFAULT_STAGE_RESYNC, DEFAULT_TOKEN_REFRESH_MARGIN, SCHEMA};
 
-use crate::model::{AmoDomain, EntityType, Webhook};
+use crate::model::{AmoAccount, Credentials, EntityType, MissingCredentials, Webhook};
 use crate::secret::Secret;
 
 pub const DEFAULT_DATABASE_URL_TEMPLATE: &str = "postgresql://postgres@localhost:5432/openclaw_{slug}";
@@ -51,49 +51,26 @@ pub struct CronExpr {
 
 #[derive(Clone, Debug)]
 pub struct AmoCrmConfig {
-    pub subdomain: String,
-    pub domain: AmoDomain,
+    /// The subdomain and domain, or `base_url`, with the hosts they give.
+    pub account: AmoAccount,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub redirect_uri: Option<String>,
     pub authorization_code: Option<Secret>,
     pub long_lived_token: Option<Secret>,
-    pub base_url: Option<url::Url>,
     pub test_pipeline_id: Option<i64>,
     pub stages: StageMapping<AmoStageRef>,
 }
 
-/// The account's hosts, derived here only: every caller (the API client,
-/// the OAuth callback's referer check, `auth-url`) asks the config.
 impl AmoCrmConfig {
-    /// `https://acme.amocrm.ru`, or `base_url` (tests, the sandbox) without
-    /// a trailing slash: where the API and the token endpoint are.
-    pub fn api_base(&self) -> String {
-        match &self.base_url {
-            Some(url) => url.as_str().trim_end_matches('/').to_string(),
-            None => format!("https://{}.{}", self.subdomain, self.domain.as_str()),
-        }
-    }
-
-    /// `acme.amocrm.ru`, or `base_url`'s host[:port]: the account as
-    /// AmoCRM names it in `referer`, and one rate-limit budget.
-    pub fn account_host(&self) -> String {
-        match &self.base_url {
-            Some(url) => match (url.host_str(), url.port()) {
-                (Some(host), Some(port)) => format!("{host}:{port}"),
-                (Some(host), None) => host.to_string(),
-                (None, _) => url.as_str().to_string(),
-            },
-            None => format!("{}.{}", self.subdomain, self.domain.as_str()),
-        }
-    }
-
-    /// `https://www.amocrm.ru` (the domain's own host), or `base_url`:
-    /// where a browser authorises the integration.
-    pub fn authorize_base(&self) -> String {
-        match &self.base_url {
-            Some(_) => self.api_base(),
-            None => format!("https://www.{}", self.domain.as_str()),
+    /// The three a token request needs; validation asks for them unless
+    /// the tenant uses a long-lived token.
+    pub fn credentials(&self) -> Result<Credentials<'_>, MissingCredentials> {
+        match (&self.client_id, &self.client_secret, &self.redirect_uri) {
+            (Some(client_id), Some(client_secret), Some(redirect_uri)) => {
+                Ok(Credentials { client_id, client_secret, redirect_uri })
+            }
+            _ => Err(MissingCredentials),
         }
     }
 }
@@ -250,48 +227,5 @@ fn reject_duplicate_slugs(files: &mut [FileReport]) {
                 others.join(", ")
             ),
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn amo(domain: AmoDomain, base_url: Option<&str>) -> AmoCrmConfig {
-        AmoCrmConfig {
-            subdomain: "acme".into(),
-            domain,
-            client_id: None,
-            client_secret: None,
-            redirect_uri: None,
-            authorization_code: None,
-            long_lived_token: None,
-            base_url: base_url.map(|u| u.parse().unwrap()),
-            test_pipeline_id: None,
-            stages: StageMapping::default(),
-        }
-    }
-
-    #[test]
-    fn the_account_hosts_come_from_the_domain_or_the_base_url() {
-        // (domain, base_url) → (API base, account host, authorisation base)
-        let cases = [
-            (AmoDomain::AmocrmRu, None, ("https://acme.amocrm.ru", "acme.amocrm.ru", "https://www.amocrm.ru")),
-            (AmoDomain::AmocrmCom, None, ("https://acme.amocrm.com", "acme.amocrm.com", "https://www.amocrm.com")),
-            (AmoDomain::KommoCom, None, ("https://acme.kommo.com", "acme.kommo.com", "https://www.kommo.com")),
-            (
-                AmoDomain::AmocrmRu,
-                Some("http://127.0.0.1:8080/"),
-                ("http://127.0.0.1:8080", "127.0.0.1:8080", "http://127.0.0.1:8080"),
-            ),
-        ];
-        for (domain, base_url, (api, account, authorize)) in cases {
-            let config = amo(domain, base_url);
-            assert_eq!(
-                (config.api_base().as_str(), config.account_host().as_str(), config.authorize_base().as_str()),
-                (api, account, authorize),
-                "{domain:?} {base_url:?}"
-            );
-        }
     }
 }

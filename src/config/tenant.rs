@@ -12,7 +12,7 @@ use super::problem::Problems;
 use super::secret_source::read_secret;
 use super::stages::{self, read_mapping};
 use super::{AmoCrmConfig, Bitrix24Config, CronExpr, LoadOptions, Schedule, TenantConfig};
-use crate::model::{AmoDomain, EntityType, Webhook, is_loopback};
+use crate::model::{AmoAccount, AmoDomain, EntityType, Webhook, is_loopback};
 use crate::secret::Secret;
 
 pub const ROOT_KEYS: &[&str] = &["tenant", "schedule", "amocrm", "bitrix24"];
@@ -256,14 +256,12 @@ fn read_amocrm(t: &Table, dir: &Path, options: &LoadOptions, problems: &mut Prob
     }
     let stages = read_mapping(t.table("stages", "amocrm.stages", problems), problems);
     Some(AmoCrmConfig {
-        subdomain: subdomain?,
-        domain: domain?,
+        account: AmoAccount::new(subdomain?, domain?, base_url.as_ref()),
         client_id: client_id.map(|c| c.into_inner().to_string()),
         client_secret: client_secret.map(|s| s.into_inner()),
         redirect_uri: redirect_uri.map(|r| r.into_inner().to_string()),
         authorization_code: authorization_code.map(|s| s.into_inner()),
         long_lived_token: long_lived_token.map(|s| s.into_inner()),
-        base_url,
         test_pipeline_id,
         stages,
     })

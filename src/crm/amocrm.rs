@@ -6,38 +6,18 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use base64::Engine;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::http::{RawResponse, RetryPolicy, retrying};
 use super::{CrmError, Http};
-use crate::config::AmoCrmConfig;
-use crate::model::{AmoStage, Tokens};
+use crate::model::{AmoAccount, AmoStage, Credentials, Tokens, jwt_expiry, latest_time};
 use crate::secret::Secret;
 
 /// AmoCRM documents at most 50 pipelines per account and every page lists
 /// at least one, so `_links.next` past page 50 is a list that never ends.
 const MAX_PAGES: usize = 50;
-
-/// The integration's credentials, needed by every token request.
-pub struct Credentials<'a> {
-    pub client_id: &'a str,
-    pub client_secret: &'a Secret,
-    pub redirect_uri: &'a str,
-}
-
-impl<'a> Credentials<'a> {
-    pub fn of(config: &'a AmoCrmConfig) -> Result<Credentials<'a>, CrmError> {
-        match (&config.client_id, &config.client_secret, &config.redirect_uri) {
-            (Some(client_id), Some(client_secret), Some(redirect_uri)) => {
-                Ok(Credentials { client_id, client_secret, redirect_uri })
-            }
-            _ => Err(CrmError::Config("client_id, client_secret and redirect_uri are needed to obtain tokens".into())),
-        }
-    }
-}
 
 /// The account an access token belongs to.
 #[derive(Clone, Debug, Deserialize)]
@@ -51,15 +31,14 @@ pub struct Account {
 
 pub struct AmoClient<'h> {
     http: &'h Http,
-    base: String,
-    /// Rate-limit key: one budget per account host.
-    account: String,
+    /// Its host is the rate-limit key: one budget per account.
+    account: AmoAccount,
     retry: RetryPolicy,
 }
 
 impl<'h> AmoClient<'h> {
-    pub fn new(http: &'h Http, config: &AmoCrmConfig) -> AmoClient<'h> {
-        AmoClient { http, base: config.api_base(), account: config.account_host(), retry: RetryPolicy::default() }
+    pub fn new(http: &'h Http, account: &AmoAccount) -> AmoClient<'h> {
+        AmoClient { http, account: account.clone(), retry: RetryPolicy::default() }
     }
 
     /// Shortens the retry deadline (a one-shot command wants an answer).
@@ -70,7 +49,7 @@ impl<'h> AmoClient<'h> {
 
     /// `https://acme.amocrm.ru`: the account's API host, for messages.
     pub fn base(&self) -> &str {
-        &self.base
+        self.account.api_base()
     }
 
     /// Exchanges a one-time authorization code for tokens.
@@ -90,7 +69,7 @@ impl<'h> AmoClient<'h> {
         grant_key: &str,
         grant: &Secret,
     ) -> Result<Tokens, CrmError> {
-        let url = format!("{}/oauth2/access_token", self.base);
+        let url = format!("{}/oauth2/access_token", self.base());
         let body = json!({
             "client_id": credentials.client_id,
             "client_secret": credentials.client_secret.expose(),
@@ -102,7 +81,8 @@ impl<'h> AmoClient<'h> {
         // it for less long than an API call.
         let policy = RetryPolicy { deadline: self.retry.deadline.min(Duration::from_secs(60)), ..self.retry };
         let response = retrying(policy, || async {
-            let response = self.http.send_amocrm(&self.account, self.http.client().post(&url).json(&body)).await?;
+            let response =
+                self.http.send_amocrm(self.account.host(), self.http.client().post(&url).json(&body)).await?;
             match response.status {
                 200..=299 => Ok(response),
                 // Any 4xx: this grant is dead; sending it again cannot help.
@@ -127,7 +107,7 @@ impl<'h> AmoClient<'h> {
     }
 
     pub async fn account(&self, access: &Secret) -> Result<Account, CrmError> {
-        let response = self.get(&format!("{}/api/v4/account", self.base), access).await?;
+        let response = self.get(&format!("{}/api/v4/account", self.base()), access).await?;
         response.json()
     }
 
@@ -137,7 +117,7 @@ impl<'h> AmoClient<'h> {
     pub async fn pipelines(&self, access: &Secret) -> Result<Vec<AmoStage>, CrmError> {
         let mut stages = Vec::new();
         let mut pipeline_ids = HashSet::new();
-        let mut url = format!("{}/api/v4/leads/pipelines", self.base);
+        let mut url = format!("{}/api/v4/leads/pipelines", self.base());
         for page in 1..=MAX_PAGES {
             let response = self.get(&url, access).await?;
             // AmoCRM answers an empty list with 204 and no body.
@@ -184,7 +164,7 @@ impl<'h> AmoClient<'h> {
             }
             match next {
                 // The token goes only to the account's own host.
-                Some(next) if next.starts_with(&format!("{}/", self.base)) => url = next,
+                Some(next) if next.starts_with(&format!("{}/", self.base())) => url = next,
                 Some(_) => return Err(CrmError::Malformed("`_links.next` points to another host".into())),
                 None => return Ok(stages),
             }
@@ -196,12 +176,12 @@ impl<'h> AmoClient<'h> {
 
     /// Creates one lead and returns its id.
     pub async fn create_lead(&self, access: &Secret, name: &str, pipeline_id: i64) -> Result<i64, CrmError> {
-        let url = format!("{}/api/v4/leads", self.base);
+        let url = format!("{}/api/v4/leads", self.base());
         let body = json!([{ "name": name, "pipeline_id": pipeline_id }]);
         // Not retried: a lost answer must not create a second lead.
         let response = self
             .http
-            .send_amocrm(&self.account, self.http.client().post(&url).bearer_auth(access.expose()).json(&body))
+            .send_amocrm(self.account.host(), self.http.client().post(&url).bearer_auth(access.expose()).json(&body))
             .await?;
         let response = check_api(response)?;
         let created: LeadsCreated = response.json()?;
@@ -216,7 +196,7 @@ impl<'h> AmoClient<'h> {
     async fn get(&self, url: &str, access: &Secret) -> Result<RawResponse, CrmError> {
         retrying(self.retry, || async {
             let request = self.http.client().get(url).bearer_auth(access.expose());
-            check_api(self.http.send_amocrm(&self.account, request).await?)
+            check_api(self.http.send_amocrm(self.account.host(), request).await?)
         })
         .await
     }
@@ -235,12 +215,6 @@ fn check_api(response: RawResponse) -> Result<RawResponse, CrmError> {
 fn status_error(response: &RawResponse) -> CrmError {
     let transient = response.status == 429 || response.status >= 500;
     CrmError::Status { status: response.status, reason: response.summary(), transient }
-}
-
-/// The latest time this program stores or computes with: later values are
-/// clamped to it, so that no arithmetic on a foreign or absurd number overflows.
-pub fn latest_time() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).single().unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// An `expires_in` is believed between a second and ten years; AmoCRM sends
@@ -264,28 +238,6 @@ pub fn token_expiry(expires_in: Option<&serde_json::Value>, access: &str, now: D
     let from_jwt = || jwt_expiry(access).filter(|exp| *exp > now);
     let expiry = from_expires_in.or_else(from_jwt).unwrap_or_else(|| now + chrono::Duration::hours(24));
     expiry.min(latest_time())
-}
-
-fn jwt_claims(token: &str) -> Option<serde_json::Value> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-fn jwt_time(claims: &serde_json::Value, claim: &str) -> Option<DateTime<Utc>> {
-    let value = claims.get(claim)?;
-    let seconds = value.as_i64().or_else(|| value.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))?;
-    Some(Utc.timestamp_opt(seconds, 0).single().unwrap_or(latest_time()).min(latest_time()))
-}
-
-/// The `exp` claim of a JWT access token (a long-lived token's expiry).
-pub fn jwt_expiry(token: &str) -> Option<DateTime<Utc>> {
-    jwt_time(&jwt_claims(token)?, "exp")
-}
-
-/// The `iat` claim of a JWT access token: when it was issued.
-pub fn jwt_issued_at(token: &str) -> Option<DateTime<Utc>> {
-    jwt_time(&jwt_claims(token)?, "iat")
 }
 
 #[derive(Deserialize)]
@@ -371,21 +323,10 @@ struct CreatedLead {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use base64::Engine;
+    use chrono::TimeZone;
 
-    #[test]
-    fn the_expiry_of_a_jwt_is_its_exp_claim() {
-        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let token = format!(
-            "{}.{}.sig",
-            b64(r#"{"alg":"RS256"}"#),
-            b64(r#"{"exp":1893456000,"api_domain":"api-b.amocrm.ru"}"#)
-        );
-        assert_eq!(jwt_expiry(&token), Utc.timestamp_opt(1893456000, 0).single());
-        assert_eq!(jwt_expiry("not-a-jwt"), None);
-        assert_eq!(jwt_expiry(&format!("x.{}.y", b64("{}"))), None);
-        assert_eq!(jwt_expiry(&format!("x.{}.y", b64(r#"{"exp":1e300}"#))), Some(latest_time()));
-    }
+    use super::*;
 
     #[test]
     fn expires_in_is_read_leniently_and_never_overflows() {

@@ -8,6 +8,8 @@ mod http;
 
 pub use http::{Http, RetryPolicy};
 
+use crate::model::MissingCredentials;
+
 /// Why a CRM call failed. Messages never hold a token, a client secret or a
 /// webhook URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +38,14 @@ pub enum CrmError {
     Api { code: String, description: String, transient: bool },
     #[error("{0}")]
     Config(String),
+}
+
+/// A token request that cannot be made fails as one refused by the CRM
+/// would not: it is the configuration's to fix, never worth a retry.
+impl From<MissingCredentials> for CrmError {
+    fn from(e: MissingCredentials) -> CrmError {
+        CrmError::Config(e.to_string())
+    }
 }
 
 impl CrmError {

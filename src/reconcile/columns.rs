@@ -9,8 +9,8 @@ use crate::model::{ColumnValue, ConfigColumn, CurrentColumns};
 pub fn desired_columns(tenant: &TenantConfig) -> Vec<(ConfigColumn, ColumnValue)> {
     let mut desired = Vec::new();
     if let Some(amo) = &tenant.amocrm {
-        desired.push((ConfigColumn::AmocrmSubdomain, ColumnValue::Text(amo.subdomain.clone())));
-        desired.push((ConfigColumn::AmocrmDomain, ColumnValue::Text(amo.domain.as_str().into())));
+        desired.push((ConfigColumn::AmocrmSubdomain, ColumnValue::Text(amo.account.subdomain().into())));
+        desired.push((ConfigColumn::AmocrmDomain, ColumnValue::Text(amo.account.domain().as_str().into())));
         if let Some(id) = &amo.client_id {
             desired.push((ConfigColumn::AmocrmClientId, ColumnValue::Text(id.clone())));
         }

@@ -10,8 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use crate::crm::amocrm::{jwt_expiry, jwt_issued_at, latest_time};
-use crate::model::{CrmState, StoredTokens, Tokens};
+use crate::model::{CrmState, StoredTokens, Tokens, jwt_expiry, jwt_issued_at, latest_time};
 use crate::secret::Secret;
 
 /// Lowercase hex SHA-256, as `amocrm_auth_code_sha256` stores it.

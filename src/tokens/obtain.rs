@@ -9,7 +9,7 @@ use super::vault::Registered;
 use super::{Obtained, Owner, TOKEN_TRANSACTION_IDLE, TokenError, TokenService, connected, event, expiry, pair_event};
 use crate::config::AmoCrmConfig;
 use crate::crm::CrmError;
-use crate::crm::amocrm::{AmoClient, Credentials};
+use crate::crm::amocrm::AmoClient;
 use crate::db::{TenantDb, config_row};
 use crate::reconcile::tokens::{ObtainStep, obtain_step, sha256_hex};
 use crate::secret::Secret;
@@ -32,7 +32,7 @@ impl TokenService {
         let ObtainStep::Exchange { code_sha256 } = obtain_step(None, Some(code), &stored) else {
             return Ok(Obtained::CodeAlreadySent);
         };
-        Credentials::of(owner.amo)?;
+        owner.amo.credentials().map_err(CrmError::from)?;
         let (service, slug, db, amo, code) =
             (self.clone(), owner.slug.to_string(), owner.db.clone(), owner.amo.clone(), code.clone());
         self.detached(async move { service.locked_exchange(&slug, &db, &amo, &code, code_sha256).await }).await
@@ -46,14 +46,14 @@ impl TokenService {
         code: &Secret,
         hash: String,
     ) -> Result<Obtained, TokenError> {
-        let credentials = Credentials::of(amo)?;
+        let credentials = amo.credentials().map_err(CrmError::from)?;
         let mut session = db.session().await?;
         let tx = session.transaction().await?;
         let stored = config_row::lock_tokens_for_request(&tx, TOKEN_TRANSACTION_IDLE).await?;
         if !matches!(obtain_step(None, Some(code), &stored), ObtainStep::Exchange { .. }) {
             return Ok(Obtained::CodeAlreadySent);
         }
-        let api = AmoClient::new(&self.http, amo).with_retry(self.retry);
+        let api = AmoClient::new(&self.http, &amo.account).with_retry(self.retry);
         match api.exchange_code(&credentials, code).await {
             Ok(tokens) => {
                 let pair = Registered::replacing(&stored, tokens.clone(), Some(hash.clone()), db);

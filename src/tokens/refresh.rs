@@ -10,7 +10,7 @@ use serde_json::json;
 use super::vault::Registered;
 use super::{Owner, TOKEN_TRANSACTION_IDLE, TokenError, TokenService, event, expiry, pair_event};
 use crate::crm::CrmError;
-use crate::crm::amocrm::{AmoClient, Credentials};
+use crate::crm::amocrm::AmoClient;
 use crate::db::status::StatusUpdate;
 use crate::db::{self, DbError, config_row};
 use crate::model::{Crm, CrmState, Tokens};
@@ -50,8 +50,8 @@ impl TokenService {
             RefreshStep::NeedsAuthorization(why) => return Err(TokenError::NeedsAuthorization(why.into())),
             RefreshStep::Refresh(refresh_token) => refresh_token,
         };
-        let credentials = Credentials::of(amo)?;
-        let api = AmoClient::new(&self.http, amo).with_retry(self.retry);
+        let credentials = amo.credentials().map_err(CrmError::from)?;
+        let api = AmoClient::new(&self.http, &amo.account).with_retry(self.retry);
         match api.refresh(&credentials, &refresh_token).await {
             Ok(tokens) => {
                 self.vault.register(slug, Registered::replacing(&stored, tokens.clone(), None, db));

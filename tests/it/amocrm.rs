@@ -378,7 +378,7 @@ async fn a_long_lived_token_is_stored_with_the_expiry_of_its_jwt() {
     assert_eq!(row.get::<_, String>(0), token);
     assert_eq!(row.get::<_, Option<String>>(1), None);
     let expires: chrono::DateTime<Utc> = row.get(2);
-    assert_eq!(Some(expires), crm_connect::crm::amocrm::jwt_expiry(&token));
+    assert_eq!(Some(expires), crm_connect::model::jwt_expiry(&token));
     assert_eq!(amo.token_stats(), TokenStats::default(), "no token request for a long-lived token");
 }
 

@@ -151,7 +151,7 @@ async fn metrics_are_openmetrics_text_and_count_crm_requests() {
     // A real request through the context's HTTP layer: the API refuses a
     // made-up token with 401.
     let acme = tenant("acme", &amocrm_tenant("postgresql://unused@localhost/unused", &amo, ""));
-    let api = AmoClient::new(&ctx.http, acme.amocrm.as_ref().unwrap()).with_retry(ctx.retry);
+    let api = AmoClient::new(&ctx.http, &acme.amocrm.as_ref().unwrap().account).with_retry(ctx.retry);
     assert!(api.account(&Secret::new("not-a-token")).await.is_err());
     ctx.metrics.stage_sync(Crm::AmoCrm, true);
 

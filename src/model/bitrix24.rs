@@ -1,63 +1,10 @@
-//! Domain types shared by configuration, the CRM clients and the database:
-//! which CRM, which AmoCRM domain, which Bitrix24 entity, and the parsed
-//! Bitrix24 webhook. No I/O here.
+//! Bitrix24: what a tenant tracks (deals or leads), the inbound webhook it
+//! is reached through, and a stage as the portal lists it.
 
 use std::fmt;
-use std::net::IpAddr;
 
-use chrono::{DateTime, Utc};
-
+use super::is_loopback;
 use crate::secret::Secret;
-
-mod stored;
-
-pub use stored::{ColumnValue, ConfigColumn, CurrentColumns, StoredAccount, StoredStage, StoredTokens};
-
-/// The two CRMs, as named in `crm_connect_status.crm` and in the events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Crm {
-    AmoCrm,
-    Bitrix24,
-}
-
-impl Crm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Crm::AmoCrm => "amocrm",
-            Crm::Bitrix24 => "bitrix24",
-        }
-    }
-}
-
-impl fmt::Display for Crm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The public AmoCRM / Kommo domains an account can live on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AmoDomain {
-    AmocrmRu,
-    AmocrmCom,
-    KommoCom,
-}
-
-impl AmoDomain {
-    pub const ALL: [AmoDomain; 3] = [AmoDomain::AmocrmRu, AmoDomain::AmocrmCom, AmoDomain::KommoCom];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AmoDomain::AmocrmRu => "amocrm.ru",
-            AmoDomain::AmocrmCom => "amocrm.com",
-            AmoDomain::KommoCom => "kommo.com",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<AmoDomain> {
-        AmoDomain::ALL.into_iter().find(|d| d.as_str() == s)
-    }
-}
 
 /// What a Bitrix24 tenant tracks: deals (with categories) or leads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -191,59 +138,6 @@ impl fmt::Debug for Webhook {
     }
 }
 
-/// Loopback hosts, the only ones allowed plain http (the sandboxes in tests).
-pub fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// An AmoCRM token set as stored in `config`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tokens {
-    pub access: Secret,
-    /// `None` for a long-lived token, which cannot be refreshed.
-    pub refresh: Option<Secret>,
-    pub expires_at: DateTime<Utc>,
-}
-
-/// A connection's state, as `crm_connect_status.state` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CrmState {
-    Connected,
-    NeedsAuthorization,
-    Error,
-    Unmanaged,
-}
-
-impl CrmState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CrmState::Connected => "connected",
-            CrmState::NeedsAuthorization => "needs_authorization",
-            CrmState::Error => "error",
-            CrmState::Unmanaged => "unmanaged",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<CrmState> {
-        [CrmState::Connected, CrmState::NeedsAuthorization, CrmState::Error, CrmState::Unmanaged]
-            .into_iter()
-            .find(|state| state.as_str() == s)
-    }
-}
-
-/// One status of one AmoCRM pipeline, as the API lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AmoStage {
-    pub pipeline_id: i64,
-    pub pipeline_name: String,
-    pub pipeline_is_main: bool,
-    pub status_id: i64,
-    pub status_name: String,
-    pub status_sort: i32,
-    pub status_type: i32,
-}
-
 /// A Bitrix24 stage's meaning: `EXTRA.SEMANTICS`, or `SEMANTICS` S/F
 /// (apology counts as failure).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,14 +177,6 @@ pub struct B24Stage {
     pub status_name: String,
     pub status_sort: i32,
     pub semantics: Semantics,
-}
-
-/// The funnel flags downstream jobs read.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StageFlags {
-    pub qualified: bool,
-    pub success: bool,
-    pub fail: bool,
 }
 
 #[cfg(test)]
