@@ -23,8 +23,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
 use crate::cli::GlobalArgs;
-use crate::commands::load_options;
-use crate::config::{self, TenantConfig};
+use crate::config::{self, LoadOptions, TenantConfig};
 use crate::context::Context;
 use crate::model::CrmState;
 use crate::watch::ConfigWatcher;
@@ -388,7 +387,7 @@ impl Daemon {
     /// files are read off the loop, within a time limit (a secret file on
     /// a hung network mount must not stop the daemon).
     async fn rescan(&mut self, all: bool) {
-        let (dir, options) = (self.global.config.clone(), load_options(&self.global));
+        let (dir, options) = (self.global.config.clone(), LoadOptions::new(self.global.database_url_template.clone()));
         let reading = tokio::task::spawn_blocking(move || config::load(&dir, &options));
         let loaded = match tokio::time::timeout(RESCAN_WITHIN, reading).await {
             Ok(Ok(loaded)) => loaded,
