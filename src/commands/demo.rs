@@ -238,7 +238,7 @@ impl Demo {
         global.config = config_dir.path().to_path_buf();
 
         // A mistake here is the demo's own; say so before the daemon starts.
-        let loaded = config::load(&global.config, &super::load_options(&global));
+        let loaded = config::load(&global.config, &config::LoadOptions::new(global.database_url_template.clone()));
         let problems: Vec<String> =
             loaded.files.iter().flat_map(|f| &f.problems).filter(|p| p.is_error()).map(|p| p.to_string()).collect();
         if !problems.is_empty() {

@@ -12,7 +12,7 @@ pub mod test_lead;
 pub mod validate;
 
 use crate::cli::GlobalArgs;
-use crate::config::{self, Environment, LoadOptions, TenantConfig};
+use crate::config::{self, LoadOptions, TenantConfig};
 
 /// How long a one-shot command keeps trying to store a token pair whose
 /// write failed, after its token requests have ended.
@@ -36,10 +36,6 @@ pub(crate) async fn settled<T>(
     outcome
 }
 
-pub(crate) fn load_options(global: &GlobalArgs) -> LoadOptions {
-    LoadOptions { database_url_template: global.database_url_template.clone(), env: Environment::process() }
-}
-
 /// A one-shot command's outcome: its message on stdout and exit 0, or on
 /// stderr and exit 1.
 pub(crate) fn report(outcome: Result<String, String>) -> std::process::ExitCode {
@@ -57,7 +53,7 @@ pub(crate) fn report(outcome: Result<String, String>) -> std::process::ExitCode 
 
 /// The valid configuration of one tenant, or a message saying why there is none.
 pub(crate) fn load_tenant(global: &GlobalArgs, slug: &str) -> Result<TenantConfig, String> {
-    let loaded = config::load(&global.config, &load_options(global));
+    let loaded = config::load(&global.config, &LoadOptions::new(global.database_url_template.clone()));
     let Some(file) = loaded.files.iter().find(|f| f.slug.as_deref() == Some(slug)) else {
         return Err(format!("no tenant `{slug}` under {}", global.config.display()));
     };

@@ -57,7 +57,7 @@ impl Line {
 }
 
 pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
-    let loaded = config::load(&global.config, &super::load_options(global));
+    let loaded = config::load(&global.config, &config::LoadOptions::new(global.database_url_template.clone()));
     let pools = Pools::new(global.pool_settings());
     let mut lines = Vec::new();
     for file in loaded.files.iter().filter(|f| args.tenant.is_none() || f.slug == args.tenant) {

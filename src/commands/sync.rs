@@ -75,7 +75,7 @@ pub async fn run(global: &GlobalArgs, args: &SyncArgs) -> ExitCode {
 /// The valid tenants `--config` (and `--tenant`) select, with every problem
 /// printed and whether any file was invalid; `None` for an unknown tenant.
 fn selected(global: &GlobalArgs, args: &SyncArgs) -> Option<(Vec<TenantConfig>, bool)> {
-    let loaded = config::load(&global.config, &super::load_options(global));
+    let loaded = config::load(&global.config, &config::LoadOptions::new(global.database_url_template.clone()));
     let wanted = |slug: Option<&str>| args.tenant.as_deref().is_none_or(|t| slug == Some(t));
     let mut invalid = false;
     for problem in loaded.problems.iter().filter(|p| p.is_error()) {

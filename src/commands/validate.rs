@@ -6,7 +6,7 @@ use crate::cli::GlobalArgs;
 use crate::config::{self, Problem, Severity};
 
 pub fn run(global: &GlobalArgs) -> ExitCode {
-    let loaded = config::load(&global.config, &super::load_options(global));
+    let loaded = config::load(&global.config, &config::LoadOptions::new(global.database_url_template.clone()));
     for problem in loaded.all_problems() {
         println!("{problem}");
     }

@@ -90,9 +90,18 @@ pub struct LoadOptions {
     pub env: Environment,
 }
 
+impl LoadOptions {
+    /// What a run of this process loads with: `--database-url-template`
+    /// and the process's own environment. Takes the template rather than
+    /// the command line, so that configuration does not depend on the CLI.
+    pub fn new(database_url_template: Secret) -> LoadOptions {
+        LoadOptions { database_url_template, env: Environment::process() }
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { database_url_template: Secret::new(DEFAULT_DATABASE_URL_TEMPLATE), env: Environment::process() }
+        LoadOptions::new(Secret::new(DEFAULT_DATABASE_URL_TEMPLATE))
     }
 }
 

@@ -6,6 +6,9 @@
 //! the moment its last successful renewal was *sent*, plus the duration,
 //! less 10 %. A failed or unanswered renewal never extends it, so a holder
 //! cut off from its database stops before a standby can take over.
+//!
+//! Only the asking: no timers and no daemon state here — what the daemon
+//! does with an answer is `lease_events.rs`.
 
 use std::time::{Duration, Instant};
 

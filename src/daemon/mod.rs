@@ -1,21 +1,29 @@
-//! The long-running daemon: one loop over a closed set of events — files
+//! The long-running daemon: one loop over one closed [`Event`] enum — files
 //! changed, reload, a tenant's stage resync, token refresh or retry due, a
-//! tenant's work done, shutdown. Work runs in tasks, at most one per tenant
-//! at a time and at most `--concurrency` at once; what arrives while a
-//! tenant is busy is merged and runs once afterwards with the newest file.
+//! tenant's work done, a lease answer, heartbeat. Work runs in tasks, at
+//! most one per tenant at a time and at most `--concurrency` at once; what
+//! arrives while a tenant is busy is merged and runs once afterwards with
+//! the newest file. This file owns the loop, the dispatch and a tenant's
+//! work queue; deciding what a reload changes (`registry`), the lease, the
+//! first pass and the work itself live in their own files.
 
+mod event;
+mod first_pass;
 mod lease;
+mod lease_events;
+mod registry;
+mod reload;
 mod schedule;
 mod systemd;
 mod tenant;
+mod view;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
@@ -23,20 +31,20 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
 use crate::cli::GlobalArgs;
-use crate::commands::load_options;
-use crate::config::{self, TenantConfig};
 use crate::context::Context;
 use crate::model::CrmState;
 use crate::watch::ConfigWatcher;
 
-use schedule::{Crons, timer};
+use event::Event;
+use first_pass::FirstPass;
+use registry::Reread;
+use schedule::Crons;
 use tenant::{Outcome, Tenant, Work};
+pub use view::{Liveness, TenantsView};
 
 /// A periodic rescan catches what file events miss (inotify overflows,
 /// network file systems without events).
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
-/// Reading the files (secret files among them) gives up after this.
-const RESCAN_WITHIN: Duration = Duration::from_secs(10);
 /// READY=1 (and the first-pass hook) at the latest this long after start:
 /// slow tenants go on connecting, the service counts as started.
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -53,72 +61,6 @@ pub struct Hooks {
     pub first_pass: Option<oneshot::Sender<()>>,
     /// The context to run with (tests: quick retries); default: a new one.
     pub context: Option<Context>,
-}
-
-/// The tenants in force, as the HTTP side may read them.
-#[derive(Clone, Default)]
-pub struct TenantsView(Arc<RwLock<BTreeMap<String, TenantConfig>>>);
-
-impl TenantsView {
-    pub fn get(&self, slug: &str) -> Option<TenantConfig> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).get(slug).cloned()
-    }
-
-    pub fn slugs(&self) -> Vec<String> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
-    }
-
-    pub(crate) fn set(&self, tenant: TenantConfig) {
-        self.0.write().unwrap_or_else(|p| p.into_inner()).insert(tenant.slug.clone(), tenant);
-    }
-
-    pub(crate) fn remove(&self, slug: &str) {
-        self.0.write().unwrap_or_else(|p| p.into_inner()).remove(slug);
-    }
-}
-
-/// When the main loop last went round: `/healthz` answers 200 only while
-/// it keeps going.
-#[derive(Clone, Default)]
-pub struct Liveness(Arc<AtomicU64>);
-
-impl Liveness {
-    pub(crate) fn beat(&self) {
-        self.0.store(unix_millis(), Ordering::Relaxed);
-    }
-
-    /// Time since the last beat (`Duration::MAX` before the first).
-    pub fn age(&self) -> Duration {
-        match self.0.load(Ordering::Relaxed) {
-            0 => Duration::MAX,
-            last => Duration::from_millis(unix_millis().saturating_sub(last)),
-        }
-    }
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The closed set of things the loop reacts to.
-pub(crate) enum Event {
-    /// A stage-resync cron expression fired (for every tenant using it).
-    Cron(String),
-    /// A tenant's token is due for refresh.
-    TokenDue(String),
-    /// A tenant's failed work may be tried again.
-    Retry(String),
-    /// A tenant's work (its job number) finished.
-    Done(String, u64, Outcome),
-    /// A tenant's lease is due for renewal, or (not held) for another try.
-    LeaseDue(String),
-    /// The answer of an attempt to take or renew a tenant's lease.
-    Lease(String, lease::Answer),
-    /// This process's own view of a tenant's lease may have ended.
-    LeaseExpired(String),
-    /// A pair was exchanged and stored for a tenant outside its work (the
-    /// OAuth callback): its token timer is re-armed.
-    Exchanged(String),
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -156,13 +98,12 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         crons,
         tenants: HashMap::new(),
         invalid: HashMap::new(),
+        watcher: None,
         tasks: JoinSet::new(),
         view: TenantsView::default(),
         liveness: Liveness::default(),
-        first_pass: hooks.first_pass,
+        first_pass: FirstPass::new(hooks.first_pass),
         holder: lease::holder_id(),
-        in_first_pass: true,
-        first_pass_left: 0,
         http_stop: None,
         http_task: None,
         next_job: 0,
@@ -183,17 +124,17 @@ struct Daemon {
     /// The tenants in force, by slug.
     tenants: HashMap<String, Tenant>,
     /// Invalid files and the content last reported (reported once each).
-    invalid: HashMap<PathBuf, Option<[u8; 32]>>,
+    invalid: HashMap<PathBuf, registry::Digest>,
+    /// `None` when the directory cannot be watched: the periodic rescan
+    /// stands in for it.
+    watcher: Option<ConfigWatcher>,
     tasks: JoinSet<()>,
     permits: Arc<Semaphore>,
     view: TenantsView,
     liveness: Liveness,
-    first_pass: Option<oneshot::Sender<()>>,
+    first_pass: FirstPass,
     /// This process's lease holder id (host, pid, random part).
     holder: String,
-    /// Until the first pass is over: READY is sent, the hook told, once.
-    in_first_pass: bool,
-    first_pass_left: usize,
     /// Dropped at shutdown, which stops the HTTP endpoint; the task ends
     /// once its open requests are done.
     http_stop: Option<oneshot::Sender<()>>,
@@ -202,13 +143,16 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Every source (the channel, the watch, SIGHUP, the loop's own clocks)
+    /// becomes an [`Event`] here, and [`Daemon::handle`] is the one place
+    /// that acts on it.
     async fn main_loop(
         mut self,
         mut receiver: UnboundedReceiver<Event>,
         shutdown: impl Future<Output = ()>,
     ) -> ExitCode {
         let (changed_tx, mut changed) = mpsc::unbounded_channel();
-        let mut watcher = match ConfigWatcher::start(&self.global.config, changed_tx) {
+        self.watcher = match ConfigWatcher::start(&self.global.config, changed_tx) {
             Ok(watcher) => Some(watcher),
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch the configuration; rescanning every {}s", RESCAN_EVERY.as_secs());
@@ -224,36 +168,21 @@ impl Daemon {
         tokio::pin!(shutdown, ready_at_the_latest);
 
         self.liveness.beat();
-        self.rescan(true).await;
+        self.rescan(Reread::All).await;
         loop {
-            tokio::select! {
+            let event = tokio::select! {
                 _ = &mut shutdown => break,
-                Some(event) = receiver.recv() => self.handle(event).await,
-                Some(rewatch) = changed.recv() => {
-                    if let (true, Some(w)) = (rewatch, watcher.as_mut()) {
-                        w.ensure();
-                    }
-                    self.rescan(false).await;
-                }
-                Some(()) = recv_signal(&mut hangup) => {
-                    tracing::info!("SIGHUP: reloading every tenant");
-                    systemd::reloading();
-                    self.rescan(true).await;
-                    systemd::ready();
-                }
-                _ = rescan.tick() => self.rescan(false).await,
-                Some(slug) = exchanged.recv() => self.handle(Event::Exchanged(slug)).await,
+                Some(event) = receiver.recv() => event,
+                Some(rewatch) = changed.recv() => Event::FilesChanged { rewatch },
+                Some(()) = recv_signal(&mut hangup) => Event::Reload,
+                _ = rescan.tick() => Event::RescanDue,
+                Some(slug) = exchanged.recv() => Event::Exchanged(slug),
                 // Finished tasks leave nothing behind.
-                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
-                () = &mut ready_at_the_latest, if self.in_first_pass => {
-                    tracing::warn!(left = self.first_pass_left, "first pass not done after {}s; ready anyway", READY_WITHIN.as_secs());
-                    self.finish_first_pass();
-                }
-                _ = heartbeat.tick() => {
-                    self.liveness.beat();
-                    systemd::watchdog();
-                }
-            }
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
+                () = &mut ready_at_the_latest, if self.first_pass.is_on() => Event::FirstPassOverdue,
+                _ = heartbeat.tick() => Event::Heartbeat,
+            };
+            self.handle(event).await;
         }
         self.stop().await;
         ExitCode::SUCCESS
@@ -261,259 +190,53 @@ impl Daemon {
 
     async fn handle(&mut self, event: Event) {
         match event {
-            Event::Cron(expr) => {
-                let (now, next) = (Utc::now(), self.crons.next_run(&expr).await);
-                let mut due = Vec::new();
-                for tenant in self.tenants.values_mut().filter(|t| t.cron_expr.as_deref() == Some(expr.as_str())) {
-                    tenant.last_resync = Some(now);
-                    tenant.next_resync = next;
-                    self.ctx.metrics.schedule(&tenant.config.slug, Some(now), next);
-                    due.push(tenant.config.slug.clone());
-                }
-                for slug in due {
-                    self.request(&slug, Work::Resync);
-                }
-            }
+            Event::Cron(expr) => self.cron_fired(&expr).await,
             Event::TokenDue(slug) | Event::Exchanged(slug) => self.request(&slug, Work::Refresh),
             Event::Retry(slug) => self.request(&slug, Work::Reconcile),
             Event::Done(slug, job, outcome) => self.done(&slug, job, outcome),
             Event::LeaseDue(slug) => self.check_lease(&slug),
             Event::Lease(slug, answer) => self.lease(&slug, answer),
             Event::LeaseExpired(slug) => self.lease_expired(&slug),
-        }
-    }
-
-    /// Asks the tenant's database whether this process holds its lease;
-    /// the attempt waits for a work permit like everything else.
-    fn check_lease(&mut self, slug: &str) {
-        let Some(duration) = self.global.lease else { return };
-        let (ctx, holder, events, permits) =
-            (self.ctx.clone(), self.holder.clone(), self.events.clone(), self.permits.clone());
-        let Some(tenant) = self.by_slug_mut(slug) else { return };
-        if std::mem::replace(&mut tenant.lease_checking, true) {
-            return;
-        }
-        let config = tenant.config.clone();
-        self.tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            let answer = lease::take(&ctx, &config, &holder, duration).await;
-            let _ = events.send(Event::Lease(config.slug.clone(), answer));
-        });
-    }
-
-    fn lease(&mut self, slug: &str, answer: lease::Answer) {
-        let Some(duration) = self.global.lease else { return };
-        let events = self.events.clone();
-        let Some(tenant) = self.by_slug_mut(slug) else { return };
-        tenant.lease_checking = false;
-        // The next renewal (or, standing by, the next try): the first one
-        // after a start lands anywhere in the interval, so that tenants
-        // loaded together do not all renew on one tick.
-        let every = lease::renew_every(duration);
-        let next = if tenant.lease_until.is_none() { every.mul_f64(rand::random_range(0.2..=1.0)) } else { every };
-        tenant.cancel_lease_timers();
-        tenant.lease_timers.push(timer(next, events.clone(), Event::LeaseDue(slug.to_string())));
-        let holds = match answer.held {
-            Ok(held) => {
-                if held {
-                    tenant.lease_until = Some(lease::held_until(answer.sent_at, duration));
+            Event::FilesChanged { rewatch } => {
+                if let (true, Some(watcher)) = (rewatch, self.watcher.as_mut()) {
+                    watcher.ensure();
                 }
-                held
+                self.rescan(Reread::Changed).await;
             }
-            Err(e) => {
-                // Never extended by a failure: the local expiry stands.
-                tracing::warn!(tenant = slug, error = %e, "cannot renew the lease");
-                tenant.holds_lease && tenant.lease_until.is_some_and(|until| until > std::time::Instant::now())
+            Event::RescanDue => self.rescan(Reread::Changed).await,
+            Event::Reload => {
+                tracing::info!("SIGHUP: reloading every tenant");
+                systemd::reloading();
+                self.rescan(Reread::All).await;
+                systemd::ready();
             }
-        };
-        if let Some(until) = tenant.lease_until.filter(|_| holds) {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            tenant.lease_timers.push(timer(left, events, Event::LeaseExpired(slug.to_string())));
-        }
-        let was = tenant.holds_lease;
-        let first = tenant.in_first_pass;
-        match (was, holds) {
-            (false, true) => {
-                tenant.holds_lease = true;
-                tracing::info!(tenant = slug, "took the lease: this daemon runs the tenant");
-                self.request(slug, Work::Reconcile);
+            Event::FirstPassOverdue => {
+                tracing::warn!(
+                    left = self.first_pass.left(),
+                    "first pass not done after {}s; ready anyway",
+                    READY_WITHIN.as_secs()
+                );
+                self.first_pass.end(self.tenants.len());
             }
-            (true, false) => self.lose_lease(slug),
-            (false, false) if first => {
-                // Another daemon runs it: this one's first pass is done with it.
-                tenant.in_first_pass = false;
-                self.first_pass_done_with_one();
+            Event::Heartbeat => {
+                self.liveness.beat();
+                systemd::watchdog();
             }
-            _ => {}
         }
     }
 
-    /// The local expiry timer fired: unless a renewal moved it on, the lease
-    /// is over for this process.
-    fn lease_expired(&mut self, slug: &str) {
-        let Some(tenant) = self.by_slug(slug) else { return };
-        let over = tenant.lease_until.is_none_or(|until| until <= std::time::Instant::now());
-        if tenant.holds_lease && over {
-            tracing::warn!(tenant = slug, "the lease expired without a successful renewal");
-            self.lose_lease(slug);
+    async fn cron_fired(&mut self, expr: &str) {
+        let (now, next) = (Utc::now(), self.crons.next_run(expr).await);
+        let mut due = Vec::new();
+        for tenant in self.tenants.values_mut().filter(|t| t.cron_expr.as_deref() == Some(expr)) {
+            tenant.last_resync = Some(now);
+            tenant.next_resync = next;
+            self.ctx.metrics.schedule(&tenant.config.slug, Some(now), next);
+            due.push(tenant.config.slug.clone());
         }
-    }
-
-    /// Stands by at once: no more work, no CRM call (a token request in
-    /// flight runs to its end in a task of its own, its pair registered).
-    fn lose_lease(&mut self, slug: &str) {
-        let Some(tenant) = self.by_slug_mut(slug) else { return };
-        tenant.holds_lease = false;
-        tenant.lease_until = None;
-        let was_running = tenant.running.is_some();
-        tenant.stop_work();
-        let first = was_running && std::mem::take(&mut tenant.in_first_pass);
-        tracing::info!(tenant = slug, "lost the lease: standing by");
-        if first {
-            self.first_pass_done_with_one();
+        for slug in due {
+            self.request(&slug, Work::Resync);
         }
-    }
-
-    fn first_pass_done_with_one(&mut self) {
-        self.first_pass_left = self.first_pass_left.saturating_sub(1);
-        if self.in_first_pass && self.first_pass_left == 0 {
-            self.finish_first_pass();
-        }
-    }
-
-    /// Reads every file and applies what changed; with `all`, every valid
-    /// tenant is reconciled whatever changed (start, SIGHUP: secrets from
-    /// the environment or credentials may have changed). Tenants are their
-    /// slugs: a file renamed with its slug kept is the same tenant. The
-    /// files are read off the loop, within a time limit (a secret file on
-    /// a hung network mount must not stop the daemon).
-    async fn rescan(&mut self, all: bool) {
-        let (dir, options) = (self.global.config.clone(), load_options(&self.global));
-        let reading = tokio::task::spawn_blocking(move || config::load(&dir, &options));
-        let loaded = match tokio::time::timeout(RESCAN_WITHIN, reading).await {
-            Ok(Ok(loaded)) => loaded,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "reading the configuration failed; the tenants in force stay");
-                return;
-            }
-            Err(_) => {
-                tracing::error!(within = ?RESCAN_WITHIN, "reading the configuration took too long; the tenants in force stay");
-                return;
-            }
-        };
-        for problem in loaded.problems.iter() {
-            tracing::warn!(problem = %problem, "configuration");
-        }
-        let mut present = HashSet::new();
-        let mut invalid = HashMap::new();
-        for file in loaded.files {
-            let Some(config) = file.tenant else {
-                // The last good configuration of the tenant at this path stays in force.
-                if let Some(known) = self.tenants.values().find(|t| t.config.file == file.path) {
-                    present.insert(known.config.slug.clone());
-                }
-                if self.invalid.get(&file.path) != Some(&file.digest) {
-                    for problem in file.problems.iter().filter(|p| p.is_error()) {
-                        tracing::error!(problem = %problem, "invalid tenant file; keeping its last good configuration");
-                    }
-                }
-                invalid.insert(file.path, file.digest);
-                continue;
-            };
-            present.insert(config.slug.clone());
-            let known = self.tenants.get_mut(&config.slug);
-            let renamed = known.as_ref().is_some_and(|t| t.config.file != config.file);
-            let unchanged = known.as_ref().is_some_and(|t| t.digest == file.digest);
-            if let (Some(tenant), true) = (known, renamed) {
-                tracing::info!(tenant = %config.slug, file = %config.file.display(), "tenant file renamed; same tenant");
-                if unchanged {
-                    tenant.config.file = config.file.clone();
-                    self.view.set(tenant.config.clone());
-                }
-            }
-            if unchanged && !all {
-                continue;
-            }
-            self.upsert(file.digest, config).await;
-        }
-        // Checked again on every rescan: a file invalid only because a
-        // secret is missing applies once the secret appears.
-        self.invalid = invalid;
-        let gone: Vec<String> = self.tenants.keys().filter(|slug| !present.contains(*slug)).cloned().collect();
-        for slug in gone {
-            self.remove(&slug).await;
-        }
-        if self.in_first_pass && self.first_pass_left == 0 {
-            self.finish_first_pass();
-        }
-    }
-
-    /// A new or changed tenant: keep its configuration, (re)arm its cron job
-    /// when the expression changed, reconcile it.
-    async fn upsert(&mut self, digest: Option<[u8; 32]>, config: TenantConfig) {
-        let slug = config.slug.clone();
-        let expr = config.schedule.stage_resync.with_seconds.clone();
-        let is_new = !self.tenants.contains_key(&slug);
-        let tenant = self.tenants.entry(slug.clone()).or_insert_with(|| Tenant::new(config.clone()));
-        tenant.config = config.clone();
-        tenant.digest = digest;
-        if tenant.cron_expr.as_deref() != Some(expr.as_str()) {
-            let old = tenant.cron_expr.take();
-            if let Some(old) = old {
-                self.crons.unsubscribe(&old).await;
-            }
-            match self.crons.subscribe(&expr, &self.events).await {
-                Ok(()) => {
-                    let next = self.crons.next_run(&expr).await;
-                    if let Some(tenant) = self.by_slug_mut(&slug) {
-                        tenant.cron_expr = Some(expr);
-                        tenant.next_resync = next;
-                    }
-                    self.ctx.metrics.schedule(&slug, None, next);
-                }
-                Err(e) => tracing::error!(tenant = %slug, error = %e, "cannot schedule the stage resync"),
-            }
-        }
-        self.view.set(config);
-        if is_new && self.in_first_pass {
-            self.first_pass_left += 1;
-            if let Some(tenant) = self.by_slug_mut(&slug) {
-                tenant.in_first_pass = true;
-            }
-        }
-        tracing::info!(tenant = %slug, new = is_new, "reconciling");
-        if self.global.lease.is_some() && is_new {
-            self.check_lease(&slug);
-        } else {
-            self.request(&slug, Work::Reconcile);
-        }
-    }
-
-    /// A removed file: schedules stopped, state `unmanaged`, nothing deleted.
-    async fn remove(&mut self, slug: &str) {
-        let Some(mut tenant) = self.tenants.remove(slug) else { return };
-        let slug = tenant.config.slug.clone();
-        tracing::info!(tenant = %slug, "file removed: tenant no longer managed");
-        if let Some(expr) = tenant.cron_expr.take() {
-            self.crons.unsubscribe(&expr).await;
-        }
-        tenant.cancel_timers();
-        tenant.cancel_lease_timers();
-        if tenant.in_first_pass {
-            self.first_pass_left = self.first_pass_left.saturating_sub(1);
-        }
-        self.view.remove(&slug);
-        self.ctx.metrics.forget_tenant(&slug);
-        let (ctx, config, holder) = (self.ctx.clone(), tenant.config.clone(), self.holder.clone());
-        let release = tenant.holds_lease;
-        self.tasks.spawn(async move {
-            // A standby takes over at once, should the file live on elsewhere.
-            if release {
-                lease::release(&ctx, &config, &holder).await;
-            }
-            tenant::mark_unmanaged(&ctx, &config).await
-        });
-        self.publish_states();
     }
 
     /// Runs `work` for a tenant now, or after its current work (merged).
@@ -522,7 +245,7 @@ impl Daemon {
         let leased = self.global.lease.is_some();
         self.next_job += 1;
         let job_id = self.next_job;
-        let Some(tenant) = self.by_slug_mut(slug) else { return };
+        let Some(tenant) = self.tenants.get_mut(slug) else { return };
         let lease_over = tenant.lease_until.is_none_or(|until| until <= std::time::Instant::now());
         if leased && (!tenant.holds_lease || lease_over) {
             return;
@@ -549,32 +272,26 @@ impl Daemon {
             let outcome = job.run_guarded().await;
             let _ = events.send(Event::Done(name, job_id, outcome));
         });
-        if let Some(tenant) = self.by_slug_mut(slug) {
+        if let Some(tenant) = self.tenants.get_mut(slug) {
             tenant.job = Some(handle);
         }
     }
 
     fn done(&mut self, slug: &str, job_id: u64, outcome: Outcome) {
         let events = self.events.clone();
-        let Some(tenant) = self.by_slug_mut(slug) else { return };
+        let Some(tenant) = self.tenants.get_mut(slug) else { return };
         if tenant.job_id != job_id || tenant.running.is_none() {
             // Work that was stopped (the lease was lost) and ended anyway.
             return;
         }
         tenant.running = None;
         tenant.job = None;
-        let finished_first = std::mem::take(&mut tenant.in_first_pass);
         tenant.after(&outcome, &events);
         let queued = tenant.queued.take();
         // Recorded (states published) before the first pass can be declared
         // done: whoever waits for READY reads the metrics next.
         self.record(slug, &outcome);
-        if finished_first {
-            self.first_pass_left = self.first_pass_left.saturating_sub(1);
-            if self.in_first_pass && self.first_pass_left == 0 {
-                self.finish_first_pass();
-            }
-        }
+        self.first_pass.done_with(slug, self.tenants.len());
         if let Some(work) = queued {
             self.request(slug, work);
         }
@@ -606,15 +323,6 @@ impl Daemon {
         }
         let counts: Vec<(&str, i64)> = counts.into_iter().collect();
         self.ctx.metrics.set_tenant_states(&counts);
-    }
-
-    fn finish_first_pass(&mut self) {
-        self.in_first_pass = false;
-        if let Some(first_pass) = self.first_pass.take() {
-            let _ = first_pass.send(());
-        }
-        systemd::ready();
-        tracing::info!(tenants = self.tenants.len(), "first reconcile pass done");
     }
 
     /// Shuts down in the order that loses nothing: no new OAuth callback
@@ -675,14 +383,6 @@ impl Daemon {
             }
             Err(e) => Err(format!("cannot listen on {addr}: {e}")),
         }
-    }
-
-    fn by_slug(&self, slug: &str) -> Option<&Tenant> {
-        self.tenants.get(slug)
-    }
-
-    fn by_slug_mut(&mut self, slug: &str) -> Option<&mut Tenant> {
-        self.tenants.get_mut(slug)
     }
 }
 

@@ -3,7 +3,8 @@
 //! per distinct expression shared by the tenants that use it — the scheduler
 //! looks at every job twice a second, so a job per tenant would cost idle CPU
 //! in proportion to the tenants — and one-shot timers (token refresh, retry
-//! after a failure) that send an event when they run out.
+//! after a failure) that send an event when they run out. Clocks only:
+//! what a fired event does is the loop's business.
 
 use std::collections::HashMap;
 use std::time::Duration;

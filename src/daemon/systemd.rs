@@ -1,6 +1,7 @@
 //! systemd's notification protocol: READY after the first pass, RELOADING
 //! and STOPPING, WATCHDOG pings. Outside systemd (no NOTIFY_SOCKET) every
-//! call does nothing.
+//! call does nothing. It never decides when: the loop calls it at its
+//! moments.
 
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! One tenant inside the daemon: its configuration in force, what runs and
 //! what waits, its timers; and the work itself (reconcile, stage resync,
-//! token refresh), run as a task that reports an [`Outcome`].
+//! token refresh), run as a task that reports an [`Outcome`]. A tenant
+//! knows nothing of the others or of the loop's bookkeeping: it only hears
+//! of its own outcomes and answers with timers that send events.
 
 use std::time::{Duration, Instant};
 
@@ -63,7 +65,6 @@ pub(crate) struct Tenant {
     pub(crate) job_id: u64,
     retry_backoff: Duration,
     token_backoff: Duration,
-    pub(crate) in_first_pass: bool,
     /// With `--lease`: whether this process runs the tenant, until when its
     /// own view of the lease lasts, whether a renewal is under way, and the
     /// timers of the next renewal and of the local expiry.
@@ -91,7 +92,6 @@ impl Tenant {
             job_id: 0,
             retry_backoff: FIRST_BACKOFF,
             token_backoff: FIRST_BACKOFF,
-            in_first_pass: false,
             holds_lease: false,
             lease_until: None,
             lease_checking: false,
