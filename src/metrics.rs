@@ -2,19 +2,19 @@
 //! carried in the `Context` rather than kept as a global. Labels hold CRM
 //! names, states, results, HTTP statuses and tenant slugs — never a secret.
 
-use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::fmt;
 use std::sync::atomic::AtomicU64;
 
 use chrono::{DateTime, Utc};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::model::Crm;
+use crate::failure::FailureKind;
+use crate::model::{Crm, CrmState};
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -24,21 +24,89 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// waiting out retries up to the two-minute deadline.
 const RECONCILE_BUCKETS: [f64; 13] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
-/// States reported even before any tenant is in them, so that a dashboard
-/// sees a zero rather than a missing series (the encoder leaves out a
-/// family with no series at all). Refresh results and stage-sync outcomes
-/// start at zero for the same reason.
-const KNOWN_STATES: [&str; 5] = ["connected", "needs_authorization", "error", "unmanaged", "pending"];
-const REFRESH_RESULTS: [&str; 4] = ["ok", "rejected", "failed", "unstored"];
+/// A tenant as `crm_connect_tenants` counts it: `pending` until its first
+/// outcome, then the worst state of its CRMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TenantState {
+    Pending,
+    Is(CrmState),
+}
+
+impl TenantState {
+    fn all() -> impl Iterator<Item = TenantState> {
+        std::iter::once(TenantState::Pending).chain(CrmState::ALL.map(TenantState::Is))
+    }
+}
+
+/// One AmoCRM token refresh's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefreshResult {
+    Ok,
+    /// The CRM refused the refresh token: `needs_authorization`.
+    Rejected,
+    /// No answer, or one that could not be used.
+    Failed,
+    /// Refreshed, but the write failed: the pair waits in memory.
+    Unstored,
+}
+
+impl RefreshResult {
+    const ALL: [RefreshResult; 4] =
+        [RefreshResult::Ok, RefreshResult::Rejected, RefreshResult::Failed, RefreshResult::Unstored];
+}
+
+// Label values come from these enums' own names, never from `Debug`.
+impl EncodeLabelValue for TenantState {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        match self {
+            TenantState::Pending => "pending".encode(encoder),
+            TenantState::Is(state) => state.as_str().encode(encoder),
+        }
+    }
+}
+
+impl EncodeLabelValue for RefreshResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        let result = match self {
+            RefreshResult::Ok => "ok",
+            RefreshResult::Rejected => "rejected",
+            RefreshResult::Failed => "failed",
+            RefreshResult::Unstored => "unstored",
+        };
+        result.encode(encoder)
+    }
+}
+
+impl EncodeLabelValue for Crm {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+impl EncodeLabelValue for FailureKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        self.as_str().encode(encoder)
+    }
+}
+
+// Closed label sets are created at zero, so that a dashboard sees a zero
+// rather than a missing series (the encoder leaves out a family with no
+// series at all).
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
-    state: String,
+    state: TenantState,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
-    result: String,
+    result: RefreshResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    crm: Crm,
+    kind: FailureKind,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,9 +146,8 @@ type Timestamp = Gauge<f64, AtomicU64>;
 pub struct Metrics {
     registry: Registry,
     tenants: Family<StateLabels, Gauge>,
-    /// Every state `tenants` has a series for, to zero those no longer given.
-    tenant_states: Mutex<BTreeSet<String>>,
     token_refreshes: Family<ResultLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
     stage_syncs: Family<CrmResultLabels, Counter>,
     crm_requests: Family<CrmStatusLabels, Counter>,
     reconcile_duration: Histogram,
@@ -96,6 +163,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let tenants = Family::<StateLabels, Gauge>::default();
         let token_refreshes = Family::<ResultLabels, Counter>::default();
+        let failures = Family::<FailureLabels, Counter>::default();
         let stage_syncs = Family::<CrmResultLabels, Counter>::default();
         let crm_requests = Family::<CrmStatusLabels, Counter>::default();
         let reconcile_duration = Histogram::new(RECONCILE_BUCKETS);
@@ -110,6 +178,12 @@ impl Metrics {
             "crm_connect_token_refreshes",
             "AmoCRM token refresh attempts by result (ok, rejected, failed, unstored)",
             token_refreshes.clone(),
+        );
+        registry.register(
+            "crm_connect_failures",
+            "Failed CRM steps of tenants, by CRM and kind (needs_authorization, config, crm, crm_unavailable, \
+             database, database_unavailable, internal, shutting_down)",
+            failures.clone(),
         );
         registry.register("crm_connect_stage_syncs", "Stage syncs by CRM and result", stage_syncs.clone());
         registry.register(
@@ -147,8 +221,8 @@ impl Metrics {
         let metrics = Metrics {
             registry,
             tenants,
-            tenant_states: Mutex::new(KNOWN_STATES.iter().map(|s| s.to_string()).collect()),
             token_refreshes,
+            failures,
             stage_syncs,
             crm_requests,
             reconcile_duration,
@@ -159,8 +233,13 @@ impl Metrics {
             schedule_next_run,
         };
         metrics.set_tenant_states(&[]);
-        for result in REFRESH_RESULTS {
-            let _ = metrics.token_refreshes.get_or_create(&ResultLabels { result: result.into() });
+        for result in RefreshResult::ALL {
+            let _ = metrics.token_refreshes.get_or_create(&ResultLabels { result });
+        }
+        for crm in Crm::ALL {
+            for kind in FailureKind::ALL {
+                let _ = metrics.failures.get_or_create(&FailureLabels { crm, kind });
+            }
         }
         for work in WORK_KINDS {
             let _ = metrics.jobs.get_or_create(&WorkLabels { work: work.into() });
@@ -180,22 +259,21 @@ impl Metrics {
     }
 
     /// Sets the number of tenants in each given state; every other state
-    /// seen so far drops to zero.
-    pub fn set_tenant_states(&self, counts: &[(&str, i64)]) {
-        let mut states = self.tenant_states.lock().unwrap_or_else(|p| p.into_inner());
-        for (state, _) in counts {
-            states.insert(state.to_string());
-        }
-        for state in states.iter() {
-            let count = counts.iter().filter(|(s, _)| s == state).map(|(_, n)| *n).sum();
-            self.tenants.get_or_create(&StateLabels { state: state.clone() }).set(count);
+    /// drops to zero.
+    pub fn set_tenant_states(&self, counts: &[(TenantState, i64)]) {
+        for state in TenantState::all() {
+            let count = counts.iter().filter(|(s, _)| *s == state).map(|(_, n)| *n).sum();
+            self.tenants.get_or_create(&StateLabels { state }).set(count);
         }
     }
 
-    /// One refresh attempt's outcome: `ok`, `rejected`, `failed`, or
-    /// `unstored` (refreshed, but kept in memory).
-    pub fn token_refresh(&self, result: &str) {
-        self.token_refreshes.get_or_create(&ResultLabels { result: result.to_string() }).inc();
+    pub fn token_refresh(&self, result: RefreshResult) {
+        self.token_refreshes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// One failed CRM step of a tenant.
+    pub fn failure(&self, crm: Crm, kind: FailureKind) {
+        self.failures.get_or_create(&FailureLabels { crm, kind }).inc();
     }
 
     pub fn stage_sync(&self, crm: Crm, ok: bool) {
@@ -310,10 +388,11 @@ mod tests {
     #[test]
     fn recorded_values_appear_with_their_labels() {
         let m = Metrics::new();
-        m.set_tenant_states(&[("connected", 3), ("error", 1)]);
-        m.token_refresh("ok");
-        m.token_refresh("ok");
-        m.token_refresh("unstored");
+        m.set_tenant_states(&[(TenantState::Is(CrmState::Connected), 3), (TenantState::Is(CrmState::Error), 1)]);
+        m.token_refresh(RefreshResult::Ok);
+        m.token_refresh(RefreshResult::Ok);
+        m.token_refresh(RefreshResult::Unstored);
+        m.failure(Crm::Bitrix24, FailureKind::CrmUnavailable);
         m.stage_sync(Crm::Bitrix24, false);
         m.crm_request(Crm::AmoCrm, Some(200));
         m.crm_request(Crm::AmoCrm, None);
@@ -328,6 +407,8 @@ mod tests {
             "crm_connect_tenants{state=\"pending\"} 0",
             "crm_connect_token_refreshes_total{result=\"ok\"} 2",
             "crm_connect_token_refreshes_total{result=\"unstored\"} 1",
+            "crm_connect_failures_total{crm=\"bitrix24\",kind=\"crm_unavailable\"} 1",
+            "crm_connect_failures_total{crm=\"amocrm\",kind=\"config\"} 0",
             "crm_connect_stage_syncs_total{crm=\"bitrix24\",result=\"error\"} 1",
             "crm_connect_crm_requests_total{crm=\"amocrm\",status=\"200\"} 1",
             "crm_connect_crm_requests_total{crm=\"amocrm\",status=\"error\"} 1",
@@ -347,7 +428,7 @@ mod tests {
         }
 
         // A state no longer given drops to zero rather than keeping its count.
-        m.set_tenant_states(&[("connected", 4)]);
+        m.set_tenant_states(&[(TenantState::Is(CrmState::Connected), 4)]);
         let lines = self::lines(&m);
         assert!(has(&lines, "crm_connect_tenants{state=\"error\"} 0"), "{lines:#?}");
         assert!(has(&lines, "crm_connect_tenants{state=\"connected\"} 4"), "{lines:#?}");

@@ -35,7 +35,7 @@ pub struct Report {
 }
 
 /// Records a failed CRM step in its status row (best effort: the database
-/// may be what failed) and in the log.
+/// may be what failed); the daemon's policy logs it.
 pub(crate) async fn record_failure(slug: &str, db: &TenantDb, outcome: &CrmOutcome) {
     let Err(failure) = outcome else { return };
     let crm = failure.crm;
@@ -43,7 +43,7 @@ pub(crate) async fn record_failure(slug: &str, db: &TenantDb, outcome: &CrmOutco
     if let Ok(session) = db.session().await {
         let _ = db::status::write(&session, &update).await;
     }
-    tracing::error!(tenant = slug, crm = crm.as_str(), kind = failure.kind.as_str(), error = %failure.message, "{crm} failed");
+    tracing::debug!(tenant = slug, crm = crm.as_str(), kind = failure.kind.as_str(), "failure recorded");
 }
 
 /// What applying a tenant did.
@@ -64,20 +64,6 @@ impl Applied {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error(transparent)]
-    Db(#[from] DbError),
-}
-
-impl ApplyError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ApplyError::Db(e) => e.is_transient(),
-        }
-    }
-}
-
 /// Reconciles one tenant. Database failures before the CRM steps are an
 /// error; a CRM's failure is reported in [`Applied::crms`] and recorded in
 /// its status row.
@@ -87,7 +73,7 @@ impl ApplyError {
 /// is held while a CRM answers (each new session costs the server several
 /// milliseconds of CPU, the most of a reconcile's cost at a thousand
 /// tenants on one server).
-pub async fn apply_tenant(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, ApplyError> {
+pub async fn apply_tenant(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, DbError> {
     let b24_fetched = match &tenant.bitrix24 {
         Some(b24) => Some(bitrix24::fetch(ctx, b24).await),
         None => None,
@@ -109,7 +95,7 @@ pub async fn apply_tenant(ctx: &Context, tenant: &TenantConfig) -> Result<Applie
 /// A scheduled resync: only the stage requests (one for AmoCRM, two for
 /// Bitrix24) and the stage writes; the account and webhook checks belong to
 /// a full reconcile.
-pub async fn resync_stages(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, ApplyError> {
+pub async fn resync_stages(ctx: &Context, tenant: &TenantConfig) -> Result<Applied, DbError> {
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url)?;
     let mut crms = Vec::new();
     if let Some(amo) = &tenant.amocrm {

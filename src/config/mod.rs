@@ -20,7 +20,7 @@ pub use secret_source::{Environment, SOURCE_KEYS};
 pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
 pub use tenant::{DEFAULT_STAGE_RESYNC, DEFAULT_TOKEN_REFRESH_MARGIN, SCHEMA};
 
-use crate::model::{AmoAccount, Credentials, EntityType, MissingCredentials, Webhook};
+use crate::model::{AmoAccount, Credentials, Crm, EntityType, MissingCredentials, Webhook};
 use crate::secret::Secret;
 
 pub const DEFAULT_DATABASE_URL_TEMPLATE: &str = "postgresql://postgres@localhost:5432/openclaw_{slug}";
@@ -34,6 +34,14 @@ pub struct TenantConfig {
     pub schedule: Schedule,
     pub amocrm: Option<AmoCrmConfig>,
     pub bitrix24: Option<Bitrix24Config>,
+}
+
+impl TenantConfig {
+    /// The CRMs the file configures.
+    pub fn crms(&self) -> Vec<Crm> {
+        let configured = [(Crm::AmoCrm, self.amocrm.is_some()), (Crm::Bitrix24, self.bitrix24.is_some())];
+        configured.into_iter().filter(|(_, on)| *on).map(|(crm, _)| crm).collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 //! clock of the loop itself). Only the vocabulary: what each one does is
 //! the loop's business, not this file's.
 
+use super::job::Outcome;
 use super::lease;
-use super::tenant::Outcome;
 
 pub(crate) enum Event {
     /// A stage-resync cron expression fired (for every tenant using it).

@@ -9,8 +9,10 @@
 
 mod event;
 mod first_pass;
+mod job;
 mod lease;
 mod lease_events;
+mod policy;
 mod registry;
 mod reload;
 mod schedule;
@@ -32,14 +34,16 @@ use tokio::task::JoinSet;
 
 use crate::cli::GlobalArgs;
 use crate::context::Context;
+use crate::metrics::TenantState;
 use crate::model::CrmState;
 use crate::watch::ConfigWatcher;
 
 use event::Event;
 use first_pass::FirstPass;
+use job::Outcome;
 use registry::Reread;
 use schedule::Crons;
-use tenant::{Outcome, Tenant, Work};
+use tenant::{Tenant, Work};
 pub use view::{Liveness, TenantsView};
 
 /// A periodic rescan catches what file events miss (inotify overflows,
@@ -258,12 +262,12 @@ impl Daemon {
         if let Some(retry) = tenant.retry_timer.take() {
             retry.abort();
         }
-        let job = tenant::Job {
+        let job = job::Job {
             ctx,
             config: tenant.config.clone(),
             work,
             schedule: (tenant.last_resync, tenant.next_resync),
-            awaiting_authorization: tenant.state == CrmState::NeedsAuthorization.as_str(),
+            awaiting_authorization: tenant.state == TenantState::Is(CrmState::NeedsAuthorization),
         };
         tenant.job_id = job_id;
         let (events, permits, name) = (self.events.clone(), self.permits.clone(), slug.to_string());
@@ -286,7 +290,15 @@ impl Daemon {
         }
         tenant.running = None;
         tenant.job = None;
-        tenant.after(&outcome, &events);
+        let was = tenant.state;
+        let steps: Vec<_> = outcome
+            .failures()
+            .map(|f| {
+                let known = was == TenantState::Is(f.state()) && outcome.work == Work::Refresh;
+                (f.crm, policy::error_policy(slug, f, known, &self.ctx.metrics))
+            })
+            .collect();
+        tenant.after(&outcome, &steps, &events);
         let queued = tenant.queued.take();
         // Recorded (states published) before the first pass can be declared
         // done: whoever waits for READY reads the metrics next.
@@ -303,13 +315,11 @@ impl Daemon {
         if let (Work::Reconcile, Some(elapsed)) = (outcome.work, outcome.elapsed) {
             metrics.reconcile_duration(elapsed.as_secs_f64());
         }
-        if let Ok(applied) = &outcome.applied {
-            for (crm, result) in &applied.crms {
-                if matches!(outcome.work, Work::Reconcile | Work::Resync) {
-                    metrics.stage_sync(*crm, result.is_ok());
-                    if result.is_ok() {
-                        metrics.stage_synced(slug, *crm, Utc::now());
-                    }
+        for (crm, result) in &outcome.applied.crms {
+            if matches!(outcome.work, Work::Reconcile | Work::Resync) {
+                metrics.stage_sync(*crm, result.is_ok());
+                if result.is_ok() {
+                    metrics.stage_synced(slug, *crm, Utc::now());
                 }
             }
         }
@@ -317,11 +327,11 @@ impl Daemon {
     }
 
     fn publish_states(&self) {
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut counts: BTreeMap<TenantState, i64> = BTreeMap::new();
         for tenant in self.tenants.values() {
             *counts.entry(tenant.state).or_default() += 1;
         }
-        let counts: Vec<(&str, i64)> = counts.into_iter().collect();
+        let counts: Vec<(TenantState, i64)> = counts.into_iter().collect();
         self.ctx.metrics.set_tenant_states(&counts);
     }
 

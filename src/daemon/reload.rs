@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::job;
 use super::registry::{self, Digest, InForce, Reread, TenantChange};
-use super::tenant::{self, Tenant, Work};
+use super::tenant::{Tenant, Work};
 use super::{Daemon, lease};
 use crate::config::{self, FileReport, LoadOptions, TenantConfig};
 
@@ -139,7 +140,7 @@ impl Daemon {
             if release {
                 lease::release(&ctx, &config, &holder).await;
             }
-            tenant::mark_unmanaged(&ctx, &config).await
+            job::mark_unmanaged(&ctx, &config).await
         });
         self.publish_states();
     }

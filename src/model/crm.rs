@@ -10,6 +10,8 @@ pub enum Crm {
 }
 
 impl Crm {
+    pub const ALL: [Crm; 2] = [Crm::AmoCrm, Crm::Bitrix24];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Crm::AmoCrm => "amocrm",
@@ -25,7 +27,7 @@ impl fmt::Display for Crm {
 }
 
 /// A connection's state, as `crm_connect_status.state` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CrmState {
     Connected,
     NeedsAuthorization,

@@ -13,6 +13,7 @@ use crate::crm::CrmError;
 use crate::crm::amocrm::AmoClient;
 use crate::db::status::StatusUpdate;
 use crate::db::{self, DbError, config_row};
+use crate::metrics::RefreshResult;
 use crate::model::{Crm, CrmState, Tokens};
 use crate::reconcile::tokens::{NextCheck, RefreshStep, next_check, refresh_step};
 use crate::secret::Secret;
@@ -64,18 +65,18 @@ impl TokenService {
                 match written {
                     Ok(()) => {
                         self.vault.unregister(slug, &tokens);
-                        self.metrics.token_refresh("ok");
+                        self.metrics.token_refresh(RefreshResult::Ok);
                         tracing::info!(tenant = slug, crm = "amocrm", expires_at = %tokens.expires_at, "token refreshed")
                     }
                     Err(e) => {
-                        self.metrics.token_refresh("unstored");
+                        self.metrics.token_refresh(RefreshResult::Unstored);
                         tracing::warn!(tenant = slug, crm = "amocrm", error = %e, "refreshed tokens could not be stored; kept in memory");
                     }
                 }
                 Ok(tokens)
             }
             Err(CrmError::GrantRejected { status, reason }) => {
-                self.metrics.token_refresh("rejected");
+                self.metrics.token_refresh(RefreshResult::Rejected);
                 let message = format!("the refresh token was rejected (HTTP {status}): {reason}");
                 let update = StatusUpdate {
                     error: Some(&message),
@@ -87,7 +88,7 @@ impl TokenService {
                 Err(TokenError::NeedsAuthorization(message))
             }
             Err(e) => {
-                self.metrics.token_refresh("failed");
+                self.metrics.token_refresh(RefreshResult::Failed);
                 Err(e.into())
             }
         }

@@ -256,9 +256,9 @@ async fn a_token_refused_by_the_api_or_expired_is_reported_never_refreshed() {
     sync(config).await;
     let client = connect(&db.url).await;
     // The CRM's clock passes the token's expiry: the API refuses it. By the
-    // stored expiry (10 minutes, half its lifetime not yet gone) a sync
-    // would not refresh before calling, so it would refresh after the 401.
-    client.execute("UPDATE config SET amocrm_token_expires_at = now() + interval '10 minutes'", &[]).await.unwrap();
+    // stored expiry (a day away) a sync would not refresh before calling,
+    // so it would refresh after the 401.
+    client.execute("UPDATE config SET amocrm_token_expires_at = now() + interval '1 day'", &[]).await.unwrap();
     amo.advance_clock(Duration::from_secs(2 * 86_400));
     let versions = row_versions(&client).await;
 
