@@ -27,6 +27,8 @@ pub mod apply;
 pub mod daemon;
 /// Debounced watching of the configuration directory.
 pub mod watch;
+/// AmoCRM browser authorisation: the single-use state, referer check, URL.
+pub mod oauth;
 /// The HTTP side of the daemon: health, metrics, the AmoCRM OAuth callback.
 pub mod server;
 /// The command line.

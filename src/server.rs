@@ -1,8 +1,7 @@
 //! The daemon's HTTP side (`--listen`): `/healthz`, `/metrics`, and the
 //! AmoCRM OAuth callback that completes an authorisation started by
-//! `crm-connect auth-url`. It owns the state format too: `<slug>.<random>`,
-//! stored in the tenant's database as a SHA-256 only, usable once within
-//! [`STATE_LIFETIME`].
+//! `crm-connect auth-url`. The state, referer and URL rules are
+//! [`crate::oauth`]'s; this module only serves them.
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -13,25 +12,17 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use rand::RngCore;
 
 use crate::config::TenantConfig;
 use crate::context::Context;
-use crate::db::{self, DbError, TenantDb};
+use crate::db::DbError;
 use crate::metrics;
+use crate::oauth::{self, referer_matches, state_slug};
 use crate::secret::Secret;
-use crate::tokens::{Obtained, Owner, TokenError, sha256_hex};
+use crate::tokens::{Obtained, Owner, TokenError};
 
 /// `/healthz` answers 200 while the main loop went round this recently.
 pub const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
-
-/// How long a state printed by `auth-url` can complete an authorisation.
-pub const STATE_LIFETIME: Duration = Duration::from_secs(30 * 60);
-
-/// Random bytes in a state: guessing one is out of the question.
-const STATE_RANDOM_BYTES: usize = 32;
 
 /// After the shutdown signal, connections get this long to finish (an
 /// exchange in flight, mostly) before `serve` returns anyway: the daemon
@@ -114,39 +105,6 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
     let mut response = state.ctx.metrics.encode().into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
     response
-}
-
-/// A fresh single-use state for `slug`, recorded (hashed) in its database.
-pub async fn issue_state(db: &TenantDb, slug: &str) -> Result<Secret, DbError> {
-    let mut random = [0u8; STATE_RANDOM_BYTES];
-    rand::rng().fill_bytes(&mut random);
-    let state = Secret::new(format!("{slug}.{}", URL_SAFE_NO_PAD.encode(random)));
-    db::oauth_states::insert(&db.session().await?, &sha256_hex(&state), STATE_LIFETIME).await?;
-    Ok(state)
-}
-
-/// The slug a state names, if the state has the shape [`issue_state`] gives.
-fn state_slug(state: &str) -> Option<&str> {
-    let (slug, random) = state.split_once('.')?;
-    let shaped = !slug.is_empty()
-        && slug.len() <= 48
-        && slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && random.len() == (STATE_RANDOM_BYTES * 4).div_ceil(3)
-        && random.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    shaped.then_some(slug)
-}
-
-/// AmoCRM sends a bare host; a URL of that host (no path) is accepted too.
-fn referer_matches(referer: &str, expected: &str) -> bool {
-    let referer = referer.trim();
-    let host = match referer.split_once("://") {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http") => {
-            rest.strip_suffix('/').unwrap_or(rest)
-        }
-        Some(_) => return false,
-        None => referer,
-    };
-    !host.is_empty() && host.eq_ignore_ascii_case(expected)
 }
 
 /// The callback's query; only the first of a repeated key counts.
@@ -309,9 +267,7 @@ async fn complete(app: &AppState, query: &CallbackQuery) -> Result<String, (Opti
     let fail = |e: CallbackError| (Some(slug.to_string()), e);
 
     let db = app.ctx.pools.get(slug, &tenant.database_url).map_err(|e| fail(e.into()))?;
-    let hash = sha256_hex(&Secret::new(state));
-    let consumed =
-        async { db::oauth_states::consume(&db.session().await?, &hash).await }.await.map_err(|e| fail(e.into()))?;
+    let consumed = oauth::consume_state(&db, state).await.map_err(|e| fail(e.into()))?;
     if !consumed {
         return Err(fail(CallbackError::UnknownState));
     }
@@ -385,32 +341,6 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_state_names_its_slug_only_in_the_issued_shape() {
-        let random = URL_SAFE_NO_PAD.encode([7u8; STATE_RANDOM_BYTES]);
-        assert_eq!(state_slug(&format!("acme_2.{random}")), Some("acme_2"));
-        assert_eq!(state_slug(&format!("Acme.{random}")), None);
-        assert_eq!(state_slug(&format!(".{random}")), None);
-        assert_eq!(state_slug(&format!("acme.{random}x")), None);
-        assert_eq!(state_slug(&format!("acme.{}", &random[1..])), None);
-        assert_eq!(state_slug(&format!("acme.{}", random.replace(|_| true, "+"))), None);
-        assert_eq!(state_slug("acme"), None);
-        assert_eq!(state_slug(""), None);
-    }
-
-    #[test]
-    fn the_referer_must_be_the_account_host() {
-        assert!(referer_matches("acme.amocrm.ru", "acme.amocrm.ru"));
-        assert!(referer_matches("ACME.amocrm.RU", "acme.amocrm.ru"));
-        assert!(referer_matches("https://acme.amocrm.ru/", "acme.amocrm.ru"));
-        assert!(referer_matches("http://127.0.0.1:8080", "127.0.0.1:8080"));
-        assert!(!referer_matches("evil.amocrm.ru", "acme.amocrm.ru"));
-        assert!(!referer_matches("acme.amocrm.ru.evil.com", "acme.amocrm.ru"));
-        assert!(!referer_matches("https://acme.amocrm.ru/path", "acme.amocrm.ru"));
-        assert!(!referer_matches("ftp://acme.amocrm.ru", "acme.amocrm.ru"));
-        assert!(!referer_matches("", "acme.amocrm.ru"));
-    }
 
     #[test]
     fn the_callback_query_keeps_the_first_of_each_key() {

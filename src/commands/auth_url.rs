@@ -5,11 +5,9 @@
 use std::process::ExitCode;
 
 use crate::cli::{GlobalArgs, TenantArg};
-use crate::config::AmoCrmConfig;
 use crate::context::Context;
 use crate::db;
-use crate::secret::Secret;
-use crate::server;
+use crate::oauth;
 
 pub async fn run(global: &GlobalArgs, args: &TenantArg) -> ExitCode {
     match auth_url(global, args).await {
@@ -36,9 +34,9 @@ async fn auth_url(global: &GlobalArgs, args: &TenantArg) -> Result<String, Strin
     let ctx = Context::new(global.pool_settings());
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url).map_err(|e| e.to_string())?;
     db::migrate(&db).await.map_err(|e| e.to_string())?;
-    let state = server::issue_state(&db, &tenant.slug).await.map_err(|e| e.to_string())?;
-    let url = authorization_url(amo, credentials.client_id, &state)?;
-    let minutes = server::STATE_LIFETIME.as_secs() / 60;
+    let state = oauth::issue_state(&db, &tenant.slug).await.map_err(|e| e.to_string())?;
+    let url = oauth::authorization_url(amo, credentials.client_id, &state)?;
+    let minutes = oauth::STATE_LIFETIME.as_secs() / 60;
     Ok(format!(
         "{url}\n\
          Open it within {minutes} minutes, signed in to the tenant's AmoCRM account; it works once.\n\
@@ -46,16 +44,4 @@ async fn auth_url(global: &GlobalArgs, args: &TenantArg) -> Result<String, Strin
          /oauth/amocrm/callback, served with --listen.\n",
         redirect = credentials.redirect_uri,
     ))
-}
-
-/// `https://www.amocrm.ru/oauth?client_id=…&state=…&mode=post_message`, on
-/// the domain's own host, or `<base_url>/oauth?…` for a sandbox.
-fn authorization_url(amo: &AmoCrmConfig, client_id: &str, state: &Secret) -> Result<url::Url, String> {
-    let base = amo.account.authorize_base();
-    let mut url = url::Url::parse(&format!("{base}/oauth")).map_err(|e| format!("`amocrm.base_url`: {e}"))?;
-    url.query_pairs_mut()
-        .append_pair("client_id", client_id)
-        .append_pair("state", state.expose())
-        .append_pair("mode", "post_message");
-    Ok(url)
 }
