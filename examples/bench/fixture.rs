@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow};
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect_sandbox::bitrix24::{self, B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
-use crm_connect_sandbox::files::{OwnedDir, toml_string};
+use crm_connect_sandbox::files::OwnedDir;
 use crm_connect_sandbox::postgres::{Cluster, create_database};
 use crm_connect_sandbox::tenant_file::{Stage, TenantFile};
 use tokio_postgres::{Client, NoTls};
@@ -268,10 +268,7 @@ pub fn amo_file(sandbox: &AmoSandbox, database_url: &str, resync: Option<&str>) 
 
 /// A Bitrix24 tenant on a webhook, flagging `qualified`.
 pub fn b24_file(webhook_url: &str, database_url: &str, qualified: &str, resync: Option<&str>) -> String {
-    head(database_url, resync)
-        .bitrix24_key("webhook_url", &toml_string(webhook_url))
-        .bitrix24_stages("qualified", [Stage::status(qualified)])
-        .text()
+    head(database_url, resync).webhook_url(webhook_url).bitrix24_stages("qualified", [Stage::status(qualified)]).text()
 }
 
 pub fn free_port() -> anyhow::Result<u16> {

@@ -160,6 +160,12 @@ impl TenantFile {
         self
     }
 
+    /// An `[amocrm]` string key, quoted (an override of the sandbox's
+    /// subdomain or client secret, say).
+    pub fn amocrm_string(self, key: &str, value: &str) -> TenantFile {
+        self.amocrm_key(key, &toml_string(value))
+    }
+
     /// Leaves an `[amocrm]` key out (a long-lived token needs no client).
     pub fn without_amocrm_key(mut self, key: &str) -> TenantFile {
         if let Some(crm) = &mut self.amocrm {
@@ -176,7 +182,12 @@ impl TenantFile {
 
     /// `[bitrix24]` on the sandbox's inbound webhook.
     pub fn bitrix24(self, sandbox: &B24Sandbox) -> TenantFile {
-        self.bitrix24_key("webhook_url", &toml_string(&sandbox.webhook_url()))
+        self.webhook_url(&sandbox.webhook_url())
+    }
+
+    /// `[bitrix24]` on any webhook URL (a wrong code, another portal).
+    pub fn webhook_url(self, url: &str) -> TenantFile {
+        self.bitrix24_key("webhook_url", &toml_string(url))
     }
 
     pub fn entity_type(self, entity_type: &str) -> TenantFile {
