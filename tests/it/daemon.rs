@@ -6,14 +6,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::amocrm::AmoSandboxConfig;
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use crm_connect_sandbox::files::replace_file;
 use crm_connect_sandbox::tenant_file::{Stage, TenantFile};
 use tokio_postgres::Client;
 
+use crate::faults::refreshes;
 use crate::support::daemon::{Running, eventually};
-use crate::support::{connect, postgres::fresh_database, with_code, write};
+use crate::support::rows::{StatusRow, TokensRow, xmins};
+use crate::support::world::World;
+use crate::support::{connect, postgres::fresh_database, write};
 
 async fn qualified(client: &Client) -> Vec<String> {
     client
@@ -32,30 +35,21 @@ fn rewrite(dir: &Path, name: &str, text: impl std::fmt::Display) {
     replace_file(&dir.join(name), &text.to_string()).unwrap();
 }
 
-async fn state(client: &Client, crm: &str) -> Option<String> {
-    client
-        .query_opt("SELECT state FROM crm_connect_status WHERE crm = $1", &[&crm])
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.get(0))
+/// An AmoCRM tenant whose 20 s tokens are refreshed 15 s before expiry.
+async fn refreshed_every_5_seconds() -> World {
+    let world =
+        World::amocrm_with(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
+            .await;
+    world.write(&world.file_with_code().schedule("token_refresh_margin", "15s"));
+    world
 }
 
 #[tokio::test]
 async fn tokens_are_refreshed_a_margin_before_expiry_again_and_again() {
-    let amo =
-        AmoSandbox::start(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
-            .await
-            .unwrap();
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = with_code(&db.url, &amo).schedule("token_refresh_margin", "15s");
-    write(dir.path(), "acme.toml", &text);
-    let daemon = Running::start(dir.path()).await;
+    let world = refreshed_every_5_seconds().await;
+    let (amo, dir) = (world.amo(), world.dir());
+    let daemon = Running::start(dir).await;
 
-    let refreshes = |r: &[crm_connect_sandbox::faults::RecordedRequest]| {
-        r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
-    };
     assert!(amo.wait_for_requests(|r| refreshes(r) >= 2, Duration::from_secs(30)).await, "refreshes keep coming");
     let log = amo.requests();
     let exchange =
@@ -67,27 +61,17 @@ async fn tokens_are_refreshed_a_margin_before_expiry_again_and_again() {
         "first refresh {after:?} after the exchange"
     );
     assert_eq!(amo.token_stats().refresh_rejected, 0);
-    let client = connect(&db.url).await;
-    let stored: String = client.query_one("SELECT amocrm_access_token FROM config", &[]).await.unwrap().get(0);
-    assert!(amo.is_access_token_valid(&stored));
+    let stored = TokensRow::read(&world.client().await).await.access;
+    assert!(amo.is_access_token_valid(&stored.unwrap()));
     assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
 }
 
 #[tokio::test]
 async fn two_daemons_on_one_tenant_neither_double_nor_break_refreshes() {
-    let amo =
-        AmoSandbox::start(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
-            .await
-            .unwrap();
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = with_code(&db.url, &amo).schedule("token_refresh_margin", "15s");
-    write(dir.path(), "acme.toml", &text);
-    let (a, b) = tokio::join!(Running::start(dir.path()), Running::start(dir.path()));
+    let world = refreshed_every_5_seconds().await;
+    let (amo, dir) = (world.amo(), world.dir());
+    let (a, b) = tokio::join!(Running::start(dir), Running::start(dir));
     let started = Instant::now();
-    let refreshes = |r: &[crm_connect_sandbox::faults::RecordedRequest]| {
-        r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
-    };
     assert!(amo.wait_for_requests(|r| refreshes(r) >= 3, Duration::from_secs(40)).await);
     let elapsed = started.elapsed();
     let stats = amo.token_stats();
@@ -117,24 +101,12 @@ async fn file_changes_apply_to_their_tenant_only_and_invalid_files_change_nothin
     let beta_requests = portal.requests().len();
 
     // Invalid TOML: the last good configuration stays, nothing is written.
-    let a_xmin: Vec<String> = a
-        .query("SELECT xmin::text FROM bitrix24_pipeline_stages", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let a_xmin = xmins(&a, "bitrix24_pipeline_stages").await;
     rewrite(dir.path(), "alpha.toml", "[bitrix24\nwebhook_url = ");
     // A later valid edit of another tenant proves the daemon went on.
     rewrite(dir.path(), "beta.toml", b24_file(&db_b.url, &portal, "C1:WON"));
     eventually("beta's flag moved", Duration::from_secs(10), || async { qualified(&b).await == ["C1:WON"] }).await;
-    let a_xmin_after: Vec<String> = a
-        .query("SELECT xmin::text FROM bitrix24_pipeline_stages", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let a_xmin_after = xmins(&a, "bitrix24_pipeline_stages").await;
     assert_eq!(a_xmin, a_xmin_after, "an invalid file changed its tenant's database");
     assert_eq!(qualified(&a).await, ["C1:EXECUTING"]);
     assert!(portal.requests().len() > beta_requests);
@@ -144,7 +116,7 @@ async fn file_changes_apply_to_their_tenant_only_and_invalid_files_change_nothin
     rewrite(dir.path(), "gamma.toml", b24_file(&db_c.url, &portal, "C1:NEW"));
     let c = connect(&db_c.url).await;
     eventually("the new tenant connected", Duration::from_secs(10), || async {
-        state(&c, "bitrix24").await.as_deref() == Some("connected")
+        StatusRow::read(&c, "bitrix24").await.is_some_and(|s| s.state == "connected")
     })
     .await;
 
@@ -152,7 +124,7 @@ async fn file_changes_apply_to_their_tenant_only_and_invalid_files_change_nothin
     let rows_before: i64 = b.query_one("SELECT count(*) FROM bitrix24_pipeline_stages", &[]).await.unwrap().get(0);
     std::fs::remove_file(dir.path().join("beta.toml")).unwrap();
     eventually("beta unmanaged", Duration::from_secs(10), || async {
-        state(&b, "bitrix24").await.as_deref() == Some("unmanaged")
+        StatusRow::read(&b, "bitrix24").await.is_some_and(|s| s.state == "unmanaged")
     })
     .await;
     let rows_after: i64 = b.query_one("SELECT count(*) FROM bitrix24_pipeline_stages", &[]).await.unwrap().get(0);

@@ -19,7 +19,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::support::daemon::{Running, eventually};
 use crate::support::postgres::fresh_database;
-use crate::support::rows::{StatusRow, TokensRow};
+use crate::support::rows::{StatusRow, TokensRow, snapshot};
 use crate::support::world::World;
 use crate::support::{connect, crm_connect, with_code};
 
@@ -160,23 +160,6 @@ pub(crate) async fn db_now(client: &Client) -> chrono::DateTime<chrono::Utc> {
 pub(crate) async fn state_is(url: &str, crm: &str, expected: &str) -> bool {
     let Some(client) = try_connect(url).await else { return false };
     StatusRow::read(&client, crm).await.is_some_and(|s| s.state == expected)
-}
-
-/// Everything a failed sync must leave as it was: the `config` row (tokens,
-/// webhook, connected_at) and every stage row, by content and by version.
-async fn snapshot(client: &Client) -> Vec<String> {
-    let mut rows: Vec<String> = client
-        .query("SELECT xmin::text || ' ' || to_jsonb(c)::text FROM config c", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for table in ["amocrm_pipeline_stages", "bitrix24_pipeline_stages"] {
-        let sql = format!("SELECT xmin::text || ' ' || to_jsonb(s)::text FROM {table} s ORDER BY id");
-        rows.extend(client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)));
-    }
-    rows
 }
 
 async fn stage_rows(client: &Client, table: &str) -> i64 {

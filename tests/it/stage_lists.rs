@@ -12,21 +12,12 @@ use crm_connect_sandbox::faults::Fault;
 use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::Client;
 
+use crate::support::rows::snapshot;
 use crate::support::world::World;
 
 const PIPELINES_PATH: &str = "/api/v4/leads/pipelines";
 /// The client follows `_links.next` this far (AmoCRM has at most 50 pipelines).
 const AMO_PAGE_CAP: usize = 50;
-
-/// Every row a failed sync must leave alone, with its row version.
-async fn snapshot(client: &Client) -> Vec<String> {
-    let mut rows = Vec::new();
-    for table in ["config", "amocrm_pipeline_stages", "bitrix24_pipeline_stages"] {
-        let sql = format!("SELECT xmin::text || ' ' || to_jsonb(t)::text FROM {table} t ORDER BY 1");
-        rows.extend(client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)));
-    }
-    rows
-}
 
 async fn removed(client: &Client, table: &str) -> i64 {
     let sql = format!("SELECT count(*) FROM {table} WHERE removed_at IS NOT NULL");

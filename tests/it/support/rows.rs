@@ -158,3 +158,14 @@ pub async fn xmins(client: &Client, table: &str) -> Vec<String> {
     let sql = format!("SELECT xmin::text FROM {table} ORDER BY id");
     client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
 }
+
+/// Every row a failed sync must leave as it was (the `config` row with its
+/// tokens and webhook, every stage row), by content and by row version.
+pub async fn snapshot(client: &Client) -> Vec<String> {
+    let mut rows = Vec::new();
+    for table in ["config", "amocrm_pipeline_stages", "bitrix24_pipeline_stages"] {
+        let sql = format!("SELECT xmin::text || ' ' || to_jsonb(t)::text FROM {table} t ORDER BY id");
+        rows.extend(client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)));
+    }
+    rows
+}
