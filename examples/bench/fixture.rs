@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow};
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect_sandbox::bitrix24::{self, B24Category, B24Sandbox, B24SandboxConfig, B24Stage};
-use crm_connect_sandbox::files::{OwnedDir, toml_string};
+use crm_connect_sandbox::files::OwnedDir;
 use crm_connect_sandbox::postgres::{Cluster, create_database};
+use crm_connect_sandbox::tenant_file::{Stage, TenantFile};
 use tokio_postgres::{Client, NoTls};
 
 use crate::Options;
@@ -247,49 +248,27 @@ pub async fn b24_sandbox(latency: Duration) -> anyhow::Result<B24Sandbox> {
     Ok(sandbox)
 }
 
-fn head(database_url: &str, resync: Option<&str>) -> String {
-    let mut text = format!("[tenant]\ndatabase_url = {}\n", toml_string(database_url));
-    if let Some(cron) = resync {
-        text.push_str(&format!("\n[schedule]\nstage_resync = {}\n", toml_string(cron)));
+/// A tenant on `database_url`, resyncing its stages on `resync` if given.
+fn head(database_url: &str, resync: Option<&str>) -> TenantFile {
+    let file = TenantFile::new().database_url(database_url);
+    match resync {
+        Some(cron) => file.schedule("stage_resync", cron),
+        None => file,
     }
-    text
 }
 
 /// An AmoCRM tenant connecting with a fresh authorization code.
 pub fn amo_file(sandbox: &AmoSandbox, database_url: &str, resync: Option<&str>) -> String {
-    let c = sandbox.config();
-    format!(
-        "{head}\n[amocrm]\nsubdomain = {}\nclient_id = {}\nclient_secret = {}\nredirect_uri = {}\nbase_url = {}\n\
-         authorization_code = {}\n\n[amocrm.stages]\nqualified = [{{ pipeline = \"Продажи\", stage = \"Квалифицирован\" }}]\n",
-        toml_string(&c.subdomain),
-        toml_string(&c.client_id),
-        toml_string(&c.client_secret),
-        toml_string(&c.redirect_uri),
-        toml_string(&sandbox.base_url()),
-        toml_string(&sandbox.issue_code()),
-        head = head(database_url, resync),
-    )
+    head(database_url, resync)
+        .amocrm(sandbox)
+        .authorization_code(&sandbox.issue_code())
+        .amocrm_stages("qualified", [Stage::in_pipeline("Продажи", "Квалифицирован")])
+        .text()
 }
 
 /// A Bitrix24 tenant on a webhook, flagging `qualified`.
 pub fn b24_file(webhook_url: &str, database_url: &str, qualified: &str, resync: Option<&str>) -> String {
-    format!(
-        "{head}\n[bitrix24]\nwebhook_url = {}\n\n[bitrix24.stages]\nqualified = [{}]\n",
-        toml_string(webhook_url),
-        toml_string(qualified),
-        head = head(database_url, resync),
-    )
-}
-
-/// Writes aside, then renames over `path`, as editors save; returns the
-/// moment just before the rename, when the file changes.
-pub fn replace_file(path: &Path, text: &str) -> std::io::Result<Instant> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("tenant.toml");
-    let aside = path.with_file_name(format!(".{name}.swp"));
-    std::fs::write(&aside, text)?;
-    let at = Instant::now();
-    std::fs::rename(&aside, path)?;
-    Ok(at)
+    head(database_url, resync).webhook_url(webhook_url).bitrix24_stages("qualified", [Stage::status(qualified)]).text()
 }
 
 pub fn free_port() -> anyhow::Result<u16> {

@@ -517,7 +517,7 @@ async fn edit_latency(options: &Options, tenants: &[Tenant], loaded: usize) -> a
         let target = if k % 2 == 0 { QUALIFIED_ALTERNATIVE } else { QUALIFIED };
         let text = fixture::b24_file(&sandbox.webhook_url(), &tenant.database_url, target, None);
         let before = sandbox.requests().len();
-        let changed = fixture::replace_file(&tenant.file, &text)?;
+        let changed = crm_connect_sandbox::files::replace_file(&tenant.file, &text)?;
         loop {
             if is_flagged(target).await? {
                 latencies.push(changed.elapsed().as_secs_f64() * 1000.0);

@@ -15,10 +15,11 @@ use crate::cli::{DemoArgs, GlobalArgs, StatusArgs};
 use crate::config::{self, DEFAULT_DATABASE_URL_TEMPLATE};
 use crate::daemon::{self, Hooks};
 use crate::secret::Secret;
-use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
-use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
-use crm_connect_sandbox::files::{OwnedDir, toml_string};
-use crm_connect_sandbox::postgres::{Cluster, ClusterError};
+use crm_connect_sandbox::amocrm::AmoSandboxConfig;
+use crm_connect_sandbox::bitrix24::B24SandboxConfig;
+use crm_connect_sandbox::playground::{Playground, PlaygroundError};
+use crm_connect_sandbox::postgres::ClusterError;
+use crm_connect_sandbox::tenant_file::{Stage, TenantFile};
 
 /// What the temporary tenant directory's name starts with.
 const CONFIG_DIR_PREFIX: &str = "crm-connect-demo-";
@@ -171,71 +172,64 @@ async fn interrupted() {
     }
 }
 
-/// Where the demo tenants' databases are.
-enum Postgres {
-    /// Started by the demo, stopped and removed with it.
-    Own(Cluster),
-    /// The user's, as `--database-url-template` names it.
-    Theirs,
-}
-
 /// Everything the demo started; dropped in `stop`.
 struct Demo {
-    postgres: Postgres,
-    amo: AmoSandbox,
-    b24: B24Sandbox,
-    config_dir: OwnedDir,
+    /// With a cluster of its own unless the user named a server of theirs.
+    playground: Playground,
     /// The caller's flags with the demo's tenant directory and databases.
     global: GlobalArgs,
 }
 
 impl Demo {
     async fn start(global: &GlobalArgs) -> Result<Demo, DemoError> {
-        let amo = AmoSandbox::start(AmoSandboxConfig::default())
-            .await
-            .map_err(|source| DemoError::Sandbox { crm: "AmoCRM", source })?;
-        let b24 = B24Sandbox::start(B24SandboxConfig::default())
-            .await
-            .map_err(|source| DemoError::Sandbox { crm: "Bitrix24", source })?;
-
         let mut global = global.clone();
         let theirs = global.database_url_template.expose() != DEFAULT_DATABASE_URL_TEMPLATE;
-        let (postgres, amo_db, b24_db) = if theirs {
-            for slug in [AMO_SLUG, B24_SLUG] {
-                let url = Secret::new(global.database_url_template.expose().replace("{slug}", slug));
-                crate::db::ensure_database(&url).await.map_err(|source| DemoError::TheirDatabase { slug, source })?;
+        let mut builder = Playground::builder(CONFIG_DIR_PREFIX)
+            .amocrm(AmoSandboxConfig::default())
+            .bitrix24(B24SandboxConfig::default());
+        if !theirs {
+            builder = builder.cluster();
+        }
+        let playground = builder.start().await.map_err(DemoError::from)?;
+
+        let (amo_db, b24_db) = match playground.cluster() {
+            None => {
+                for slug in [AMO_SLUG, B24_SLUG] {
+                    let url = Secret::new(global.database_url_template.expose().replace("{slug}", slug));
+                    crate::db::ensure_database(&url)
+                        .await
+                        .map_err(|source| DemoError::TheirDatabase { slug, source })?;
+                }
+                // The files leave the URL to the template, so no password is written to them.
+                (None, None)
             }
-            // The files leave the URL to the template, so no password is written to them.
-            (Postgres::Theirs, None, None)
-        } else {
-            // initdb takes seconds: off the runtime's threads.
-            let cluster = tokio::task::spawn_blocking(Cluster::start)
-                .await
-                .map_err(DemoError::Interrupted)?
-                .map_err(DemoError::Cluster)?;
-            let amo_db = cluster
-                .create_database(AMO_SLUG)
-                .await
-                .map_err(|source| DemoError::Database { slug: AMO_SLUG, source })?;
-            let b24_db = cluster
-                .create_database(B24_SLUG)
-                .await
-                .map_err(|source| DemoError::Database { slug: B24_SLUG, source })?;
-            global.database_url_template = Secret::new(cluster.url_template());
-            (Postgres::Own(cluster), Some(amo_db), Some(b24_db))
+            Some(cluster) => {
+                let create = |slug: &'static str| async move {
+                    cluster.create_database(slug).await.map_err(|source| DemoError::Database { slug, source })
+                };
+                let (amo_db, b24_db) = (create(AMO_SLUG).await?, create(B24_SLUG).await?);
+                global.database_url_template = Secret::new(cluster.url_template());
+                (Some(amo_db), Some(b24_db))
+            }
         };
 
-        let base = std::env::temp_dir();
-        let config_dir = OwnedDir::create(&base, CONFIG_DIR_PREFIX, |_| true)
-            .map_err(|source| DemoError::Files { dir: base.clone(), source })?;
-        let write = |slug: &str, text: String| {
-            config_dir
-                .write(&format!("{slug}.toml"), &text)
-                .map_err(|source| DemoError::Files { dir: config_dir.path().to_path_buf(), source })
+        let tenant = |comment: &str, database_url: Option<String>| {
+            let file = TenantFile::new().comment(comment);
+            database_url.map_or(file.clone(), |url| file.database_url(&url))
         };
-        write(AMO_SLUG, amo_tenant(&amo, amo_db.as_deref()))?;
-        write(B24_SLUG, b24_tenant(&b24, b24_db.as_deref()))?;
-        global.config = config_dir.path().to_path_buf();
+        let amo = tenant("Demo tenant on the AmoCRM sandbox: the OAuth code flow, then stages.", amo_db)
+            .amocrm(playground.amocrm())
+            .authorization_code(&playground.amocrm().issue_code())
+            .amocrm_stages("qualified", [Stage::in_pipeline("Продажи", "Квалифицирован")]);
+        let b24 = tenant("Demo tenant on the Bitrix24 sandbox: an inbound webhook, then stages.", b24_db)
+            .bitrix24(playground.bitrix24())
+            .bitrix24_stages("qualified", [Stage::status("C1:PREPARATION")]);
+        for (slug, file) in [(AMO_SLUG, amo), (B24_SLUG, b24)] {
+            playground
+                .write(slug, &file)
+                .map_err(|source| DemoError::Files { dir: playground.dir().to_path_buf(), source })?;
+        }
+        global.config = playground.dir().to_path_buf();
 
         // A mistake here is the demo's own; say so before the daemon starts.
         let loaded = config::load(&global.config, &config::LoadOptions::new(global.database_url_template.clone()));
@@ -245,27 +239,25 @@ impl Demo {
             return Err(DemoError::Invalid(problems.join("\n")));
         }
 
-        Ok(Demo { postgres, amo, b24, config_dir, global })
+        Ok(Demo { playground, global })
     }
 
     fn print_banner(&self) {
-        let postgres = match &self.postgres {
-            Postgres::Own(cluster) => {
-                format!("{}  (throwaway cluster in {})", cluster.url_template(), cluster.dir().display())
-            }
-            Postgres::Theirs => without_password(self.global.database_url_template.expose()),
+        let postgres = match self.playground.cluster() {
+            Some(cluster) => format!("{}  (throwaway cluster in {})", cluster.url_template(), cluster.dir().display()),
+            None => without_password(self.global.database_url_template.expose()),
         };
         println!("crm-connect demo: the daemon runs two demo tenants; its first pass is done.");
         println!();
         println!("  PostgreSQL        {postgres}");
-        println!("  AmoCRM sandbox    {}", self.amo.base_url());
-        println!("  Bitrix24 sandbox  {}", self.b24.base_url());
-        println!("  tenant files      {}  ({AMO_SLUG}.toml, {B24_SLUG}.toml)", self.config_dir.path().display());
+        println!("  AmoCRM sandbox    {}", self.playground.amocrm().base_url());
+        println!("  Bitrix24 sandbox  {}", self.playground.bitrix24().base_url());
+        println!("  tenant files      {}  ({AMO_SLUG}.toml, {B24_SLUG}.toml)", self.playground.dir().display());
         println!();
     }
 
     fn print_hints(&self) {
-        let config = self.config_dir.path().display();
+        let config = self.playground.dir().display();
         // The binary as it was started, so the hints work under `cargo run` too.
         let program = std::env::current_exe().map_or_else(|_| "crm-connect".to_owned(), |p| p.display().to_string());
         println!();
@@ -277,67 +269,28 @@ impl Demo {
 
     /// What `stop` removes, for the last line.
     fn removed_on_exit(&self) -> String {
-        match &self.postgres {
-            Postgres::Own(cluster) => format!("{} and {}", self.config_dir.path().display(), cluster.dir().display()),
-            Postgres::Theirs => {
-                format!("{} (the demo databases stay on your server)", self.config_dir.path().display())
-            }
+        let config = self.playground.dir().display();
+        match self.playground.cluster() {
+            Some(cluster) => format!("{config} and {}", cluster.dir().display()),
+            None => format!("{config} (the demo databases stay on your server)"),
         }
     }
 
     /// Stops the sandboxes and the cluster and removes the directories.
     async fn stop(self) {
-        let Demo { postgres, amo, b24, config_dir, global: _ } = self;
-        drop((amo, b24, config_dir));
-        if let Postgres::Own(cluster) = postgres {
-            // Waiting for the server to stop blocks.
-            let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
-        }
+        self.playground.stop().await;
     }
 }
 
-fn amo_tenant(sandbox: &AmoSandbox, database_url: Option<&str>) -> String {
-    let c = sandbox.config();
-    format!(
-        "# Demo tenant on the AmoCRM sandbox: the OAuth code flow, then stages.\n\
-         {tenant}\n\
-         [amocrm]\n\
-         subdomain = {subdomain}\n\
-         client_id = {client_id}\n\
-         client_secret = {client_secret}\n\
-         redirect_uri = {redirect_uri}\n\
-         base_url = {base_url}\n\
-         authorization_code = {code}\n\
-         \n\
-         [amocrm.stages]\n\
-         qualified = [{{ pipeline = \"Продажи\", stage = \"Квалифицирован\" }}]\n",
-        tenant = tenant_table(database_url),
-        subdomain = toml_string(&c.subdomain),
-        client_id = toml_string(&c.client_id),
-        client_secret = toml_string(&c.client_secret),
-        redirect_uri = toml_string(&c.redirect_uri),
-        base_url = toml_string(&sandbox.base_url()),
-        code = toml_string(&sandbox.issue_code()),
-    )
-}
-
-fn b24_tenant(sandbox: &B24Sandbox, database_url: Option<&str>) -> String {
-    format!(
-        "# Demo tenant on the Bitrix24 sandbox: an inbound webhook, then stages.\n\
-         {tenant}\n\
-         [bitrix24]\n\
-         webhook_url = {webhook_url}\n\
-         \n\
-         [bitrix24.stages]\n\
-         qualified = [\"C1:PREPARATION\"]\n",
-        tenant = tenant_table(database_url),
-        webhook_url = toml_string(&sandbox.webhook_url()),
-    )
-}
-
-/// `[tenant]` with the database URL, or nothing when the template gives it.
-fn tenant_table(database_url: Option<&str>) -> String {
-    database_url.map_or_else(String::new, |url| format!("[tenant]\ndatabase_url = {}\n", toml_string(url)))
+impl From<PlaygroundError> for DemoError {
+    fn from(error: PlaygroundError) -> DemoError {
+        match error {
+            PlaygroundError::Cluster(e) => DemoError::Cluster(e),
+            PlaygroundError::Interrupted(e) => DemoError::Interrupted(e),
+            PlaygroundError::Sandbox { crm, source } => DemoError::Sandbox { crm, source },
+            PlaygroundError::Dir { base, source } => DemoError::Files { dir: base, source },
+        }
+    }
 }
 
 /// A database URL fit to print: the password, if any, becomes `***`.

@@ -8,68 +8,32 @@ use crm_connect::apply::apply_tenant;
 use crm_connect::tokens::{Owner, sha256_hex};
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
 use crm_connect_sandbox::faults::Fault;
+use crm_connect_sandbox::tenant_file::Stage;
 use tokio_postgres::Client;
 
-use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, postgres::fresh_database, tenant, write};
+use crate::support::postgres::fresh_database;
+use crate::support::rows::{AmoStageRow, EventRow, StatusRow, TokensRow, xmins};
+use crate::support::world::World;
+use crate::support::{connect, crm_connect, fast_context, tenant};
 
-const QUALIFIED_BY_NAME: &str =
-    "[amocrm.stages]\nqualified = [{ pipeline = \"продажи\", stage = \"КВАЛИФИЦИРОВАН\" }]\n";
-
-async fn sandbox() -> AmoSandbox {
-    AmoSandbox::start(AmoSandboxConfig::default()).await.expect("the sandbox starts")
-}
-
-/// (pipeline, status id, name, qualified, success, fail, removed) of every stored stage.
-async fn stages(client: &Client) -> Vec<(String, i64, String, bool, bool, bool, bool)> {
-    client
-        .query(
-            "SELECT pipeline_name, status_id, status_name, is_qualified_stage, is_success_stage, is_fail_stage,
-                    removed_at IS NOT NULL
-             FROM amocrm_pipeline_stages ORDER BY pipeline_id, status_sort, status_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6)))
-        .collect()
-}
-
-async fn config_xmin(c: &Client) -> String {
-    c.query_one("SELECT xmin::text FROM config", &[]).await.unwrap().get(0)
-}
-
-async fn stage_xmins(c: &Client) -> Vec<String> {
-    c.query("SELECT xmin::text FROM amocrm_pipeline_stages ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+fn qualified_by_name() -> Stage {
+    Stage::in_pipeline("продажи", "КВАЛИФИЦИРОВАН")
 }
 
 async fn stored_access_token(client: &Client) -> String {
     client.query_one("SELECT amocrm_access_token FROM config", &[]).await.unwrap().get(0)
 }
 
-async fn status(client: &Client) -> (String, Option<String>) {
-    let row =
-        client.query_one("SELECT state, last_error FROM crm_connect_status WHERE crm = 'amocrm'", &[]).await.unwrap();
-    (row.get(0), row.get(1))
+async fn status(client: &Client) -> StatusRow {
+    StatusRow::of(client, "amocrm").await
 }
 
 #[tokio::test]
 async fn sync_exchanges_a_fresh_code_once_and_stores_tokens_and_every_stage() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
+    let world = World::amocrm().await;
+    let (amo, db, config) = (world.amo(), &world.db, world.config());
     let code = amo.issue_code();
-    write(
-        dir.path(),
-        "acme.toml",
-        &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{code}\"\n{QUALIFIED_BY_NAME}")),
-    );
-    let config = dir.path().to_str().unwrap();
+    world.write(&world.file().authorization_code(&code).amocrm_stages("qualified", [qualified_by_name()]));
 
     let first = crm_connect(&["sync", "--config", config], &[]).await;
     assert_eq!(first.code, 0, "{first:?}");
@@ -92,41 +56,45 @@ async fn sync_exchanges_a_fresh_code_once_and_stores_tokens_and_every_stage() {
     assert!((expires - expected).num_seconds().abs() < 120, "expiry {expires}, expected about {expected}");
     assert_eq!(row.get::<_, String>(3), sha256_hex(&crm_connect::secret::Secret::new(code.clone())));
 
-    let stored = stages(&client).await;
+    let stored = AmoStageRow::all(&client).await;
     assert_eq!(stored.len(), 12, "{stored:#?}");
     for pipeline in ["Воронка", "Продажи"] {
-        let of =
-            |id: i64| stored.iter().find(|s| s.0 == pipeline && s.1 == id).unwrap_or_else(|| panic!("{pipeline} {id}"));
-        assert_eq!((of(142).4, of(142).5), (true, false), "142 is success in {pipeline}");
-        assert_eq!((of(143).4, of(143).5), (false, true), "143 is fail in {pipeline}");
+        let of = |id: i64| {
+            stored
+                .iter()
+                .find(|s| s.pipeline == pipeline && s.status_id == id)
+                .unwrap_or_else(|| panic!("{pipeline} {id}"))
+        };
+        assert_eq!((of(142).success, of(142).fail), (true, false), "142 is success in {pipeline}");
+        assert_eq!((of(143).success, of(143).fail), (false, true), "143 is fail in {pipeline}");
     }
-    let qualified: Vec<_> = stored.iter().filter(|s| s.3).map(|s| (s.0.as_str(), s.2.as_str())).collect();
+    let qualified: Vec<_> =
+        stored.iter().filter(|s| s.qualified).map(|s| (s.pipeline.as_str(), s.name.as_str())).collect();
     assert_eq!(qualified, [("Продажи", "Квалифицирован")]);
-    assert_eq!(status(&client).await.0, "connected");
+    assert_eq!(status(&client).await.state, "connected");
 
-    let (config_before, stages_before) = (config_xmin(&client).await, stage_xmins(&client).await);
-    let events_before: i64 = client.query_one("SELECT count(*) FROM crm_connect_events", &[]).await.unwrap().get(0);
+    let (config_before, stages_before) =
+        (xmins(&client, "config").await, xmins(&client, "amocrm_pipeline_stages").await);
+    let events_before = EventRow::all(&client).await;
 
     let second = crm_connect(&["sync", "--config", config], &[]).await;
     assert_eq!(second.code, 0, "{second:?}");
     assert!(second.stdout.contains("acme: amocrm connected, 12 stages, stages unchanged"), "{}", second.stdout);
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
-    assert_eq!(config_xmin(&client).await, config_before, "the second sync wrote config");
-    assert_eq!(stage_xmins(&client).await, stages_before, "the second sync wrote stages");
-    let events_after: i64 = client.query_one("SELECT count(*) FROM crm_connect_events", &[]).await.unwrap().get(0);
-    assert_eq!(events_after, events_before);
+    assert_eq!(xmins(&client, "config").await, config_before, "the second sync wrote config");
+    assert_eq!(xmins(&client, "amocrm_pipeline_stages").await, stages_before, "the second sync wrote stages");
+    assert_eq!(EventRow::all(&client).await, events_before);
     assert_eq!(amo.violations(), 0);
 }
 
 #[tokio::test]
 async fn two_processes_refreshing_one_tenant_at_once_make_exactly_one_refresh() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    let tenant = tenant("acme", &text);
+    let world = World::amocrm().await;
+    let amo = world.amo();
+    let tenant = world.tenant(&world.file_with_code());
     let amo_config = tenant.amocrm.clone().unwrap();
-    apply_tenant(&fast_context(), &tenant).await.unwrap();
-    let client = connect(&db.url).await;
+    apply_tenant(&world.ctx, &tenant).await.unwrap();
+    let client = world.client().await;
 
     for round in 1..=3 {
         client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
@@ -150,16 +118,10 @@ async fn two_processes_refreshing_one_tenant_at_once_make_exactly_one_refresh() 
 
 #[tokio::test]
 async fn two_sync_commands_at_once_send_the_code_once() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "acme.toml",
-        &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code())),
-    );
-    let config = dir.path().to_str().unwrap();
-    let args = ["sync", "--config", config];
+    let world = World::amocrm().await;
+    let amo = world.amo();
+    world.write(&world.file_with_code());
+    let args = ["sync", "--config", world.config()];
     let (a, b) = tokio::join!(crm_connect(&args, &[]), crm_connect(&args, &[]));
     assert_eq!((a.code, b.code), (0, 0), "{a:?}\n{b:?}");
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
@@ -167,13 +129,11 @@ async fn two_sync_commands_at_once_send_the_code_once() {
 
 #[tokio::test]
 async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    let tenant = tenant("acme", &text);
+    let world = World::amocrm().await;
+    let (amo, db, ctx) = (world.amo(), &world.db, &world.ctx);
+    let tenant = world.tenant(&world.file_with_code());
     let amo_config = tenant.amocrm.clone().unwrap();
-    let ctx = fast_context();
-    apply_tenant(&ctx, &tenant).await.unwrap();
+    apply_tenant(ctx, &tenant).await.unwrap();
     let admin = connect(&crate::support::postgres::admin_url().await).await;
     let client = connect(&db.url).await;
     client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
@@ -185,12 +145,8 @@ async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back(
     let refresh = {
         let (ctx, amo_config, tenant_db) = (ctx.clone(), amo_config.clone(), tenant_db.clone());
         tokio::spawn(async move {
-            ctx.tokens()
-                .refresh_if_due(
-                    Owner { slug: "acme", db: &tenant_db, amo: &amo_config, margin: Duration::from_secs(3600) },
-                    None,
-                )
-                .await
+            let owner = Owner { slug: "acme", db: &tenant_db, amo: &amo_config, margin: Duration::from_secs(3600) };
+            ctx.tokens().refresh_if_due(owner, None).await
         })
     };
     // The refresh holds the row lock while the CRM answers: its session sits
@@ -220,13 +176,8 @@ async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back(
     assert!(amo.is_access_token_valid(new.access.expose()));
 
     // No second refresh while the pair waits: the next attempt only tries to store it.
-    let again = ctx
-        .tokens()
-        .refresh_if_due(
-            Owner { slug: "acme", db: &tenant_db, amo: &amo_config, margin: Duration::from_secs(3600) },
-            None,
-        )
-        .await;
+    let owner = Owner { slug: "acme", db: &tenant_db, amo: &amo_config, margin: Duration::from_secs(3600) };
+    let again = ctx.tokens().refresh_if_due(owner, None).await;
     assert!(again.is_err(), "the database is still down");
     assert_eq!(amo.token_stats().refreshed, 1);
 
@@ -240,12 +191,12 @@ async fn a_refreshed_pair_whose_write_fails_is_stored_once_the_database_is_back(
 
 #[tokio::test]
 async fn storms_of_429_and_5xx_end_in_completed_syncs_without_a_rate_limit_violation() {
-    let amo = sandbox().await;
-    let ctx = fast_context();
+    let world = World::amocrm().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
     let mut tenants = Vec::new();
     for i in 0..6 {
         let db = fresh_database().await;
-        let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
+        let text = world.file_with_code().database_url(&db.url).text();
         tenants.push(tenant(&format!("t{i}"), &text));
     }
     amo.faults().inject("/api/v4/leads/pipelines", Fault::server_error(), 4);
@@ -267,44 +218,36 @@ async fn storms_of_429_and_5xx_end_in_completed_syncs_without_a_rate_limit_viola
 
 #[tokio::test]
 async fn an_unknown_stage_reference_keeps_the_flags_and_names_the_closest_stage() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let code = format!("authorization_code = \"{}\"\n", amo.issue_code());
-    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, &format!("{code}{QUALIFIED_BY_NAME}")));
-    let config = dir.path().to_str().unwrap();
+    let world = World::amocrm().await;
+    let config = world.config();
+    let with_code = world.file_with_code();
+    world.write(&with_code.clone().amocrm_stages("qualified", [qualified_by_name()]));
     assert_eq!(crm_connect(&["sync", "--config", config], &[]).await.code, 0);
-    let client = connect(&db.url).await;
-    let before = stages(&client).await;
+    let client = world.client().await;
+    let before = AmoStageRow::all(&client).await;
 
-    let typo =
-        "[amocrm.stages]\nqualified = [{ pipeline = \"Продажи\", stage = \"Квалифицированный\" }]\nsuccess = [142]\n";
-    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, &format!("{code}{typo}")));
+    let typo = with_code
+        .amocrm_stages("qualified", [Stage::in_pipeline("Продажи", "Квалифицированный")])
+        .amocrm_stages("success", [Stage::Id(142)]);
+    world.write(&typo);
     let run = crm_connect(&["sync", "--config", config], &[]).await;
 
     assert_eq!(run.code, 1, "{run:?}");
-    assert_eq!(stages(&client).await, before, "flags must stay as they were");
-    let (state, error) = status(&client).await;
+    assert_eq!(AmoStageRow::all(&client).await, before, "flags must stay as they were");
+    let StatusRow { state, last_error } = status(&client).await;
     assert_eq!(state, "error");
-    let error = error.unwrap();
+    let error = last_error.unwrap();
     assert!(error.contains("\"Продажи\" / \"Квалифицированный\" matches no stage"), "{error}");
     assert!(error.contains("closest: \"Продажи\" / \"Квалифицирован\""), "{error}");
-    let events: i64 = client
-        .query_one("SELECT count(*) FROM crm_connect_events WHERE kind = 'mapping_error'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(events, 1);
+    assert_eq!(EventRow::count(&client, "mapping_error").await, 1);
     assert!(run.stdout.contains("matches no stage"), "{}", run.stdout);
 }
 
 #[tokio::test]
 async fn a_rejected_code_is_recorded_and_never_sent_again() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, "authorization_code = \"never-issued\""));
-    let config = dir.path().to_str().unwrap();
+    let world = World::amocrm().await;
+    let (amo, config) = (world.amo(), world.config());
+    world.write(&world.file().authorization_code("never-issued"));
     let first = crm_connect(&["sync", "--config", config], &[]).await;
     assert_eq!(first.code, 1, "{first:?}");
     let rejected = "acme: amocrm needs_authorization: the authorization code was rejected";
@@ -313,21 +256,18 @@ async fn a_rejected_code_is_recorded_and_never_sent_again() {
     assert_eq!(second.code, 1, "{second:?}");
     assert!(second.stdout.contains("was already sent once"), "{}", second.stdout);
     assert_eq!(amo.token_stats(), TokenStats { exchange_rejected: 1, ..TokenStats::default() });
-    let client = connect(&db.url).await;
-    assert_eq!(status(&client).await.0, "needs_authorization");
+    assert_eq!(status(&world.client().await).await.state, "needs_authorization");
 }
 
 #[tokio::test]
 async fn an_access_token_refused_by_the_api_is_refreshed_once_and_the_call_retried() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    let tenant = tenant("acme", &text);
-    let ctx = fast_context();
-    apply_tenant(&ctx, &tenant).await.unwrap();
+    let world = World::amocrm().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
+    let tenant = world.tenant(&world.file_with_code());
+    apply_tenant(ctx, &tenant).await.unwrap();
     // The CRM's clock passes the access token's expiry; ours does not know.
     amo.advance_clock(Duration::from_secs(2 * 86_400));
-    let applied = apply_tenant(&ctx, &tenant).await.unwrap();
+    let applied = apply_tenant(ctx, &tenant).await.unwrap();
     assert!(!applied.failed(), "{:?}", applied.crms);
     assert_eq!(amo.token_stats().refreshed, 1);
     let unauthorized = amo.requests().iter().filter(|r| r.status == 401).count();
@@ -336,60 +276,49 @@ async fn an_access_token_refused_by_the_api_is_refreshed_once_and_the_call_retri
 
 #[tokio::test]
 async fn a_rejected_refresh_leaves_needs_authorization_and_keeps_the_tokens() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    let tenant = tenant("acme", &text);
-    let ctx = fast_context();
-    apply_tenant(&ctx, &tenant).await.unwrap();
-    let client = connect(&db.url).await;
+    let world = World::amocrm().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
+    let tenant = world.tenant(&world.file_with_code());
+    apply_tenant(ctx, &tenant).await.unwrap();
+    let client = world.client().await;
     let before = stored_access_token(&client).await;
     amo.revoke_all_tokens();
     client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
 
-    let applied = apply_tenant(&ctx, &tenant).await.unwrap();
+    let applied = apply_tenant(ctx, &tenant).await.unwrap();
     assert!(applied.failed());
-    assert_eq!(status(&client).await.0, "needs_authorization");
+    assert_eq!(status(&client).await.state, "needs_authorization");
     assert_eq!(stored_access_token(&client).await, before, "stored tokens are never dropped");
     // No further attempts until a new code or token arrives.
-    apply_tenant(&ctx, &tenant).await.unwrap();
+    apply_tenant(ctx, &tenant).await.unwrap();
     assert_eq!(amo.token_stats().refresh_rejected, 1);
 }
 
 #[tokio::test]
 async fn a_long_lived_token_is_stored_with_the_expiry_of_its_jwt() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
+    let world = World::amocrm().await;
+    let amo = world.amo();
     let token = amo.issue_long_lived_token(Duration::from_secs(365 * 86_400));
-    let c = amo.config();
-    let text = format!(
-        "[tenant]\ndatabase_url = \"{}\"\n[amocrm]\nsubdomain = \"{}\"\nbase_url = \"{}\"\nlong_lived_token = \"{token}\"\n",
-        db.url,
-        c.subdomain,
-        amo.base_url()
-    );
-    let applied = apply_tenant(&fast_context(), &tenant("acme", &text)).await.unwrap();
+    // No client at all: a private integration has none.
+    let file = ["client_id", "client_secret", "redirect_uri"]
+        .into_iter()
+        .fold(world.file(), |file, key| file.without_amocrm_key(key))
+        .long_lived_token(&token);
+    let applied = apply_tenant(&world.ctx, &world.tenant(&file)).await.unwrap();
     assert!(!applied.failed(), "{:?}", applied.crms);
-    let client = connect(&db.url).await;
-    let row = client
-        .query_one("SELECT amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at FROM config", &[])
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), token);
-    assert_eq!(row.get::<_, Option<String>>(1), None);
-    let expires: chrono::DateTime<Utc> = row.get(2);
-    assert_eq!(Some(expires), crm_connect::model::jwt_expiry(&token));
+    let stored = TokensRow::read(&world.client().await).await;
+    assert_eq!(stored.access.as_deref(), Some(token.as_str()));
+    assert_eq!(stored.refresh, None);
+    assert_eq!(stored.expires_at, crm_connect::model::jwt_expiry(&token));
     assert_eq!(amo.token_stats(), TokenStats::default(), "no token request for a long-lived token");
 }
 
 #[tokio::test]
 async fn authorize_test_lead_status_and_stages_work_from_the_command_line() {
-    let amo = sandbox().await;
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
+    let world = World::amocrm().await;
+    let (amo, db, config) = (world.amo(), &world.db, world.config());
     let pipeline = AmoSandbox::default_pipelines()[1].id;
-    write(dir.path(), "acme.toml", &amocrm_tenant(&db.url, &amo, &format!("test_pipeline_id = {pipeline}")));
-    let config = dir.path().to_str().unwrap();
+    world.write(&world.file().amocrm_key("test_pipeline_id", &pipeline.to_string()));
     let code = amo.issue_code();
 
     let authorize = crm_connect(&["authorize", "--config", config, "--tenant", "acme", "--code", &code], &[]).await;
@@ -431,36 +360,32 @@ async fn authorize_test_lead_status_and_stages_work_from_the_command_line() {
 #[tokio::test]
 async fn vanished_stages_get_removed_at_and_lose_it_when_they_return_across_pages() {
     let config = AmoSandboxConfig { pipelines_page_size: Some(1), ..AmoSandboxConfig::default() };
-    let amo = AmoSandbox::start(config).await.unwrap();
-    let db = fresh_database().await;
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    let tenant = tenant("acme", &text);
-    let ctx = fast_context();
-    apply_tenant(&ctx, &tenant).await.unwrap();
-    let client = connect(&db.url).await;
-    assert_eq!(stages(&client).await.len(), 12, "both pages were read");
+    let world = World::amocrm_with(config).await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
+    let tenant = world.tenant(&world.file_with_code());
+    apply_tenant(ctx, &tenant).await.unwrap();
+    let client = world.client().await;
+    assert_eq!(AmoStageRow::all(&client).await.len(), 12, "both pages were read");
 
     let mut pipelines = AmoSandbox::default_pipelines();
     let sales = pipelines.remove(1);
     pipelines[0].statuses[0].name = "Первый контакт 🤝 «новый»".into();
     amo.set_pipelines(pipelines);
-    apply_tenant(&ctx, &tenant).await.unwrap();
-    let now = stages(&client).await;
-    assert_eq!(now.iter().filter(|s| s.6).count(), 6, "the sales pipeline's rows are marked removed, not deleted");
-    assert!(now.iter().filter(|s| s.0 == "Продажи").all(|s| s.6));
-    assert!(now.iter().any(|s| s.2 == "Первый контакт 🤝 «новый»" && !s.6), "renamed byte-exact");
+    apply_tenant(ctx, &tenant).await.unwrap();
+    let now = AmoStageRow::all(&client).await;
+    assert_eq!(
+        now.iter().filter(|s| s.removed).count(),
+        6,
+        "the sales pipeline's rows are marked removed, not deleted"
+    );
+    assert!(now.iter().filter(|s| s.pipeline == "Продажи").all(|s| s.removed));
+    assert!(now.iter().any(|s| s.name == "Первый контакт 🤝 «новый»" && !s.removed), "renamed byte-exact");
 
     let mut pipelines = AmoSandbox::default_pipelines();
     pipelines[1] = sales;
     amo.set_pipelines(pipelines);
-    apply_tenant(&ctx, &tenant).await.unwrap();
-    assert_eq!(stages(&client).await.iter().filter(|s| s.6).count(), 0, "returning stages lose removed_at");
-    let kinds: Vec<String> = client
-        .query("SELECT kind FROM crm_connect_events WHERE kind = 'stages_changed' ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(kinds.len(), 3);
+    apply_tenant(ctx, &tenant).await.unwrap();
+    let removed = AmoStageRow::all(&client).await.iter().filter(|s| s.removed).count();
+    assert_eq!(removed, 0, "returning stages lose removed_at");
+    assert_eq!(EventRow::count(&client, "stages_changed").await, 3);
 }

@@ -6,12 +6,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::amocrm::AmoSandboxConfig;
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::files::replace_file;
+use crm_connect_sandbox::tenant_file::{Stage, TenantFile};
 use tokio_postgres::Client;
 
+use crate::faults::refreshes;
 use crate::support::daemon::{Running, eventually};
-use crate::support::{amocrm_tenant, connect, postgres::fresh_database, write};
+use crate::support::rows::{StatusRow, TokensRow, xmins};
+use crate::support::world::World;
+use crate::support::{connect, postgres::fresh_database, write};
 
 async fn qualified(client: &Client) -> Vec<String> {
     client
@@ -21,45 +26,30 @@ async fn qualified(client: &Client) -> Vec<String> {
         .unwrap_or_default()
 }
 
+fn b24_file(db_url: &str, portal: &B24Sandbox, qualified: &str) -> TenantFile {
+    TenantFile::new().database_url(db_url).bitrix24(portal).bitrix24_stages("qualified", [Stage::status(qualified)])
+}
+
 /// Replaces a file the way editors and `git checkout` do: write aside, rename over.
-fn rewrite(dir: &Path, name: &str, text: &str) {
-    let aside = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&aside, text).unwrap();
-    std::fs::rename(&aside, dir.join(name)).unwrap();
+fn rewrite(dir: &Path, name: &str, text: impl std::fmt::Display) {
+    replace_file(&dir.join(name), &text.to_string()).unwrap();
 }
 
-fn b24_file(db_url: &str, portal: &B24Sandbox, qualified: &str) -> String {
-    format!(
-        "[tenant]\ndatabase_url = \"{db_url}\"\n[bitrix24]\nwebhook_url = \"{}\"\n[bitrix24.stages]\nqualified = [\"{qualified}\"]\n",
-        portal.webhook_url()
-    )
-}
-
-async fn state(client: &Client, crm: &str) -> Option<String> {
-    client
-        .query_opt("SELECT state FROM crm_connect_status WHERE crm = $1", &[&crm])
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.get(0))
+/// An AmoCRM tenant whose 20 s tokens are refreshed 15 s before expiry.
+async fn refreshed_every_5_seconds() -> World {
+    let world =
+        World::amocrm_with(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
+            .await;
+    world.write(&world.file_with_code().schedule("token_refresh_margin", "15s"));
+    world
 }
 
 #[tokio::test]
 async fn tokens_are_refreshed_a_margin_before_expiry_again_and_again() {
-    let amo =
-        AmoSandbox::start(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
-            .await
-            .unwrap();
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()))
-        .replace("[amocrm]", "[schedule]\ntoken_refresh_margin = \"15s\"\n\n[amocrm]");
-    write(dir.path(), "acme.toml", &text);
-    let daemon = Running::start(dir.path()).await;
+    let world = refreshed_every_5_seconds().await;
+    let (amo, dir) = (world.amo(), world.dir());
+    let daemon = Running::start(dir).await;
 
-    let refreshes = |r: &[crm_connect_sandbox::faults::RecordedRequest]| {
-        r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
-    };
     assert!(amo.wait_for_requests(|r| refreshes(r) >= 2, Duration::from_secs(30)).await, "refreshes keep coming");
     let log = amo.requests();
     let exchange =
@@ -71,28 +61,17 @@ async fn tokens_are_refreshed_a_margin_before_expiry_again_and_again() {
         "first refresh {after:?} after the exchange"
     );
     assert_eq!(amo.token_stats().refresh_rejected, 0);
-    let client = connect(&db.url).await;
-    let stored: String = client.query_one("SELECT amocrm_access_token FROM config", &[]).await.unwrap().get(0);
-    assert!(amo.is_access_token_valid(&stored));
+    let stored = TokensRow::read(&world.client().await).await.access;
+    assert!(amo.is_access_token_valid(&stored.unwrap()));
     assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
 }
 
 #[tokio::test]
 async fn two_daemons_on_one_tenant_neither_double_nor_break_refreshes() {
-    let amo =
-        AmoSandbox::start(AmoSandboxConfig { expires_in: Duration::from_secs(20), ..AmoSandboxConfig::default() })
-            .await
-            .unwrap();
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()))
-        .replace("[amocrm]", "[schedule]\ntoken_refresh_margin = \"15s\"\n\n[amocrm]");
-    write(dir.path(), "acme.toml", &text);
-    let (a, b) = tokio::join!(Running::start(dir.path()), Running::start(dir.path()));
+    let world = refreshed_every_5_seconds().await;
+    let (amo, dir) = (world.amo(), world.dir());
+    let (a, b) = tokio::join!(Running::start(dir), Running::start(dir));
     let started = Instant::now();
-    let refreshes = |r: &[crm_connect_sandbox::faults::RecordedRequest]| {
-        r.iter().filter(|r| r.form_or_json_field("grant_type").as_deref() == Some("refresh_token")).count()
-    };
     assert!(amo.wait_for_requests(|r| refreshes(r) >= 3, Duration::from_secs(40)).await);
     let elapsed = started.elapsed();
     let stats = amo.token_stats();
@@ -110,46 +89,34 @@ async fn file_changes_apply_to_their_tenant_only_and_invalid_files_change_nothin
     let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
     let (db_a, db_b) = (fresh_database().await, fresh_database().await);
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "alpha.toml", &b24_file(&db_a.url, &portal, "C1:PREPARATION"));
-    write(dir.path(), "beta.toml", &b24_file(&db_b.url, &portal, "C1:NEW"));
+    write(dir.path(), "alpha.toml", b24_file(&db_a.url, &portal, "C1:PREPARATION"));
+    write(dir.path(), "beta.toml", b24_file(&db_b.url, &portal, "C1:NEW"));
     let daemon = Running::start(dir.path()).await;
     let (a, b) = (connect(&db_a.url).await, connect(&db_b.url).await);
     assert_eq!(qualified(&a).await, ["C1:PREPARATION"]);
 
     // An atomic rewrite moves a flag.
-    rewrite(dir.path(), "alpha.toml", &b24_file(&db_a.url, &portal, "C1:EXECUTING"));
+    rewrite(dir.path(), "alpha.toml", b24_file(&db_a.url, &portal, "C1:EXECUTING"));
     eventually("the flag moved", Duration::from_secs(10), || async { qualified(&a).await == ["C1:EXECUTING"] }).await;
     let beta_requests = portal.requests().len();
 
     // Invalid TOML: the last good configuration stays, nothing is written.
-    let a_xmin: Vec<String> = a
-        .query("SELECT xmin::text FROM bitrix24_pipeline_stages", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let a_xmin = xmins(&a, "bitrix24_pipeline_stages").await;
     rewrite(dir.path(), "alpha.toml", "[bitrix24\nwebhook_url = ");
     // A later valid edit of another tenant proves the daemon went on.
-    rewrite(dir.path(), "beta.toml", &b24_file(&db_b.url, &portal, "C1:WON"));
+    rewrite(dir.path(), "beta.toml", b24_file(&db_b.url, &portal, "C1:WON"));
     eventually("beta's flag moved", Duration::from_secs(10), || async { qualified(&b).await == ["C1:WON"] }).await;
-    let a_xmin_after: Vec<String> = a
-        .query("SELECT xmin::text FROM bitrix24_pipeline_stages", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let a_xmin_after = xmins(&a, "bitrix24_pipeline_stages").await;
     assert_eq!(a_xmin, a_xmin_after, "an invalid file changed its tenant's database");
     assert_eq!(qualified(&a).await, ["C1:EXECUTING"]);
     assert!(portal.requests().len() > beta_requests);
 
     // A new file: migrated and connected.
     let db_c = fresh_database().await;
-    rewrite(dir.path(), "gamma.toml", &b24_file(&db_c.url, &portal, "C1:NEW"));
+    rewrite(dir.path(), "gamma.toml", b24_file(&db_c.url, &portal, "C1:NEW"));
     let c = connect(&db_c.url).await;
     eventually("the new tenant connected", Duration::from_secs(10), || async {
-        state(&c, "bitrix24").await.as_deref() == Some("connected")
+        StatusRow::read(&c, "bitrix24").await.is_some_and(|s| s.state == "connected")
     })
     .await;
 
@@ -157,7 +124,7 @@ async fn file_changes_apply_to_their_tenant_only_and_invalid_files_change_nothin
     let rows_before: i64 = b.query_one("SELECT count(*) FROM bitrix24_pipeline_stages", &[]).await.unwrap().get(0);
     std::fs::remove_file(dir.path().join("beta.toml")).unwrap();
     eventually("beta unmanaged", Duration::from_secs(10), || async {
-        state(&b, "bitrix24").await.as_deref() == Some("unmanaged")
+        StatusRow::read(&b, "bitrix24").await.is_some_and(|s| s.state == "unmanaged")
     })
     .await;
     let rows_after: i64 = b.query_one("SELECT count(*) FROM bitrix24_pipeline_stages", &[]).await.unwrap().get(0);
@@ -179,7 +146,7 @@ async fn a_kubernetes_data_symlink_swap_and_a_recreated_directory_are_picked_up(
     // which links to a timestamped directory; an update swaps `..data`.
     let first = dir.join("..2026_11_26_1");
     std::fs::create_dir(&first).unwrap();
-    write(&first, "acme.toml", &b24_file(&db.url, &portal, "C1:PREPARATION"));
+    write(&first, "acme.toml", b24_file(&db.url, &portal, "C1:PREPARATION"));
     std::os::unix::fs::symlink("..2026_11_26_1", dir.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/acme.toml", dir.join("acme.toml")).unwrap();
     let daemon = Running::start(&dir).await;
@@ -188,7 +155,7 @@ async fn a_kubernetes_data_symlink_swap_and_a_recreated_directory_are_picked_up(
 
     let second = dir.join("..2026_11_26_2");
     std::fs::create_dir(&second).unwrap();
-    write(&second, "acme.toml", &b24_file(&db.url, &portal, "C1:EXECUTING"));
+    write(&second, "acme.toml", b24_file(&db.url, &portal, "C1:EXECUTING"));
     std::os::unix::fs::symlink("..2026_11_26_2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
     eventually("the swap applied", Duration::from_secs(10), || async { qualified(&client).await == ["C1:EXECUTING"] })
@@ -197,7 +164,7 @@ async fn a_kubernetes_data_symlink_swap_and_a_recreated_directory_are_picked_up(
     // The whole directory deleted and recreated (a fresh checkout).
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::create_dir(&dir).unwrap();
-    write(&dir, "acme.toml", &b24_file(&db.url, &portal, "C1:WON"));
+    write(&dir, "acme.toml", b24_file(&db.url, &portal, "C1:WON"));
     eventually("the recreated directory is watched", Duration::from_secs(10), || async {
         qualified(&client).await == ["C1:WON"]
     })
@@ -209,7 +176,7 @@ async fn a_kubernetes_data_symlink_swap_and_a_recreated_directory_are_picked_up(
 async fn the_binary_serves_health_and_metrics_and_stops_on_sigterm_with_exit_0_within_10_seconds() {
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &format!("[tenant]\ndatabase_url = \"{}\"\n", db.url));
+    TenantFile::new().database_url(&db.url).write(dir.path(), "acme").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-connect"))
@@ -253,7 +220,7 @@ async fn with_a_lease_one_daemon_runs_a_tenant_and_a_standby_takes_over_when_it_
     let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &b24_file(&db.url, &portal, "C1:NEW"));
+    write(dir.path(), "acme.toml", b24_file(&db.url, &portal, "C1:NEW"));
     let a = Running::start_with(&["--lease", "3s"], dir.path()).await;
     let b = Running::start_with(&["--lease", "3s"], dir.path()).await;
     let client = connect(&db.url).await;

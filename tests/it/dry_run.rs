@@ -4,31 +4,22 @@
 
 use std::time::Duration;
 
-use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
-use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::amocrm::{AmoSandbox, TokenStats};
+use crm_connect_sandbox::bitrix24::B24Sandbox;
+use crm_connect_sandbox::tenant_file::{Stage, TenantFile};
 use tokio_postgres::Client;
 
-use crate::support::{Run, amocrm_tenant, connect, crm_connect, postgres::fresh_database, write};
+use crate::support::postgres::fresh_database;
+use crate::support::rows::xmins;
+use crate::support::world::World;
+use crate::support::{Run, connect, crm_connect};
 
-const QUALIFIED_IN_SALES: &str =
-    "[amocrm.stages]\nqualified = [{ pipeline = \"Продажи\", stage = \"Квалифицирован\" }]\n";
-const QUALIFIED_IN_FUNNEL: &str = "[amocrm.stages]\nqualified = [{ pipeline = \"Воронка\", stage = \"Переговоры\" }]\n";
+fn qualified_in_sales() -> Stage {
+    Stage::in_pipeline("Продажи", "Квалифицирован")
+}
 
 /// The Bitrix24 methods that only read.
 const B24_READS: &[&str] = &["batch", "scope", "profile", "crm.category.list", "crm.status.list"];
-
-async fn amocrm() -> AmoSandbox {
-    AmoSandbox::start(AmoSandboxConfig::default()).await.expect("the sandbox starts")
-}
-
-async fn bitrix24() -> B24Sandbox {
-    B24Sandbox::start(B24SandboxConfig::default()).await.expect("the sandbox starts")
-}
-
-/// A tenant using both sandboxes; `amo_extra` goes inside `[amocrm]`.
-fn both_crms(database_url: &str, amo: &AmoSandbox, portal: &B24Sandbox, amo_extra: &str) -> String {
-    format!("{}\n[bitrix24]\nwebhook_url = \"{}\"\n", amocrm_tenant(database_url, amo, amo_extra), portal.webhook_url())
-}
 
 async fn dry_run(config: &str) -> Run {
     let run = crm_connect(&["sync", "--dry-run", "--config", config], &[]).await;
@@ -63,16 +54,12 @@ async fn events(client: &Client) -> i64 {
     client.query_one("SELECT count(*) FROM crm_connect_events", &[]).await.unwrap().get(0)
 }
 
-async fn xmins(client: &Client, sql: &str) -> Vec<String> {
-    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
-
 /// The xmin of the config row and of every stage row: they change with any write.
 async fn row_versions(client: &Client) -> (Vec<String>, Vec<String>, Vec<String>) {
     (
-        xmins(client, "SELECT xmin::text FROM config").await,
-        xmins(client, "SELECT xmin::text FROM amocrm_pipeline_stages ORDER BY id").await,
-        xmins(client, "SELECT xmin::text FROM bitrix24_pipeline_stages ORDER BY id").await,
+        xmins(client, "config").await,
+        xmins(client, "amocrm_pipeline_stages").await,
+        xmins(client, "bitrix24_pipeline_stages").await,
     )
 }
 
@@ -83,11 +70,10 @@ fn lines(run: &Run) -> Vec<&str> {
 
 #[tokio::test]
 async fn a_dry_run_on_a_fresh_database_creates_no_table_and_sends_no_code() {
-    let (amo, portal, db) = (amocrm().await, bitrix24().await, fresh_database().await);
-    let dir = tempfile::tempdir().unwrap();
+    let world = World::both().await;
+    let (amo, portal, db, config) = (world.amo(), world.portal(), &world.db, world.config());
     let code = amo.issue_code();
-    write(dir.path(), "acme.toml", &both_crms(&db.url, &amo, &portal, &format!("authorization_code = \"{code}\"")));
-    let config = dir.path().to_str().unwrap();
+    world.write(&world.file().authorization_code(&code));
 
     let run = dry_run(config).await;
 
@@ -121,7 +107,7 @@ async fn a_dry_run_on_a_fresh_database_creates_no_table_and_sends_no_code() {
     assert_eq!(any, 0, "the dry run created tables");
     assert_eq!(amo.token_stats(), TokenStats::default(), "no code exchanged");
     assert!(amo.requests().is_empty(), "{:#?}", amo.requests());
-    let methods = b24_methods(&portal);
+    let methods = b24_methods(portal);
     assert!(!methods.is_empty());
     assert!(methods.iter().all(|m| B24_READS.contains(&m.as_str())), "a method that writes: {methods:?}");
     assert!(!run.output().contains(&code), "the code was printed");
@@ -133,14 +119,13 @@ async fn a_dry_run_on_a_fresh_database_creates_no_table_and_sends_no_code() {
 
 #[tokio::test]
 async fn a_dry_run_after_a_sync_lists_exactly_the_changes_and_writes_no_row() {
-    let (amo, portal, db) = (amocrm().await, bitrix24().await, fresh_database().await);
-    let dir = tempfile::tempdir().unwrap();
-    let code = format!("authorization_code = \"{}\"\n", amo.issue_code());
-    write(dir.path(), "acme.toml", &both_crms(&db.url, &amo, &portal, &format!("{code}{QUALIFIED_IN_SALES}")));
-    let config = dir.path().to_str().unwrap();
+    let world = World::both().await;
+    let (amo, portal, db, config) = (world.amo(), world.portal(), &world.db, world.config());
+    let with_code = world.file_with_code();
+    world.write(&with_code.clone().amocrm_stages("qualified", [qualified_in_sales()]));
     sync(config).await;
 
-    write(dir.path(), "acme.toml", &both_crms(&db.url, &amo, &portal, &format!("{code}{QUALIFIED_IN_FUNNEL}")));
+    world.write(&with_code.amocrm_stages("qualified", [Stage::in_pipeline("Воронка", "Переговоры")]));
     let mut pipelines = AmoSandbox::default_pipelines();
     pipelines.remove(1);
     pipelines[0].statuses[0].name = "Первый контакт".into();
@@ -170,7 +155,7 @@ async fn a_dry_run_after_a_sync_lists_exactly_the_changes_and_writes_no_row() {
     assert_eq!(row_versions(&client).await, versions, "the dry run wrote a row");
     assert_eq!(events(&client).await, events_before, "the dry run recorded an event");
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
-    let methods = b24_methods(&portal);
+    let methods = b24_methods(portal);
     assert!(methods.iter().all(|m| B24_READS.contains(&m.as_str())), "a method that writes: {methods:?}");
     assert!(portal.requests().len() > b24_requests, "the portal was read");
 
@@ -182,17 +167,11 @@ async fn a_dry_run_after_a_sync_lists_exactly_the_changes_and_writes_no_row() {
 
 #[tokio::test]
 async fn a_second_dry_run_after_a_sync_without_changes_says_nothing_would_change() {
-    let (amo, portal, db) = (amocrm().await, bitrix24().await, fresh_database().await);
-    let dir = tempfile::tempdir().unwrap();
-    let code = format!("authorization_code = \"{}\"\n", amo.issue_code());
-    write(dir.path(), "acme.toml", &both_crms(&db.url, &amo, &portal, &format!("{code}{QUALIFIED_IN_SALES}")));
-    let beta = format!(
-        "[tenant]\ndatabase_url = \"{}\"\n\n[bitrix24]\nwebhook_url = \"{}\"\n",
-        fresh_database().await.url,
-        portal.webhook_url()
-    );
-    write(dir.path(), "beta.toml", &beta);
-    let config = dir.path().to_str().unwrap();
+    let world = World::both().await;
+    let (amo, config) = (world.amo(), world.config());
+    world.write(&world.file_with_code().amocrm_stages("qualified", [qualified_in_sales()]));
+    let beta = TenantFile::new().database_url(&fresh_database().await.url).bitrix24(world.portal());
+    world.write_as("beta", &beta);
     sync(config).await;
 
     let first = dry_run(config).await;
@@ -208,20 +187,19 @@ async fn a_second_dry_run_after_a_sync_without_changes_says_nothing_would_change
 
 #[tokio::test]
 async fn a_dry_run_prints_no_secret() {
-    let (amo, portal, db) = (amocrm().await, bitrix24().await, fresh_database().await);
-    let dir = tempfile::tempdir().unwrap();
+    let world = World::both().await;
+    let (amo, portal, db, config) = (world.amo(), world.portal(), &world.db, world.config());
     let code = amo.issue_code();
-    let text = both_crms(&db.url, &amo, &portal, &format!("authorization_code = \"{code}\""));
-    write(dir.path(), "acme.toml", &text);
-    let config = dir.path().to_str().unwrap();
+    let file = world.file().authorization_code(&code);
+    world.write(&file);
     let fresh = dry_run(config).await;
     sync(config).await;
 
     // A new client secret and webhook code: the columns are named, never their values.
     let new_secret = "rotated-client-secret-4d2a";
     let new_code = "rotatedwebhookcode7";
-    let text = text.replace(&amo.config().client_secret, new_secret).replace(&portal.config().code, new_code);
-    write(dir.path(), "acme.toml", &text);
+    let new_webhook = portal.webhook_url().replace(&portal.config().code, new_code);
+    world.write(&file.amocrm_string("client_secret", new_secret).webhook_url(&new_webhook));
     let changed = dry_run(config).await;
     assert!(
         changed.stdout.contains("acme: config: would update amocrm_client_secret, bitrix24_access_token"),
@@ -244,17 +222,11 @@ async fn a_dry_run_prints_no_secret() {
 
 #[tokio::test]
 async fn a_token_refused_by_the_api_or_expired_is_reported_never_refreshed() {
-    let amo = amocrm().await;
-    let db = fresh_database().await;
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "acme.toml",
-        &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code())),
-    );
-    let config = dir.path().to_str().unwrap();
+    let world = World::amocrm().await;
+    let (amo, config) = (world.amo(), world.config());
+    world.write(&world.file_with_code());
     sync(config).await;
-    let client = connect(&db.url).await;
+    let client = world.client().await;
     // The CRM's clock passes the token's expiry: the API refuses it. By the
     // stored expiry (a day away) a sync would not refresh before calling,
     // so it would refresh after the 401.

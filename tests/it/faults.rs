@@ -9,17 +9,19 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use crm_connect::apply::{Applied, apply_tenant, resync_stages};
-use crm_connect::context::Context;
 use crm_connect::model::CrmState;
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
-use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::bitrix24::B24Sandbox;
 use crm_connect_sandbox::faults::{Fault, RecordedRequest};
 use crm_connect_sandbox::postgres::Cluster;
+use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::{Client, NoTls};
 
 use crate::support::daemon::{Running, eventually};
 use crate::support::postgres::fresh_database;
-use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, tenant, write};
+use crate::support::rows::{StatusRow, TokensRow, snapshot};
+use crate::support::world::World;
+use crate::support::{connect, crm_connect, with_code};
 
 pub(crate) const TOKEN_PATH: &str = "/oauth2/access_token";
 const ACCOUNT_PATH: &str = "/api/v4/account";
@@ -124,15 +126,10 @@ pub(crate) fn refreshed(log: &[RecordedRequest]) -> usize {
     log.iter().filter(|r| is_refresh(r) && r.status == 200).count()
 }
 
-pub(crate) fn with_margin(text: &str, margin: &str) -> String {
-    // The stage resync (which would also store a pair kept in memory) is
-    // kept out of the way: once a year.
-    let schedule = format!("[schedule]\ntoken_refresh_margin = \"{margin}\"\nstage_resync = \"0 0 1 1 *\"\n\n");
-    text.replace("[amocrm]", &format!("{schedule}[amocrm]"))
-}
-
-pub(crate) fn b24_tenant(database_url: &str, portal: &B24Sandbox) -> String {
-    format!("[tenant]\ndatabase_url = \"{database_url}\"\n\n[bitrix24]\nwebhook_url = \"{}\"\n", portal.webhook_url())
+/// The token refreshed `margin` before expiry, and the stage resync (which
+/// would also store a pair kept in memory) kept out of the way: once a year.
+pub(crate) fn with_margin(file: TenantFile, margin: &str) -> TenantFile {
+    file.schedule("token_refresh_margin", margin).schedule("stage_resync", "0 0 1 1 *")
 }
 
 /// The path prefix of one Bitrix24 method of the sandbox's webhook.
@@ -142,26 +139,6 @@ fn b24_method(portal: &B24Sandbox, method: &str) -> String {
 
 fn b24_stage_count() -> usize {
     B24Sandbox::default_categories().iter().map(|c| c.stages.len()).sum()
-}
-
-/// (access, refresh, expires_at) as stored.
-pub(crate) async fn stored_tokens(
-    client: &Client,
-) -> (Option<String>, Option<String>, Option<chrono::DateTime<chrono::Utc>>) {
-    let row = client
-        .query_one("SELECT amocrm_access_token, amocrm_refresh_token, amocrm_token_expires_at FROM config", &[])
-        .await
-        .unwrap();
-    (row.get(0), row.get(1), row.get(2))
-}
-
-pub(crate) async fn state(client: &Client, crm: &str) -> Option<(String, Option<String>)> {
-    client
-        .query_opt("SELECT state, last_error FROM crm_connect_status WHERE crm = $1", &[&crm])
-        .await
-        .ok()
-        .flatten()
-        .map(|r| (r.get(0), r.get(1)))
 }
 
 /// The CRM's last sync succeeded (state `connected`, stages stored) after `since`.
@@ -182,24 +159,7 @@ pub(crate) async fn db_now(client: &Client) -> chrono::DateTime<chrono::Utc> {
 
 pub(crate) async fn state_is(url: &str, crm: &str, expected: &str) -> bool {
     let Some(client) = try_connect(url).await else { return false };
-    state(&client, crm).await.is_some_and(|(state, _)| state == expected)
-}
-
-/// Everything a failed sync must leave as it was: the `config` row (tokens,
-/// webhook, connected_at) and every stage row, by content and by version.
-async fn snapshot(client: &Client) -> Vec<String> {
-    let mut rows: Vec<String> = client
-        .query("SELECT xmin::text || ' ' || to_jsonb(c)::text FROM config c", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for table in ["amocrm_pipeline_stages", "bitrix24_pipeline_stages"] {
-        let sql = format!("SELECT xmin::text || ' ' || to_jsonb(s)::text FROM {table} s ORDER BY id");
-        rows.extend(client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)));
-    }
-    rows
+    StatusRow::read(&client, crm).await.is_some_and(|s| s.state == expected)
 }
 
 async fn stage_rows(client: &Client, table: &str) -> i64 {
@@ -250,40 +210,33 @@ pub(crate) fn succeeded(applied: &Applied) {
 /// An AmoCRM tenant applied once (code exchanged, stages stored), in
 /// this process.
 pub(crate) struct AmoSetup {
-    pub(crate) amo: AmoSandbox,
+    pub(crate) world: World,
     pub(crate) tenant: crm_connect::config::TenantConfig,
-    pub(crate) ctx: Context,
     pub(crate) client: Client,
 }
 
 pub(crate) async fn amo_connected() -> AmoSetup {
-    let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
-    let db = fresh_database().await;
-    let tenant =
-        tenant("acme", &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code())));
-    let ctx = fast_context();
-    succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
-    let client = connect(&db.url).await;
+    let world = World::amocrm().await;
+    let tenant = world.tenant(&world.file_with_code());
+    succeeded(&apply_tenant(&world.ctx, &tenant).await.unwrap());
+    let client = world.client().await;
     assert_eq!(stage_rows(&client, "amocrm_pipeline_stages").await, AMO_STAGES as i64);
-    AmoSetup { amo, tenant, ctx, client }
+    AmoSetup { world, tenant, client }
 }
 
 struct B24Setup {
-    portal: B24Sandbox,
+    world: World,
     tenant: crm_connect::config::TenantConfig,
-    ctx: Context,
     client: Client,
 }
 
 async fn b24_connected() -> B24Setup {
-    let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
-    let db = fresh_database().await;
-    let tenant = tenant("acme", &b24_tenant(&db.url, &portal));
-    let ctx = fast_context();
-    succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
-    let client = connect(&db.url).await;
+    let world = World::bitrix24().await;
+    let tenant = world.tenant(&world.file());
+    succeeded(&apply_tenant(&world.ctx, &tenant).await.unwrap());
+    let client = world.client().await;
     assert_eq!(stage_rows(&client, "bitrix24_pipeline_stages").await, b24_stage_count() as i64);
-    B24Setup { portal, tenant, ctx, client }
+    B24Setup { world, tenant, client }
 }
 
 // ---------------------------------------------------------------------------
@@ -314,11 +267,7 @@ async fn a_daemon_started_while_postgres_is_down_keeps_running_and_connects_the_
     let url = cluster.create_database("acme").await.unwrap();
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "acme.toml",
-        &amocrm_tenant(&url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code())),
-    );
+    with_code(&url, &amo).write(dir.path(), "acme").unwrap();
     let cluster = stop(cluster).await;
 
     // The first pass fails on the database, before any CRM call: the
@@ -333,7 +282,7 @@ async fn a_daemon_started_while_postgres_is_down_keeps_running_and_connects_the_
     eventually("the tenant is synced", Duration::from_secs(30), || synced_since(&url, "amocrm", epoch)).await;
     let client = connect(&url).await;
     assert_eq!(stage_rows(&client, "amocrm_pipeline_stages").await, AMO_STAGES as i64);
-    let (access, refresh, _) = stored_tokens(&client).await;
+    let TokensRow { access, refresh, .. } = TokensRow::read(&client).await;
     assert!(amo.is_access_token_valid(&access.unwrap()));
     assert!(refresh.is_some());
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
@@ -357,8 +306,7 @@ async fn refreshing() -> Refreshing {
     let config = AmoSandboxConfig { expires_in: Duration::from_secs(12), ..AmoSandboxConfig::default() };
     let amo = AmoSandbox::start(config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let text = amocrm_tenant(&url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    write(dir.path(), "acme.toml", &with_margin(&text, "9s"));
+    with_margin(with_code(&url, &amo), "9s").write(dir.path(), "acme").unwrap();
     let daemon = Running::start(dir.path()).await;
     Refreshing { cluster, url, amo, daemon, _dir: dir }
 }
@@ -385,11 +333,11 @@ async fn refreshes_go_on(amo: &AmoSandbox, url: &str, more: usize) {
     assert_eq!(stats.exchanged, 1);
     let client = connect(url).await;
     eventually("the stored pair is the live one", Duration::from_secs(10), || async {
-        let (access, _, _) = stored_tokens(&client).await;
+        let access = TokensRow::read(&client).await.access;
         access.is_some_and(|a| amo.is_access_token_valid(&a))
     })
     .await;
-    assert_eq!(state(&client, "amocrm").await.unwrap().0, "connected");
+    assert_eq!(StatusRow::of(&client, "amocrm").await.state, "connected");
 }
 
 #[tokio::test]
@@ -400,7 +348,7 @@ async fn refreshes_go_on_after_postgres_was_down_across_a_due_refresh() {
         token_refreshed_events(&client, false).await >= 1
     })
     .await;
-    let (_, _, expires_at) = stored_tokens(&client).await;
+    let expires_at = TokensRow::read(&client).await.expires_at;
     drop(client);
 
     // Down until the next refresh is due, and a little longer: the daemon
@@ -456,23 +404,19 @@ struct Killed {
     url: String,
     dir: tempfile::TempDir,
     client: Client,
-    before: (Option<String>, Option<String>, Option<chrono::DateTime<chrono::Utc>>),
+    before: TokensRow,
 }
 
 async fn kill_mid_refresh(fault: Fault) -> Killed {
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "acme.toml",
-        &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code())),
-    );
+    with_code(&db.url, &amo).write(dir.path(), "acme").unwrap();
     let sync = crm_connect(&["sync", "--config", dir.path().to_str().unwrap()], &[]).await;
     assert_eq!(sync.code, 0, "{sync:?}");
     let client = connect(&db.url).await;
     client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
-    let before = stored_tokens(&client).await;
+    let before = TokensRow::read(&client).await;
 
     amo.faults().inject(TOKEN_PATH, fault, 1);
     let first = Binary::run(dir.path(), dir.path().join("first.log"));
@@ -480,7 +424,7 @@ async fn kill_mid_refresh(fault: Fault) -> Killed {
     let log = first.kill().await;
     // The lock died with the process: its connection is gone, nothing waits.
     eventually("the row lock is free", Duration::from_secs(10), || row_lock_free(&db.url)).await;
-    assert_eq!(stored_tokens(&client).await, before, "the killed process wrote tokens:\n{log}");
+    assert_eq!(TokensRow::read(&client).await, before, "the killed process wrote tokens:\n{log}");
     Killed { amo, url: db.url, dir, client, before }
 }
 
@@ -497,9 +441,9 @@ async fn killed_while_a_delayed_refresh_is_in_flight_the_next_process_refreshes_
     let since = db_now(&client).await;
     let second = Binary::run(dir.path(), dir.path().join("second.log"));
     eventually("the second process synced", Duration::from_secs(20), || synced_since(&url, "amocrm", since)).await;
-    let (access, refresh, _) = stored_tokens(&client).await;
+    let TokensRow { access, refresh, .. } = TokensRow::read(&client).await;
     assert!(amo.is_access_token_valid(&access.unwrap()), "{}", second.log());
-    assert_ne!(refresh, before.1);
+    assert_ne!(refresh, before.refresh);
     assert_eq!(
         amo.token_stats(),
         TokenStats { exchanged: 1, refreshed: 1, ..TokenStats::default() },
@@ -519,20 +463,17 @@ async fn killed_after_the_crm_rotated_the_pair_the_next_process_stops_at_needs_a
     let second = Binary::run(dir.path(), dir.path().join("second.log"));
     eventually("needs_authorization", Duration::from_secs(20), || state_is(&url, "amocrm", "needs_authorization"))
         .await;
-    let (_, error) = state(&client, "amocrm").await.unwrap();
+    let error = StatusRow::of(&client, "amocrm").await.last_error;
     let error = error.unwrap_or_default();
     assert!(error.contains("the refresh token was rejected (HTTP 401)"), "{error}");
-    assert_eq!(stored_tokens(&client).await, before, "the stored tokens must stay (never deleted)");
+    assert_eq!(TokensRow::read(&client).await, before, "the stored tokens must stay (never deleted)");
     assert_eq!(amo.token_stats().refresh_rejected, 1, "{}", second.log());
 
     // A new code recovers the tenant without a restart.
-    let text = amocrm_tenant(&url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    let aside = dir.path().join(".acme.toml.tmp");
-    std::fs::write(&aside, text).unwrap();
     let since = db_now(&client).await;
-    std::fs::rename(&aside, dir.path().join("acme.toml")).unwrap();
+    with_code(&url, &amo).replace(dir.path(), "acme").unwrap();
     eventually("connected again", Duration::from_secs(20), || synced_since(&url, "amocrm", since)).await;
-    let (access, _, _) = stored_tokens(&client).await;
+    let access = TokensRow::read(&client).await.access;
     assert!(amo.is_access_token_valid(&access.unwrap()));
     let stats = amo.token_stats();
     assert_eq!((stats.exchanged, stats.refresh_rejected), (2, 1), "{}", second.log());
@@ -544,11 +485,9 @@ async fn killed_after_the_crm_rotated_the_pair_the_next_process_stops_at_needs_a
 
 #[tokio::test]
 async fn dropped_connections_and_late_answers_on_every_amocrm_endpoint_end_in_a_complete_sync() {
-    let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
-    let db = fresh_database().await;
-    let tenant =
-        tenant("acme", &amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code())));
-    let ctx = fast_context();
+    let world = World::amocrm().await;
+    let (amo, db, ctx) = (world.amo(), &world.db, &world.ctx);
+    let tenant = world.tenant(&world.file_with_code());
     let spoil = || {
         for path in [TOKEN_PATH, ACCOUNT_PATH, PIPELINES_PATH] {
             amo.faults().inject(path, Fault::DropConnection, 1);
@@ -558,14 +497,14 @@ async fn dropped_connections_and_late_answers_on_every_amocrm_endpoint_end_in_a_
 
     // The code exchange, the account check, the pipelines.
     spoil();
-    succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
+    succeeded(&apply_tenant(ctx, &tenant).await.unwrap());
     let client = connect(&db.url).await;
     client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
     // The refresh, the account check, the pipelines; then a resync.
     spoil();
-    succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
+    succeeded(&apply_tenant(ctx, &tenant).await.unwrap());
     amo.faults().inject(PIPELINES_PATH, Fault::DropConnection, 1);
-    succeeded(&resync_stages(&ctx, &tenant).await.unwrap());
+    succeeded(&resync_stages(ctx, &tenant).await.unwrap());
 
     let log = amo.requests();
     for path in [TOKEN_PATH, ACCOUNT_PATH, PIPELINES_PATH] {
@@ -573,32 +512,31 @@ async fn dropped_connections_and_late_answers_on_every_amocrm_endpoint_end_in_a_
         assert!(dropped >= 2, "{path}: {dropped} dropped");
     }
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, refreshed: 1, ..TokenStats::default() });
-    let (access, _, _) = stored_tokens(&client).await;
+    let access = TokensRow::read(&client).await.access;
     assert!(amo.is_access_token_valid(&access.unwrap()));
     assert_eq!(stage_rows(&client, "amocrm_pipeline_stages").await, AMO_STAGES as i64);
-    assert_eq!(state(&client, "amocrm").await.unwrap().0, "connected");
+    assert_eq!(StatusRow::of(&client, "amocrm").await.state, "connected");
     assert_eq!(amo.violations(), 0);
 }
 
 #[tokio::test]
 async fn dropped_connections_and_late_answers_on_every_bitrix24_endpoint_end_in_a_complete_sync() {
-    let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
-    let db = fresh_database().await;
-    let tenant = tenant("acme", &b24_tenant(&db.url, &portal));
-    let ctx = fast_context();
-    let (batch, categories) = (b24_method(&portal, "batch"), b24_method(&portal, "crm.category.list"));
+    let world = World::bitrix24().await;
+    let (portal, db, ctx) = (world.portal(), &world.db, &world.ctx);
+    let tenant = world.tenant(&world.file());
+    let (batch, categories) = (b24_method(portal, "batch"), b24_method(portal, "crm.category.list"));
     // Both batches of a full sync (webhook check + categories, then stages).
     for _ in 0..2 {
         portal.faults().inject(&batch, Fault::DropConnection, 1);
         portal.faults().inject(&batch, Fault::Delay(Duration::from_millis(300)), 1);
     }
-    succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
+    succeeded(&apply_tenant(ctx, &tenant).await.unwrap());
     // A resync: the category list, then the stages batch.
     for path in [&categories, &batch] {
         portal.faults().inject(path, Fault::DropConnection, 1);
         portal.faults().inject(path, Fault::Delay(Duration::from_millis(300)), 1);
     }
-    succeeded(&resync_stages(&ctx, &tenant).await.unwrap());
+    succeeded(&resync_stages(ctx, &tenant).await.unwrap());
 
     let log = portal.requests();
     assert_eq!(log.iter().filter(|r| r.path.starts_with(&batch) && r.status == 0).count(), 3);
@@ -608,7 +546,7 @@ async fn dropped_connections_and_late_answers_on_every_bitrix24_endpoint_end_in_
     let connected: bool =
         client.query_one("SELECT bitrix24_connected_at IS NOT NULL FROM config", &[]).await.unwrap().get(0);
     assert!(connected);
-    assert_eq!(state(&client, "bitrix24").await.unwrap().0, "connected");
+    assert_eq!(StatusRow::of(&client, "bitrix24").await.state, "connected");
     assert_eq!(portal.violations(), 0);
 }
 
@@ -618,35 +556,36 @@ async fn answers_that_trickle_in_within_the_timeout_are_read_whole_on_both_crms(
     let amo = amo_connected().await;
     amo.client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
     for path in [TOKEN_PATH, ACCOUNT_PATH, PIPELINES_PATH] {
-        amo.amo.faults().inject(path, drip.clone(), 1);
+        amo.world.amo().faults().inject(path, drip.clone(), 1);
     }
-    succeeded(&apply_tenant(&amo.ctx, &amo.tenant).await.unwrap());
-    assert_eq!(amo.amo.token_stats(), TokenStats { exchanged: 1, refreshed: 1, ..TokenStats::default() });
-    let (access, _, _) = stored_tokens(&amo.client).await;
-    assert!(amo.amo.is_access_token_valid(&access.unwrap()));
+    succeeded(&apply_tenant(&amo.world.ctx, &amo.tenant).await.unwrap());
+    assert_eq!(amo.world.amo().token_stats(), TokenStats { exchanged: 1, refreshed: 1, ..TokenStats::default() });
+    let access = TokensRow::read(&amo.client).await.access;
+    assert!(amo.world.amo().is_access_token_valid(&access.unwrap()));
 
     let b24 = b24_connected().await;
     let before = snapshot(&b24.client).await;
-    b24.portal.faults().inject(&b24_method(&b24.portal, "batch"), drip, 2);
-    succeeded(&apply_tenant(&b24.ctx, &b24.tenant).await.unwrap());
+    b24.world.portal().faults().inject(&b24_method(b24.world.portal(), "batch"), drip, 2);
+    succeeded(&apply_tenant(&b24.world.ctx, &b24.tenant).await.unwrap());
     assert_eq!(snapshot(&b24.client).await, before, "an unchanged sync wrote");
 }
 
 #[tokio::test]
 async fn malformed_or_truncated_amocrm_json_is_a_clear_error_that_changes_nothing_and_the_next_sync_recovers() {
-    let AmoSetup { amo, tenant, ctx, client } = amo_connected().await;
+    let AmoSetup { world, tenant, client } = amo_connected().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
     let not_json = Fault::Status { status: 200, content_type: "application/json", body: "{not json".into() };
     for fault in [Fault::TruncatedBody, not_json] {
         let before = snapshot(&client).await;
         amo.faults().inject(PIPELINES_PATH, fault.clone(), 1);
-        let message = amo_failure(&apply_tenant(&ctx, &tenant).await.unwrap());
+        let message = amo_failure(&apply_tenant(ctx, &tenant).await.unwrap());
         assert!(message.contains("HTTP 200 with a body that is not the expected JSON"), "{fault:?}: {message}");
-        let (state, error) = state(&client, "amocrm").await.unwrap();
+        let StatusRow { state, last_error: error } = StatusRow::of(&client, "amocrm").await;
         assert_eq!((state.as_str(), error.as_deref()), ("error", Some(message.as_str())));
         assert_eq!(snapshot(&client).await, before, "{fault:?} changed stored data");
 
-        succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
-        assert_eq!(self::state(&client, "amocrm").await.unwrap().0, "connected");
+        succeeded(&apply_tenant(ctx, &tenant).await.unwrap());
+        assert_eq!(StatusRow::of(&client, "amocrm").await.state, "connected");
         assert_eq!(snapshot(&client).await, before, "the recovering sync rewrote unchanged data");
     }
     // Not JSON is not worth a retry: one request each.
@@ -656,8 +595,9 @@ async fn malformed_or_truncated_amocrm_json_is_a_clear_error_that_changes_nothin
 
 #[tokio::test]
 async fn malformed_or_truncated_bitrix24_json_is_a_clear_error_that_changes_nothing_and_the_next_sync_recovers() {
-    let B24Setup { portal, tenant, ctx, client } = b24_connected().await;
-    let batch = b24_method(&portal, "batch");
+    let B24Setup { world, tenant, client } = b24_connected().await;
+    let (portal, ctx) = (world.portal(), &world.ctx);
+    let batch = b24_method(portal, "batch");
     let not_json = Fault::Status { status: 200, content_type: "application/json", body: "{not json".into() };
     // The first batch (webhook check, categories), then the second (stages):
     // a zero delay lets the first through unspoilt.
@@ -667,17 +607,17 @@ async fn malformed_or_truncated_bitrix24_json_is_a_clear_error_that_changes_noth
         if let Some(second) = second.clone() {
             portal.faults().inject(&batch, second, 1);
         }
-        let applied = apply_tenant(&ctx, &tenant).await.unwrap();
+        let applied = apply_tenant(ctx, &tenant).await.unwrap();
         let (_, outcome) = &applied.crms[0];
         let failure = outcome.as_ref().expect_err("the sync failed");
         assert_eq!(failure.state(), CrmState::Error);
         assert!(failure.message.starts_with("unexpected response: `batch` answered"), "{}", failure.message);
-        let (state, error) = state(&client, "bitrix24").await.unwrap();
+        let StatusRow { state, last_error: error } = StatusRow::of(&client, "bitrix24").await;
         assert_eq!((state.as_str(), error.as_deref()), ("error", Some(failure.message.as_str())));
         assert_eq!(snapshot(&client).await, before, "{first:?}/{second:?} changed stored data");
 
-        succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
-        assert_eq!(self::state(&client, "bitrix24").await.unwrap().0, "connected");
+        succeeded(&apply_tenant(ctx, &tenant).await.unwrap());
+        assert_eq!(StatusRow::of(&client, "bitrix24").await.state, "connected");
         assert_eq!(snapshot(&client).await, before);
     }
     // Not JSON is not worth a retry: the first sync, then (1 + 2) and (2 + 2).
@@ -687,10 +627,11 @@ async fn malformed_or_truncated_bitrix24_json_is_a_clear_error_that_changes_noth
 
 #[tokio::test]
 async fn a_bitrix24_answer_that_is_not_json_is_reported_as_such() {
-    let B24Setup { portal, tenant, ctx, .. } = b24_connected().await;
+    let B24Setup { world, tenant, .. } = b24_connected().await;
+    let (portal, ctx) = (world.portal(), &world.ctx);
     let not_json = Fault::Status { status: 200, content_type: "application/json", body: "{not json".into() };
-    portal.faults().inject(&b24_method(&portal, "batch"), not_json, 1);
-    let applied = apply_tenant(&ctx, &tenant).await.unwrap();
+    portal.faults().inject(&b24_method(portal, "batch"), not_json, 1);
+    let applied = apply_tenant(ctx, &tenant).await.unwrap();
     let failure = applied.crms[0].1.as_ref().expect_err("the sync failed");
     assert!(failure.message.contains("JSON"), "{}", failure.message);
     assert!(!failure.message.contains("without a `result`"), "{}", failure.message);
@@ -701,7 +642,8 @@ async fn a_10_mb_answer_is_refused_at_the_body_limit_and_changes_nothing_on_both
     const TEN_MB: usize = 10_000_000;
     let expected = format!("response larger than {BODY_LIMIT} bytes");
 
-    let AmoSetup { amo, tenant, ctx, client, .. } = amo_connected().await;
+    let AmoSetup { world, tenant, client } = amo_connected().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
     // Chunked (the client counts while it reads), then with a Content-Length
     // (the client refuses before reading).
     let declared = Fault::Status { status: 200, content_type: "application/json", body: "x".repeat(TEN_MB) };
@@ -709,32 +651,34 @@ async fn a_10_mb_answer_is_refused_at_the_body_limit_and_changes_nothing_on_both
         let before = snapshot(&client).await;
         amo.faults().inject(PIPELINES_PATH, fault, 1);
         let sent = amo.requests().iter().filter(|r| r.path == PIPELINES_PATH).count();
-        let message = amo_failure(&apply_tenant(&ctx, &tenant).await.unwrap());
+        let message = amo_failure(&apply_tenant(ctx, &tenant).await.unwrap());
         assert!(message.contains(&expected), "{message}");
         let attempts = amo.requests().iter().filter(|r| r.path == PIPELINES_PATH).count() - sent;
         assert_eq!(attempts, 1, "a body too large is not worth a retry");
-        assert_eq!(state(&client, "amocrm").await.unwrap().0, "error");
+        assert_eq!(StatusRow::of(&client, "amocrm").await.state, "error");
         assert_eq!(snapshot(&client).await, before);
-        succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
+        succeeded(&apply_tenant(ctx, &tenant).await.unwrap());
         assert_eq!(snapshot(&client).await, before);
     }
 
-    let B24Setup { portal, tenant, ctx, client } = b24_connected().await;
+    let B24Setup { world, tenant, client } = b24_connected().await;
+    let (portal, ctx) = (world.portal(), &world.ctx);
     let before = snapshot(&client).await;
-    portal.faults().inject(&b24_method(&portal, "batch"), Fault::HugeBody(TEN_MB), 1);
-    let applied = apply_tenant(&ctx, &tenant).await.unwrap();
+    portal.faults().inject(&b24_method(portal, "batch"), Fault::HugeBody(TEN_MB), 1);
+    let applied = apply_tenant(ctx, &tenant).await.unwrap();
     let failure = applied.crms[0].1.as_ref().expect_err("the sync failed");
     assert!(failure.message.contains(&expected), "{}", failure.message);
-    assert_eq!(state(&client, "bitrix24").await.unwrap().0, "error");
+    assert_eq!(StatusRow::of(&client, "bitrix24").await.state, "error");
     assert_eq!(snapshot(&client).await, before);
-    succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
+    succeeded(&apply_tenant(ctx, &tenant).await.unwrap());
     assert_eq!(snapshot(&client).await, before);
 }
 
 #[tokio::test]
 async fn an_answer_that_trickles_past_the_request_timeout_is_given_up_retried_and_at_worst_changes_nothing() {
-    let AmoSetup { amo, tenant, ctx, client, .. } = amo_connected().await;
-    let mut ctx = ctx.with_request_timeout(Duration::from_secs(1));
+    let AmoSetup { world, tenant, client } = amo_connected().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
+    let mut ctx = ctx.clone().with_request_timeout(Duration::from_secs(1));
     ctx.retry.deadline = Duration::from_secs(3);
     // About 3 KB at 8 bytes every 50 ms would take 20 s.
     let drip = Fault::SlowDrip { chunk_every: Duration::from_millis(50) };
@@ -759,10 +703,10 @@ async fn an_answer_that_trickles_past_the_request_timeout_is_given_up_retried_an
     assert!(message.contains("network error: timed out"), "{message}");
     assert!((Duration::from_secs(2)..Duration::from_secs(8)).contains(&took), "gave up after {took:?}");
     assert!(attempts() >= sent + 2, "retried within the deadline");
-    assert_eq!(state(&client, "amocrm").await.unwrap().0, "error");
+    assert_eq!(StatusRow::of(&client, "amocrm").await.state, "error");
     assert_eq!(snapshot(&client).await, before);
     succeeded(&apply_tenant(&ctx, &tenant).await.unwrap());
-    assert_eq!(state(&client, "amocrm").await.unwrap().0, "connected");
+    assert_eq!(StatusRow::of(&client, "amocrm").await.state, "connected");
     assert_eq!(snapshot(&client).await, before);
 }
 

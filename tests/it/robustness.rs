@@ -3,35 +3,31 @@
 //! tenant files renamed with their slug kept, a `--listen` address in use,
 //! and read-only commands on databases never migrated.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crm_connect::apply::{apply_tenant, resync_stages};
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::files::toml_string;
+use crm_connect_sandbox::tenant_file::TenantFile;
 
-use crate::faults::{AmoSetup, Binary, amo_connected, b24_tenant, state, succeeded};
+use crate::faults::{AmoSetup, Binary, amo_connected, succeeded};
 use crate::support::daemon::{Running, eventually};
 use crate::support::postgres::fresh_database;
-use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, tenant, write};
-
-/// Replaces a file the way editors and `git checkout` do: write aside, rename over.
-fn rewrite(dir: &Path, name: &str, text: &str) {
-    let aside = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&aside, text).unwrap();
-    std::fs::rename(&aside, dir.join(name)).unwrap();
-}
+use crate::support::rows::StatusRow;
+use crate::support::{connect, crm_connect, fast_context, tenant, write};
 
 #[tokio::test]
 async fn an_infinite_token_expiry_written_by_another_program_is_read_as_the_far_future() {
-    let AmoSetup { amo, tenant, ctx, client } = amo_connected().await;
+    let AmoSetup { world, tenant, client } = amo_connected().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
     client.execute("UPDATE config SET amocrm_token_expires_at = 'infinity'", &[]).await.unwrap();
-    let applied = resync_stages(&ctx, &tenant).await.unwrap();
+    let applied = resync_stages(ctx, &tenant).await.unwrap();
     succeeded(&applied);
     assert_eq!(amo.token_stats().refreshed, 0, "an expiry in the far future is not due");
     client.execute("UPDATE config SET amocrm_token_expires_at = '-infinity'", &[]).await.unwrap();
-    succeeded(&resync_stages(&ctx, &tenant).await.unwrap());
+    succeeded(&resync_stages(ctx, &tenant).await.unwrap());
     assert_eq!(amo.token_stats().refreshed, 1, "an expiry in the far past is due");
     let status =
         crm_connect(&["status", "--config", tenant.file.parent().unwrap().to_str().unwrap(), "--tenant", "acme"], &[])
@@ -53,7 +49,7 @@ async fn a_config_column_of_another_type_is_an_error_naming_it_and_nothing_panic
         .await
         .unwrap();
     let ctx = fast_context();
-    let tenant = tenant("acme", &b24_tenant(&db.url, &portal));
+    let tenant = tenant("acme", &TenantFile::new().database_url(&db.url).bitrix24(&portal));
     let error = apply_tenant(&ctx, &tenant).await.expect_err("the column cannot be read").to_string();
     assert!(error.contains("config.bitrix24_user_id"), "{error}");
     // The portal was read (before the database, so that the tenant's
@@ -64,7 +60,7 @@ async fn a_config_column_of_another_type_is_an_error_naming_it_and_nothing_panic
 
     // The daemon marks the tenant failed and keeps going: its first pass ends.
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &b24_tenant(&db.url, &portal));
+    TenantFile::new().database_url(&db.url).bitrix24(&portal).write(dir.path(), "acme").unwrap();
     let daemon = Running::start(dir.path()).await;
     assert!(daemon.is_running());
     assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
@@ -82,8 +78,8 @@ async fn a_fifo_or_an_oversized_secret_file_is_a_validation_error_not_a_hang() {
              client_secret = {{ file = \"{file}\" }}\nredirect_uri = \"https://example.com/oauth\"\n"
         )
     };
-    write(dir.path(), "fifo.toml", &tenant_with("secret.fifo"));
-    write(dir.path(), "big.toml", &tenant_with("secret.big"));
+    write(dir.path(), "fifo.toml", tenant_with("secret.fifo"));
+    write(dir.path(), "big.toml", tenant_with("secret.big"));
     let config = dir.path().to_str().unwrap().to_string();
     let validate = tokio::time::timeout(Duration::from_secs(20), crm_connect(&["validate", "--config", &config], &[]))
         .await
@@ -99,13 +95,11 @@ async fn a_file_invalid_only_for_a_missing_secret_applies_once_the_secret_appear
     let dir = tempfile::tempdir().unwrap();
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let with_secret_file = |name: &str| {
-        amocrm_tenant(&db.url, &amo, "").replace(
-            &format!("client_secret = \"{}\"", amo.config().client_secret),
-            &format!("client_secret = {{ file = \"{name}\" }}"),
-        )
+        let secret_file = format!("{{ file = {} }}", toml_string(name));
+        TenantFile::new().database_url(&db.url).amocrm(&amo).amocrm_key("client_secret", &secret_file)
     };
     write(dir.path(), "first.secret", "first-secret\n");
-    write(dir.path(), "acme.toml", &with_secret_file("first.secret"));
+    write(dir.path(), "acme.toml", with_secret_file("first.secret"));
     let daemon = Binary::run(dir.path(), dir.path().join("daemon.log"));
     let client = connect(&db.url).await;
     let stored_secret = || async {
@@ -122,7 +116,7 @@ async fn a_file_invalid_only_for_a_missing_secret_applies_once_the_secret_appear
 
     // The file now names a secret that is not there yet (a Kubernetes
     // Secret landing after its ConfigMap): invalid, the last good one stays.
-    rewrite(dir.path(), "acme.toml", &with_secret_file("second.secret"));
+    with_secret_file("second.secret").replace(dir.path(), "acme").unwrap();
     eventually("the file is found invalid", Duration::from_secs(10), || async {
         daemon.log().contains("invalid tenant file")
     })
@@ -143,12 +137,9 @@ async fn a_file_renamed_with_its_slug_kept_is_the_same_tenant_and_its_edit_appli
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
     let file = |secret: &str| {
-        amocrm_tenant(&db.url, &amo, "").replace("[tenant]\n", "[tenant]\nslug = \"acme\"\n").replace(
-            &format!("client_secret = \"{}\"", amo.config().client_secret),
-            &format!("client_secret = \"{secret}\""),
-        )
+        TenantFile::new().slug("acme").database_url(&db.url).amocrm(&amo).amocrm_string("client_secret", secret)
     };
-    write(dir.path(), "acme.toml", &file("first-secret"));
+    write(dir.path(), "acme.toml", file("first-secret"));
     let listen = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().to_string()
@@ -163,7 +154,7 @@ async fn a_file_renamed_with_its_slug_kept_is_the_same_tenant_and_its_edit_appli
     assert_eq!(stored_secret().await.as_deref(), Some("first-secret"));
 
     // `git mv acme.toml acme-prod.toml` with an edit in the same commit.
-    write(dir.path(), "acme-prod.toml", &file("second-secret"));
+    write(dir.path(), "acme-prod.toml", file("second-secret"));
     std::fs::remove_file(dir.path().join("acme.toml")).unwrap();
     eventually("the edit applied", Duration::from_secs(10), || async {
         stored_secret().await.as_deref() == Some("second-secret")
@@ -182,7 +173,7 @@ async fn a_file_renamed_with_its_slug_kept_is_the_same_tenant_and_its_edit_appli
     let page = reqwest::get(format!("http://{listen}/oauth/amocrm/callback?{query}")).await.unwrap();
     assert_eq!(page.status().as_u16(), 403, "the renamed tenant is unknown to the callback");
     // … and its status was never marked `unmanaged`.
-    assert_ne!(state(&client, "amocrm").await.map(|s| s.0).as_deref(), Some("unmanaged"));
+    assert_ne!(StatusRow::read(&client, "amocrm").await.map(|s| s.state).as_deref(), Some("unmanaged"));
     assert_eq!(daemon.stop().await, ExitCode::SUCCESS);
 }
 
@@ -206,7 +197,7 @@ async fn read_only_commands_never_migrate_and_print_only_their_answer() {
     let db = fresh_database().await;
     let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &b24_tenant(&db.url, &portal));
+    TenantFile::new().database_url(&db.url).bitrix24(&portal).write(dir.path(), "acme").unwrap();
     let config = dir.path().to_str().unwrap();
     for args in [
         vec!["status", "--config", config],

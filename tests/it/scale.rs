@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use crm_connect_sandbox::postgres::Cluster;
+use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Running, eventually};
@@ -23,8 +24,8 @@ async fn ours(admin: &Client) -> i64 {
 }
 
 /// A tenant with a database and nothing else: migrations and config only.
-fn plain_tenant(slug: &str, url: &str) -> String {
-    format!("[tenant]\nslug = \"{slug}\"\ndatabase_url = \"{url}\"\n")
+fn plain_tenant(slug: &str, url: &str) -> TenantFile {
+    TenantFile::new().slug(slug).database_url(url)
 }
 
 #[tokio::test]
@@ -35,7 +36,7 @@ async fn two_hundred_tenants_on_a_server_with_100_connections_share_its_budget_a
     for i in 0..200 {
         let name = format!("tenant_{i:03}");
         admin.batch_execute(&format!("CREATE DATABASE {name} STRATEGY FILE_COPY")).await.unwrap();
-        write(dir.path(), &format!("{name}.toml"), &plain_tenant(&name, &cluster.database_url(&name)));
+        write(dir.path(), &format!("{name}.toml"), plain_tenant(&name, &cluster.database_url(&name)));
     }
 
     // Sampled while `sync` runs: the server's view of our connections.
@@ -72,7 +73,7 @@ async fn a_daemon_closes_each_tenants_connections_once_its_work_is_done() {
     let mut names = Vec::new();
     for i in 0..12 {
         let db = postgres::fresh_database().await;
-        write(dir.path(), &format!("t{i}.toml"), &plain_tenant(&format!("t{i}"), &db.url));
+        write(dir.path(), &format!("t{i}.toml"), plain_tenant(&format!("t{i}"), &db.url));
         names.push(db.name);
     }
     let daemon = Running::start(dir.path()).await;
@@ -120,12 +121,7 @@ async fn a_bitrix24_reconcile_needs_one_database_session_while_others_wait_for_t
     let mut names = Vec::new();
     for i in 0..4 {
         let db = postgres::fresh_database().await;
-        let text = format!(
-            "[tenant]\nslug = \"b{i}\"\ndatabase_url = \"{}\"\n\n[bitrix24]\nwebhook_url = \"{}\"\n",
-            db.url,
-            portal.webhook_url()
-        );
-        write(dir.path(), &format!("b{i}.toml"), &text);
+        plain_tenant(&format!("b{i}"), &db.url).bitrix24(&portal).write(dir.path(), &format!("b{i}")).unwrap();
         names.push(db.name);
     }
     let run = crm_connect(&["sync", "--db-connections", "1", "--config", dir.path().to_str().unwrap()], &[]).await;

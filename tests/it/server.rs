@@ -13,11 +13,12 @@ use crm_connect::model::Crm;
 use crm_connect::secret::Secret;
 use crm_connect::tokens::sha256_hex;
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
+use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::support::postgres::{TestDatabase, fresh_database};
-use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, tenant, write};
+use crate::support::{connect, crm_connect, fast_context, tenant, write};
 
 /// A server on a free loopback port; dropping `stop` (or sending) shuts it down.
 struct Running {
@@ -70,7 +71,7 @@ async fn setup() -> Setup {
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = amocrm_tenant(&db.url, &amo, "");
+    let text = TenantFile::new().database_url(&db.url).amocrm(&amo);
     write(dir.path(), "acme.toml", &text);
     let tenant = tenant("acme", &text);
     Setup { amo, db, dir, tenant }
@@ -150,7 +151,7 @@ async fn metrics_are_openmetrics_text_and_count_crm_requests() {
 
     // A real request through the context's HTTP layer: the API refuses a
     // made-up token with 401.
-    let acme = tenant("acme", &amocrm_tenant("postgresql://unused@localhost/unused", &amo, ""));
+    let acme = tenant("acme", &TenantFile::new().database_url("postgresql://unused@localhost/unused").amocrm(&amo));
     let api = AmoClient::new(&ctx.http, &acme.amocrm.as_ref().unwrap().account).with_retry(ctx.retry);
     assert!(api.account(&Secret::new("not-a-token")).await.is_err());
     ctx.metrics.stage_sync(Crm::AmoCrm, true);

@@ -5,29 +5,19 @@
 
 use crm_connect::apply::{Applied, apply_tenant, resync_stages};
 use crm_connect::config::TenantConfig;
-use crm_connect::context::Context;
 use crm_connect::model::CrmState;
-use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
+use crm_connect_sandbox::amocrm::AmoSandboxConfig;
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use crm_connect_sandbox::faults::Fault;
+use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::Client;
 
-use crate::support::postgres::fresh_database;
-use crate::support::{amocrm_tenant, connect, fast_context, tenant};
+use crate::support::rows::snapshot;
+use crate::support::world::World;
 
 const PIPELINES_PATH: &str = "/api/v4/leads/pipelines";
 /// The client follows `_links.next` this far (AmoCRM has at most 50 pipelines).
 const AMO_PAGE_CAP: usize = 50;
-
-/// Every row a failed sync must leave alone, with its row version.
-async fn snapshot(client: &Client) -> Vec<String> {
-    let mut rows = Vec::new();
-    for table in ["config", "amocrm_pipeline_stages", "bitrix24_pipeline_stages"] {
-        let sql = format!("SELECT xmin::text || ' ' || to_jsonb(t)::text FROM {table} t ORDER BY 1");
-        rows.extend(client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)));
-    }
-    rows
-}
 
 async fn removed(client: &Client, table: &str) -> i64 {
     let sql = format!("SELECT count(*) FROM {table} WHERE removed_at IS NOT NULL");
@@ -53,8 +43,8 @@ fn succeeded(applied: &Applied) {
 }
 
 struct Tenant {
+    world: World,
     config: TenantConfig,
-    ctx: Context,
     client: Client,
 }
 
@@ -72,38 +62,33 @@ impl Tenant {
 
     /// The next full sync succeeds and writes nothing.
     async fn recovers_unchanged(&self, crm: &str, before: &[String]) {
-        succeeded(&apply_tenant(&self.ctx, &self.config).await.unwrap());
+        succeeded(&apply_tenant(&self.world.ctx, &self.config).await.unwrap());
         assert_eq!(status(&self.client, crm).await.0, "connected");
         assert_eq!(snapshot(&self.client).await, before, "the recovering sync wrote");
     }
 }
 
-async fn b24_connected(config: B24SandboxConfig) -> (B24Sandbox, Tenant) {
-    let portal = B24Sandbox::start(config).await.unwrap();
-    let db = fresh_database().await;
-    let text =
-        format!("[tenant]\ndatabase_url = \"{}\"\n\n[bitrix24]\nwebhook_url = \"{}\"\n", db.url, portal.webhook_url());
-    let config = tenant("acme", &text);
-    let ctx = fast_context();
-    succeeded(&apply_tenant(&ctx, &config).await.unwrap());
-    let client = connect(&db.url).await;
-    let stages: usize = B24Sandbox::default_categories().iter().map(|c| c.stages.len()).sum();
-    let stored: i64 = client.query_one("SELECT count(*) FROM bitrix24_pipeline_stages", &[]).await.unwrap().get(0);
+/// `world`'s tenant applied once; `stages` rows stored in `table`.
+async fn connected(world: World, file: TenantFile, table: &str, stages: usize) -> Tenant {
+    let config = world.tenant(&file);
+    succeeded(&apply_tenant(&world.ctx, &config).await.unwrap());
+    let client = world.client().await;
+    let stored: i64 = client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0);
     assert_eq!(stored, stages as i64);
-    (portal, Tenant { config, ctx, client })
+    Tenant { world, config, client }
 }
 
-async fn amo_connected(config: AmoSandboxConfig) -> (AmoSandbox, Tenant) {
-    let amo = AmoSandbox::start(config).await.unwrap();
-    let db = fresh_database().await;
-    let code = format!("authorization_code = \"{}\"", amo.issue_code());
-    let config = tenant("acme", &amocrm_tenant(&db.url, &amo, &code));
-    let ctx = fast_context();
-    succeeded(&apply_tenant(&ctx, &config).await.unwrap());
-    let client = connect(&db.url).await;
-    let stored: i64 = client.query_one("SELECT count(*) FROM amocrm_pipeline_stages", &[]).await.unwrap().get(0);
-    assert_eq!(stored, 12);
-    (amo, Tenant { config, ctx, client })
+async fn b24_connected(config: B24SandboxConfig) -> Tenant {
+    let world = World::bitrix24_with(config).await;
+    let stages = B24Sandbox::default_categories().iter().map(|c| c.stages.len()).sum();
+    let file = world.file();
+    connected(world, file, "bitrix24_pipeline_stages", stages).await
+}
+
+async fn amo_connected(config: AmoSandboxConfig) -> Tenant {
+    let world = World::amocrm_with(config).await;
+    let file = world.file_with_code();
+    connected(world, file, "amocrm_pipeline_stages", 12).await
 }
 
 /// The batch paths of the sandbox's webhook, among `requests`.
@@ -113,7 +98,8 @@ fn batches(portal: &B24Sandbox, from: usize) -> usize {
 
 #[tokio::test]
 async fn access_denied_inside_a_batch_is_an_error_and_no_bitrix24_stage_is_marked_removed() {
-    let (portal, tenant) = b24_connected(B24SandboxConfig::default()).await;
+    let tenant = b24_connected(B24SandboxConfig::default()).await;
+    let portal = tenant.world.portal();
     // The categories ride in the first batch with `scope` and `profile`;
     // the stages of every category make the second.
     for (method, batches_sent, command) in [("crm.category.list", 1, "list"), ("crm.status.list", 2, "c0")] {
@@ -121,18 +107,13 @@ async fn access_denied_inside_a_batch_is_an_error_and_no_bitrix24_stage_is_marke
         let sent = portal.requests().len();
         portal.deny_access(&[method]);
 
-        let applied = apply_tenant(&tenant.ctx, &tenant.config).await.unwrap();
+        let applied = apply_tenant(&tenant.world.ctx, &tenant.config).await.unwrap();
 
         let expected = ["ACCESS_DENIED", "lacks the CRM permission to read", &format!("batch command {command}")];
         tenant.fails_keeping_everything(applied, "bitrix24", &expected).await;
         assert_eq!(snapshot(&tenant.client).await, before, "{method}: a refused list changed stored rows");
         assert_eq!(removed(&tenant.client, "bitrix24_pipeline_stages").await, 0);
-        assert_eq!(
-            batches(&portal, sent),
-            batches_sent,
-            "{method}: a refusal is not retried: {:#?}",
-            portal.requests()
-        );
+        assert_eq!(batches(portal, sent), batches_sent, "{method}: a refusal is not retried: {:#?}", portal.requests());
 
         portal.deny_access(&[]);
         tenant.recovers_unchanged("bitrix24", &before).await;
@@ -141,25 +122,25 @@ async fn access_denied_inside_a_batch_is_an_error_and_no_bitrix24_stage_is_marke
 
 #[tokio::test]
 async fn access_denied_for_a_whole_method_is_an_error_and_no_bitrix24_stage_is_marked_removed() {
-    let (portal, tenant) = b24_connected(B24SandboxConfig::default()).await;
+    let tenant = b24_connected(B24SandboxConfig::default()).await;
+    let portal = tenant.world.portal();
     let before = snapshot(&tenant.client).await;
     let sent = portal.requests().len();
     // A scheduled resync asks `crm.category.list` alone, not in a batch.
     portal.deny_access(&["crm.category.list"]);
 
-    let applied = resync_stages(&tenant.ctx, &tenant.config).await.unwrap();
+    let applied = resync_stages(&tenant.world.ctx, &tenant.config).await.unwrap();
 
     let expected = ["ACCESS_DENIED: Access denied.", "lacks the CRM permission to read"];
     let message = tenant.fails_keeping_everything(applied, "bitrix24", &expected).await;
     assert!(!message.contains("batch command"), "{message}");
     assert_eq!(snapshot(&tenant.client).await, before);
     assert_eq!(removed(&tenant.client, "bitrix24_pipeline_stages").await, 0);
-    let asked: Vec<_> =
-        portal.requests()[sent..].iter().map(|r| r.path.rsplit('/').next().unwrap_or_default().to_string()).collect();
-    assert_eq!(asked, ["crm.category.list"], "a refusal is not retried");
+    // A refusal is not retried.
+    portal.expect_requests_from(sent, [format!("POST /rest/1/{}/crm.category.list", portal.config().code)]);
 
     portal.deny_access(&[]);
-    succeeded(&resync_stages(&tenant.ctx, &tenant.config).await.unwrap());
+    succeeded(&resync_stages(&tenant.world.ctx, &tenant.config).await.unwrap());
     tenant.recovers_unchanged("bitrix24", &before).await;
 }
 
@@ -168,11 +149,12 @@ async fn a_bitrix24_list_that_breaks_off_where_pages_were_promised_is_an_error_a
     // Pages of 3 cut the category list (4 categories); pages of 5 fit the
     // categories but cut the default category's 8 stages.
     for (page_size, list) in [(3, "crm.category.list"), (5, "crm.status.list (DEAL_STAGE)")] {
-        let (portal, tenant) = b24_connected(B24SandboxConfig { page_size, ..B24SandboxConfig::default() }).await;
+        let tenant = b24_connected(B24SandboxConfig { page_size, ..B24SandboxConfig::default() }).await;
+        let portal = tenant.world.portal();
         let before = snapshot(&tenant.client).await;
         portal.break_off_lists(true);
 
-        let applied = apply_tenant(&tenant.ctx, &tenant.config).await.unwrap();
+        let applied = apply_tenant(&tenant.world.ctx, &tenant.config).await.unwrap();
 
         tenant.fails_keeping_everything(applied, "bitrix24", &["incomplete list", list, "came back empty"]).await;
         assert_eq!(snapshot(&tenant.client).await, before, "pages of {page_size}");
@@ -185,12 +167,13 @@ async fn a_bitrix24_list_that_breaks_off_where_pages_were_promised_is_an_error_a
 
 #[tokio::test]
 async fn amocrm_pages_past_the_cap_are_an_error_and_change_nothing() {
-    let (amo, tenant) = amo_connected(AmoSandboxConfig::default()).await;
+    let tenant = amo_connected(AmoSandboxConfig::default()).await;
+    let amo = tenant.world.amo();
     let before = snapshot(&tenant.client).await;
     let sent = amo.requests().len();
     amo.set_endless_pipeline_pages(true);
 
-    let applied = apply_tenant(&tenant.ctx, &tenant.config).await.unwrap();
+    let applied = apply_tenant(&tenant.world.ctx, &tenant.config).await.unwrap();
 
     let expected = ["incomplete list", &format!("did not end within {AMO_PAGE_CAP} pages")];
     tenant.fails_keeping_everything(applied, "amocrm", &expected).await;
@@ -206,7 +189,8 @@ async fn amocrm_pages_past_the_cap_are_an_error_and_change_nothing() {
 #[tokio::test]
 async fn an_empty_amocrm_answer_where_pipelines_were_promised_is_an_error_and_changes_nothing() {
     // One pipeline a page: the second page is promised by `_links.next`.
-    let (amo, tenant) = amo_connected(AmoSandboxConfig { pipelines_page_size: Some(1), ..Default::default() }).await;
+    let tenant = amo_connected(AmoSandboxConfig { pipelines_page_size: Some(1), ..Default::default() }).await;
+    let amo = tenant.world.amo();
     let empty = Fault::Status { status: 204, content_type: "", body: String::new() };
     let cases = [
         // The first page through, the promised second one empty.
@@ -221,7 +205,7 @@ async fn an_empty_amocrm_answer_where_pipelines_were_promised_is_an_error_and_ch
             amo.faults().inject(PIPELINES_PATH, fault, 1);
         }
 
-        let applied = apply_tenant(&tenant.ctx, &tenant.config).await.unwrap();
+        let applied = apply_tenant(&tenant.world.ctx, &tenant.config).await.unwrap();
 
         tenant.fails_keeping_everything(applied, "amocrm", &["incomplete list", expected]).await;
         assert_eq!(snapshot(&tenant.client).await, before, "{expected}");

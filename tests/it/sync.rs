@@ -4,6 +4,7 @@
 
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig};
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
+use crm_connect_sandbox::tenant_file::TenantFile;
 
 use crate::support::{connect, crm_connect, postgres::fresh_database, write};
 
@@ -27,27 +28,16 @@ async fn portal() -> B24Sandbox {
         .unwrap()
 }
 
-fn both_crms(database_url: &str, amo: &AmoSandbox, code: &str, portal: &B24Sandbox) -> String {
-    let base_url = amo.base_url();
-    let webhook_url = portal.webhook_url();
-    format!(
-        r#"[tenant]
-database_url = "{database_url}"
-
-[amocrm]
-subdomain = "acme"
-domain = "kommo.com"
-client_id = "client-1"
-client_secret = {{ env = "ACME_CLIENT_SECRET" }}
-redirect_uri = "https://example.com/oauth"
-authorization_code = "{code}"
-base_url = "{base_url}"
-
-[bitrix24]
-webhook_url = "{webhook_url}"
-entity_type = "lead"
-"#
-    )
+/// Both CRMs, the client secret from the environment, a lead tenant.
+fn both_crms(database_url: &str, amo: &AmoSandbox, code: &str, portal: &B24Sandbox) -> TenantFile {
+    TenantFile::new()
+        .database_url(database_url)
+        .amocrm(amo)
+        .amocrm_string("domain", "kommo.com")
+        .amocrm_key("client_secret", "{ env = \"ACME_CLIENT_SECRET\" }")
+        .authorization_code(code)
+        .bitrix24(portal)
+        .entity_type("lead")
 }
 
 /// The test cluster trusts loopback, so a password in the URL is accepted
@@ -62,7 +52,7 @@ async fn sync_writes_the_config_columns_and_a_second_sync_writes_nothing() {
     let amo = sandbox().await;
     let portal = portal().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &both_crms(&with_password(&db.url), &amo, &amo.issue_code(), &portal));
+    write(dir.path(), "acme.toml", both_crms(&with_password(&db.url), &amo, &amo.issue_code(), &portal));
     let config = dir.path().to_str().unwrap();
     let env = [("ACME_CLIENT_SECRET", CLIENT_SECRET)];
 
@@ -116,9 +106,7 @@ async fn an_invalid_file_and_an_unreachable_database_fail_their_tenants_only() {
     let good = fresh_database().await;
     let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let text =
-        format!("[tenant]\ndatabase_url = \"{}\"\n[bitrix24]\nwebhook_url = \"{}\"\n", good.url, portal.webhook_url());
-    write(dir.path(), "good.toml", &text);
+    TenantFile::new().database_url(&good.url).bitrix24(&portal).write(dir.path(), "good").unwrap();
     write(dir.path(), "broken.toml", "[bitrix24\n");
     // Port 1 on loopback: nothing listens there.
     write(
@@ -145,12 +133,12 @@ async fn no_secret_appears_in_any_output_even_at_trace_level() {
     let code = amo.issue_code();
     let portal = portal().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &both_crms(&with_password(&db.url), &amo, &code, &portal));
+    write(dir.path(), "acme.toml", both_crms(&with_password(&db.url), &amo, &code, &portal));
     // An invalid file whose secrets are still resolved while it is checked.
     write(
         dir.path(),
         "bad.toml",
-        &format!(
+        format!(
             "[amocrm]\nsubdomain = \"bad.amocrm.ru\"\nclient_id = \"c\"\nclient_secret = \"{CLIENT_SECRET}\"\nredirect_uri = \"x\"\n[bitrix24]\nwebhook_url = \"https://b.bitrix24.ru/rest/{WEBHOOK_CODE}/\"\n"
         ),
     );

@@ -13,17 +13,18 @@ use crm_connect::model::CrmState;
 use crm_connect_sandbox::amocrm::{AmoSandbox, AmoSandboxConfig, TokenStats};
 use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig};
 use crm_connect_sandbox::faults::{Fault, RecordedRequest};
+use crm_connect_sandbox::tenant_file::TenantFile;
 use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::faults::{
-    AmoSetup, Binary, TOKEN_PATH, amo_connected, b24_tenant, refreshes, row_lock_held_while_idle, state, stored_tokens,
-    succeeded, with_margin,
+    AmoSetup, Binary, TOKEN_PATH, amo_connected, refreshes, row_lock_held_while_idle, succeeded, with_margin,
 };
 use crate::support::daemon::{Running, eventually};
 use crate::support::postgres::fresh_database;
 use crate::support::proxy::Proxy;
-use crate::support::{amocrm_tenant, connect, crm_connect, fast_context, tenant, write};
+use crate::support::rows::{StatusRow, TokensRow};
+use crate::support::{connect, crm_connect, fast_context, tenant, with_code};
 
 fn code_requests(log: &[RecordedRequest]) -> usize {
     log.iter()
@@ -32,7 +33,7 @@ fn code_requests(log: &[RecordedRequest]) -> usize {
 }
 
 async fn amo_state(client: &Client) -> String {
-    state(client, "amocrm").await.map(|(s, _)| s).unwrap_or_default()
+    StatusRow::read(client, "amocrm").await.map(|s| s.state).unwrap_or_default()
 }
 
 /// Makes every write of a new access token fail, as a database that breaks
@@ -72,11 +73,7 @@ async fn two_processes_applying_an_account_change_with_a_new_code_keep_a_valid_p
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let db = fresh_database().await;
     let client = connect(&db.url).await;
-    let file = |subdomain: &str| {
-        let code = format!("authorization_code = \"{}\"", amo.issue_code());
-        let text = amocrm_tenant(&db.url, &amo, &code);
-        tenant("acme", &text.replace("subdomain = \"sandbox\"", &format!("subdomain = \"{subdomain}\"")))
-    };
+    let file = |subdomain: &str| tenant("acme", &with_code(&db.url, &amo).amocrm_string("subdomain", subdomain));
     // Two processes: each its own pools, HTTP client and pairs in memory.
     let (one, two) = (fast_context(), fast_context());
     // The second process starts a little later each round, so that its
@@ -91,7 +88,7 @@ async fn two_processes_applying_an_account_change_with_a_new_code_keep_a_valid_p
         };
         let (a, b) = tokio::join!(apply_tenant(&one, &edited), second);
         let (a, b) = (a.unwrap(), b.unwrap());
-        let (access, refresh, _) = stored_tokens(&client).await;
+        let TokensRow { access, refresh, .. } = TokensRow::read(&client).await;
         assert!(
             access.as_deref().is_some_and(|t| amo.is_access_token_valid(t)) && refresh.is_some(),
             "round {round}: no valid pair stored; {:?} / {:?}",
@@ -125,8 +122,8 @@ async fn an_account_change_read_before_another_process_stored_the_new_accounts_p
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let db = fresh_database().await;
     let with = |subdomain: &str, code: &str| {
-        let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{code}\""));
-        tenant("acme", &text.replace("subdomain = \"sandbox\"", &format!("subdomain = \"{subdomain}\"")))
+        let file = TenantFile::new().database_url(&db.url).amocrm(&amo).authorization_code(code);
+        tenant("acme", &file.amocrm_string("subdomain", subdomain))
     };
     let ctx = fast_context();
     succeeded(&apply_tenant(&ctx, &with("sandbox", &amo.issue_code())).await.unwrap());
@@ -170,7 +167,11 @@ async fn an_account_change_read_before_another_process_stored_the_new_accounts_p
 
     let applied = this.await.unwrap();
     let client = connect(&db.url).await;
-    assert_eq!(stored_tokens(&client).await.0.as_deref(), Some(access.as_str()), "the new account's pair was cleared");
+    assert_eq!(
+        TokensRow::read(&client).await.access.as_deref(),
+        Some(access.as_str()),
+        "the new account's pair was cleared"
+    );
     succeeded(&applied);
     assert_eq!(code_requests(&amo.requests()), 2, "each code once");
 }
@@ -193,17 +194,17 @@ async fn exchanged_but_unwritten() -> Unwritten {
     let db = fresh_database().await;
     let ctx = fast_context();
     // The tables exist and the tenant waits for authorisation.
-    let applied = apply_tenant(&ctx, &tenant("acme", &amocrm_tenant(&db.url, &amo, ""))).await.unwrap();
+    let applied =
+        apply_tenant(&ctx, &tenant("acme", &TenantFile::new().database_url(&db.url).amocrm(&amo))).await.unwrap();
     assert!(applied.failed());
     let client = connect(&db.url).await;
     refuse_token_writes(&client).await;
 
-    let code = format!("authorization_code = \"{}\"", amo.issue_code());
-    let with_code = tenant("acme", &amocrm_tenant(&db.url, &amo, &code));
+    let with_code = tenant("acme", &crate::support::with_code(&db.url, &amo));
     let applied = apply_tenant(&ctx, &with_code).await.unwrap();
     assert!(applied.failed(), "the write was refused, yet: {:?}", applied.crms);
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
-    assert_eq!(stored_tokens(&client).await.0, None);
+    assert_eq!(TokensRow::read(&client).await.access, None);
     allow_token_writes(&client).await;
     Unwritten { amo, url: db.url, client, ctx, with_code }
 }
@@ -214,7 +215,7 @@ async fn an_exchanged_pair_whose_write_failed_is_stored_by_the_next_reconcile_wi
     let applied = apply_tenant(&ctx, &with_code).await.unwrap();
     succeeded(&applied);
     assert_eq!(code_requests(&amo.requests()), 1, "the code was sent again");
-    let (access, refresh, _) = stored_tokens(&client).await;
+    let TokensRow { access, refresh, .. } = TokensRow::read(&client).await;
     assert!(amo.is_access_token_valid(&access.unwrap()));
     assert!(refresh.is_some());
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, ..TokenStats::default() });
@@ -225,14 +226,14 @@ async fn an_exchanged_pair_whose_write_failed_is_stored_by_the_next_reconcile_wi
 async fn a_pair_kept_in_memory_is_never_written_over_a_long_lived_token_configured_since() {
     let Unwritten { amo, url, client, ctx, .. } = exchanged_but_unwritten().await;
     let long_lived = amo.issue_long_lived_token(Duration::from_secs(3600));
-    let text = amocrm_tenant(&url, &amo, &format!("long_lived_token = \"{long_lived}\""));
+    let text = TenantFile::new().database_url(&url).amocrm(&amo).long_lived_token(&long_lived);
     succeeded(&apply_tenant(&ctx, &tenant("acme", &text)).await.unwrap());
-    let (access, refresh, _) = stored_tokens(&client).await;
+    let TokensRow { access, refresh, .. } = TokensRow::read(&client).await;
     assert_eq!(access.as_deref(), Some(long_lived.as_str()), "the old account's pair was written over it");
     assert_eq!(refresh, None);
     // And it stays so: the pair was dropped, not kept for later.
     succeeded(&apply_tenant(&ctx, &tenant("acme", &text)).await.unwrap());
-    assert_eq!(stored_tokens(&client).await.0.as_deref(), Some(long_lived.as_str()));
+    assert_eq!(TokensRow::read(&client).await.access.as_deref(), Some(long_lived.as_str()));
 }
 
 // ---------------------------------------------------------------------------
@@ -244,19 +245,19 @@ async fn due_with_a_late_token_answer(late: Duration) -> (AmoSandbox, tempfile::
     let amo = AmoSandbox::start(AmoSandboxConfig::default()).await.unwrap();
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    write(dir.path(), "acme.toml", &with_margin(&text, "1m"));
+    let text = with_code(&db.url, &amo);
+    with_margin(text, "1m").write(dir.path(), "acme").unwrap();
     let sync = crm_connect(&["sync", "--config", dir.path().to_str().unwrap()], &[]).await;
     assert_eq!(sync.code, 0, "{sync:?}");
     let client = connect(&db.url).await;
     client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
-    let (_, refresh, _) = stored_tokens(&client).await;
+    let refresh = TokensRow::read(&client).await.refresh;
     amo.faults().inject(TOKEN_PATH, Fault::LateAnswer(late), 1);
     (amo, dir, client, refresh)
 }
 
 async fn the_rotated_pair_is_stored(amo: &AmoSandbox, client: &Client, before: &Option<String>, output: &str) {
-    let (access, refresh, _) = stored_tokens(client).await;
+    let TokensRow { access, refresh, .. } = TokensRow::read(client).await;
     assert_ne!(&refresh, before, "the rotated pair was lost:\n{output}");
     assert!(access.is_some_and(|a| amo.is_access_token_valid(&a)), "{output}");
     assert_eq!(amo.token_stats(), TokenStats { exchanged: 1, refreshed: 1, ..TokenStats::default() }, "{output}");
@@ -297,8 +298,8 @@ async fn a_margin_longer_than_the_token_lifetime_refreshes_at_most_once_per_half
         AmoSandbox::start(AmoSandboxConfig { expires_in: lifetime, ..AmoSandboxConfig::default() }).await.unwrap();
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = amocrm_tenant(&db.url, &amo, &format!("authorization_code = \"{}\"", amo.issue_code()));
-    write(dir.path(), "acme.toml", &with_margin(&text, "25h"));
+    let text = with_code(&db.url, &amo);
+    with_margin(text, "25h").write(dir.path(), "acme").unwrap();
     let daemon = Running::start(dir.path()).await;
     let window = Duration::from_secs(9);
     tokio::time::sleep(window).await;
@@ -313,10 +314,11 @@ async fn a_margin_longer_than_the_token_lifetime_refreshes_at_most_once_per_half
 
 #[tokio::test]
 async fn a_refresh_that_keeps_failing_in_a_way_that_is_not_transient_backs_off_instead_of_looping() {
-    let AmoSetup { amo, tenant, ctx: _, client } = amo_connected().await;
+    let AmoSetup { world, tenant, client } = amo_connected().await;
+    let amo = world.amo();
     let dir = tempfile::tempdir().unwrap();
     let url = tenant.database_url.expose().to_string();
-    write(dir.path(), "acme.toml", &with_margin(&amocrm_tenant(&url, &amo, ""), "1m"));
+    with_margin(TenantFile::new().database_url(&url).amocrm(amo), "1m").write(dir.path(), "acme").unwrap();
     client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
     let malformed = Fault::Status { status: 200, content_type: "application/json", body: "{\"hint\":1}".into() };
     amo.faults().inject(TOKEN_PATH, malformed, 1000);
@@ -334,7 +336,8 @@ async fn a_refresh_that_keeps_failing_in_a_way_that_is_not_transient_backs_off_i
 
 #[tokio::test]
 async fn a_token_answer_with_an_odd_expires_in_is_kept_with_a_sane_expiry() {
-    let AmoSetup { amo, tenant, ctx, client } = amo_connected().await;
+    let AmoSetup { world, tenant, client } = amo_connected().await;
+    let (amo, ctx) = (world.amo(), &world.ctx);
     let shapes = [
         json!("86400"),
         json!(86400.5),
@@ -348,10 +351,10 @@ async fn a_token_answer_with_an_odd_expires_in_is_kept_with_a_sane_expiry() {
     for shape in &shapes {
         amo.set_expires_in_wire(Some(shape.clone()));
         client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
-        let (_, before, _) = stored_tokens(&client).await;
-        let applied = resync_stages(&ctx, &tenant).await.unwrap();
+        let before = TokensRow::read(&client).await.refresh;
+        let applied = resync_stages(ctx, &tenant).await.unwrap();
         assert!(!applied.failed(), "expires_in {shape}: {:?}", applied.crms);
-        let (access, refresh, expires_at) = stored_tokens(&client).await;
+        let TokensRow { access, refresh, expires_at } = TokensRow::read(&client).await;
         assert_ne!(refresh, before, "expires_in {shape}: the pair was not stored");
         assert!(amo.is_access_token_valid(&access.unwrap()));
         let expires_at = expires_at.unwrap();
@@ -368,7 +371,8 @@ async fn a_token_answer_with_an_odd_expires_in_is_kept_with_a_sane_expiry() {
 
 #[tokio::test]
 async fn a_server_wide_idle_in_transaction_timeout_cannot_end_a_refresh_while_it_waits_for_the_crm() {
-    let AmoSetup { amo, tenant, ctx: _, client } = amo_connected().await;
+    let AmoSetup { world, tenant, client } = amo_connected().await;
+    let amo = world.amo();
     let name: String = client.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
     client
         .batch_execute(&format!("ALTER DATABASE \"{name}\" SET idle_in_transaction_session_timeout = '1s'"))
@@ -390,7 +394,7 @@ async fn a_server_wide_idle_in_transaction_timeout_cannot_end_a_refresh_while_it
     succeeded(&second);
     let stats = amo.token_stats();
     assert_eq!((stats.refreshed, stats.refresh_rejected), (1, 0), "the lock was lost mid-refresh: {stats:?}");
-    let (access, _, _) = stored_tokens(&client).await;
+    let access = TokensRow::read(&client).await.access;
     assert!(amo.is_access_token_valid(&access.unwrap()));
 }
 
@@ -409,8 +413,8 @@ async fn a_holder_cut_off_from_its_database_stops_at_its_local_expiry_and_the_st
         B24Sandbox::start(B24SandboxConfig::default()).await.unwrap(),
     );
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    write(dir_a.path(), "acme.toml", &b24_tenant(&proxy.url_for(&db.url), &portal_a));
-    write(dir_b.path(), "acme.toml", &b24_tenant(&db.url, &portal_b));
+    TenantFile::new().database_url(&proxy.url_for(&db.url)).bitrix24(&portal_a).write(dir_a.path(), "acme").unwrap();
+    TenantFile::new().database_url(&db.url).bitrix24(&portal_b).write(dir_b.path(), "acme").unwrap();
     let flags = ["--lease", "3s"];
     let holder = Running::start_with(&flags, dir_a.path()).await;
     let standby = Running::start_with(&flags, dir_b.path()).await;
@@ -418,9 +422,8 @@ async fn a_holder_cut_off_from_its_database_stops_at_its_local_expiry_and_the_st
 
     // The holder is busy with its CRM: every call fails and is retried.
     portal_a.faults().inject("/rest/", Fault::server_error(), 10_000);
-    let edited =
-        format!("{}\n[schedule]\ntoken_refresh_margin = \"2m\"\n", b24_tenant(&proxy.url_for(&db.url), &portal_a));
-    write(dir_a.path(), "acme.toml", &edited);
+    let edited = TenantFile::new().database_url(&proxy.url_for(&db.url)).bitrix24(&portal_a);
+    edited.schedule("token_refresh_margin", "2m").write(dir_a.path(), "acme").unwrap();
     assert!(
         portal_a
             .wait_for_requests(|r| r.iter().filter(|r| r.status == 503).count() >= 2, Duration::from_secs(10))
@@ -453,8 +456,8 @@ async fn a_removed_tenant_file_releases_its_lease_at_once() {
     let db = fresh_database().await;
     let portal = B24Sandbox::start(B24SandboxConfig::default()).await.unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    write(dir_a.path(), "acme.toml", &b24_tenant(&db.url, &portal));
-    write(dir_b.path(), "acme.toml", &b24_tenant(&db.url, &portal));
+    TenantFile::new().database_url(&db.url).bitrix24(&portal).write(dir_a.path(), "acme").unwrap();
+    TenantFile::new().database_url(&db.url).bitrix24(&portal).write(dir_b.path(), "acme").unwrap();
     // A long lease: a standby waiting for it to lapse would wait a minute.
     let flags = ["--lease", "60s"];
     let a = Running::start_with(&flags, dir_a.path()).await;
@@ -483,7 +486,7 @@ async fn a_browser_authorisation_through_the_daemon_arms_its_token_timer_at_once
         .unwrap();
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "acme.toml", &with_margin(&amocrm_tenant(&db.url, &amo, ""), "3s"));
+    with_margin(TenantFile::new().database_url(&db.url).amocrm(&amo), "3s").write(dir.path(), "acme").unwrap();
     let listen = free_address();
     let daemon = Running::start_with(&["--listen", &listen], dir.path()).await;
     let client = connect(&db.url).await;

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +16,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
 use serde_json::{Value, json};
 
-use super::faults::{Faults, RecordedRequest};
+use super::faults::RecordedRequest;
+use super::recorder::Recorder;
 use super::{Bound, Front, Handler, Server, lock, respond};
 
 /// How long an authorization code can be exchanged.
@@ -127,7 +129,17 @@ pub struct TokenStats {
 /// server down.
 pub struct AmoSandbox {
     shared: Arc<Shared>,
+    recorder: Recorder,
     _server: Server,
+}
+
+/// Faults, the request log and the rate limit: see [`Recorder`].
+impl Deref for AmoSandbox {
+    type Target = Recorder;
+
+    fn deref(&self) -> &Recorder {
+        &self.recorder
+    }
 }
 
 impl AmoSandbox {
@@ -138,13 +150,13 @@ impl AmoSandbox {
         let shared = Arc::new(Shared {
             base_url: bound.base_url().to_owned(),
             config,
-            front: Arc::clone(&front),
             state: Mutex::new(State::new(AmoSandbox::default_pipelines())),
         });
         let answering = Arc::clone(&shared);
         let handler: Arc<Handler> = Arc::new(move |request: &RecordedRequest| answering.route(request));
+        let recorder = Recorder::new(Arc::clone(&front));
         let server = bound.serve(front, handler);
-        Ok(AmoSandbox { shared, _server: server })
+        Ok(AmoSandbox { shared, recorder, _server: server })
     }
 
     /// `http://127.0.0.1:PORT`, without a trailing slash.
@@ -241,26 +253,6 @@ impl AmoSandbox {
 
     pub fn leads(&self) -> Vec<SandboxLead> {
         lock(&self.shared.state).leads.clone()
-    }
-
-    pub fn faults(&self) -> &Faults {
-        &self.shared.front.faults
-    }
-
-    /// Every request so far, faulted or not, in answer order.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.front.log.records()
-    }
-
-    /// Waits until `predicate` holds for the request log, or `timeout`
-    /// passes; returns whether it held.
-    pub async fn wait_for_requests(&self, predicate: impl Fn(&[RecordedRequest]) -> bool, timeout: Duration) -> bool {
-        self.shared.front.log.wait_for_requests(predicate, timeout).await
-    }
-
-    /// Requests refused by the rate limit.
-    pub fn violations(&self) -> usize {
-        self.shared.front.violations()
     }
 
     pub fn token_stats(&self) -> TokenStats {
@@ -365,7 +357,6 @@ fn status(id: i64, name: &str, sort: i32, status_type: i32) -> SandboxStatus {
 struct Shared {
     base_url: String,
     config: AmoSandboxConfig,
-    front: Arc<Front>,
     state: Mutex<State>,
 }
 

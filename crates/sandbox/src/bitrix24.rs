@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +20,8 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value, json};
 
-use super::faults::{Fault, Faults, RecordedRequest};
+use super::faults::{Fault, RecordedRequest};
+use super::recorder::Recorder;
 use super::{Bound, Front, Gate, Handler, Limit, Server, lock, respond};
 
 /// What Bitrix24 labels every REST answer with, errors included.
@@ -147,10 +149,21 @@ pub fn query_limit_exceeded() -> Fault {
 /// and the address it moves to when renamed; dropping it shuts both down.
 pub struct B24Sandbox {
     shared: Arc<Shared>,
+    /// Shared by both addresses: one log, one set of faults, one bucket.
+    recorder: Recorder,
     renamed: Arc<AtomicBool>,
     new_base_url: String,
     _old: Server,
     _new: Server,
+}
+
+/// Faults, the request log and the leaky bucket: see [`Recorder`].
+impl Deref for B24Sandbox {
+    type Target = Recorder;
+
+    fn deref(&self) -> &Recorder {
+        &self.recorder
+    }
 }
 
 impl B24Sandbox {
@@ -163,7 +176,6 @@ impl B24Sandbox {
         let shared = Arc::new(Shared {
             base_url: old.base_url().to_owned(),
             config: config.clone(),
-            front: Arc::clone(&front),
             state: Mutex::new(State::new(config.scopes, config.page_size)),
         });
         let answering = Arc::clone(&shared);
@@ -177,8 +189,9 @@ impl B24Sandbox {
         let gate: Arc<Gate> =
             Arc::new(move |request: &RecordedRequest| moved.load(Ordering::SeqCst).then(|| redirect(&target, request)));
         let old_server = old.serve_gated(Arc::clone(&front), Some(gate), Arc::clone(&handler));
+        let recorder = Recorder::new(Arc::clone(&front));
         let new_server = new.serve(front, handler);
-        Ok(B24Sandbox { shared, renamed, new_base_url, _old: old_server, _new: new_server })
+        Ok(B24Sandbox { shared, recorder, renamed, new_base_url, _old: old_server, _new: new_server })
     }
 
     /// `http://127.0.0.1:PORT`, without a trailing slash.
@@ -335,26 +348,6 @@ impl B24Sandbox {
     pub fn advance_clock(&self, by: Duration) {
         let mut state = lock(&self.shared.state);
         state.clock_offset = state.clock_offset.saturating_add(by);
-    }
-
-    pub fn faults(&self) -> &Faults {
-        &self.shared.front.faults
-    }
-
-    /// Every request to either address so far, faulted or not, in answer order.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.front.log.records()
-    }
-
-    /// Waits until `predicate` holds for the request log, or `timeout`
-    /// passes; returns whether it held.
-    pub async fn wait_for_requests(&self, predicate: impl Fn(&[RecordedRequest]) -> bool, timeout: Duration) -> bool {
-        self.shared.front.log.wait_for_requests(predicate, timeout).await
-    }
-
-    /// Requests refused because the leaky bucket was full.
-    pub fn violations(&self) -> usize {
-        self.shared.front.violations()
     }
 }
 
@@ -528,7 +521,6 @@ type Command = (String, Map<String, Value>);
 struct Shared {
     base_url: String,
     config: B24SandboxConfig,
-    front: Arc<Front>,
     state: Mutex<State>,
 }
 

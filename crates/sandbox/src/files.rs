@@ -9,6 +9,7 @@ use std::io::{self, ErrorKind};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process;
+use std::time::Instant;
 
 /// A directory `<base>/<prefix><pid>-<random>`, readable by its owner
 /// only, removed with its contents when dropped.
@@ -81,6 +82,19 @@ pub fn is_alive(pid: u32) -> bool {
 /// Random enough for names and ports (the standard library's seeded hasher).
 pub fn random() -> u64 {
     RandomState::new().hash_one(process::id())
+}
+
+/// Writes `text` aside and renames it over `path`, as editors and `git
+/// checkout` save; returns the moment just before the rename, when the
+/// file changes for whoever watches it.
+pub fn replace_file(path: &Path, text: &str) -> io::Result<Instant> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    // A leading dot and a suffix other than `.toml`: no loader takes it.
+    let aside = path.with_file_name(format!(".{name}.tmp"));
+    fs::write(&aside, text)?;
+    let at = Instant::now();
+    fs::rename(&aside, path)?;
+    Ok(at)
 }
 
 /// A TOML basic string.

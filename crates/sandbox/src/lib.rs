@@ -7,7 +7,10 @@ pub mod amocrm;
 pub mod bitrix24;
 pub mod faults;
 pub mod files;
+pub mod playground;
 pub mod postgres;
+pub mod recorder;
+pub mod tenant_file;
 
 use std::collections::VecDeque;
 use std::io;

@@ -1,10 +1,17 @@
+//! What every integration test shares: running the binary, connecting to a
+//! tenant database, writing and parsing tenant files, a quick context.
+
 pub mod daemon;
 pub mod postgres;
 pub mod proxy;
+pub mod rows;
+pub mod world;
 
 use std::path::Path;
 use std::process::Stdio;
 
+use crm_connect_sandbox::amocrm::AmoSandbox;
+use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::{Client, NoTls};
 
 /// What one run of the binary did.
@@ -52,25 +59,17 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
-/// Writes a tenant file (or any file) into `dir`.
-pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+/// Writes a file (a tenant file, a secret) into `dir`.
+pub fn write(dir: &Path, name: &str, text: impl std::fmt::Display) -> std::path::PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, text).expect("the test can write its files");
+    std::fs::write(&path, text.to_string()).expect("the test can write its files");
     path
 }
 
-/// A tenant file using the AmoCRM sandbox: `extra` is appended inside
-/// `[amocrm]` (e.g. an authorization code) and may open further tables.
-pub fn amocrm_tenant(database_url: &str, sandbox: &crm_connect_sandbox::amocrm::AmoSandbox, extra: &str) -> String {
-    let c = sandbox.config();
-    format!(
-        "[tenant]\ndatabase_url = \"{database_url}\"\n\n[amocrm]\nsubdomain = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nredirect_uri = \"{}\"\nbase_url = \"{}\"\n{extra}\n",
-        c.subdomain,
-        c.client_id,
-        c.client_secret,
-        c.redirect_uri,
-        sandbox.base_url()
-    )
+/// A tenant file on `database_url` and the AmoCRM sandbox, with a fresh
+/// authorization code.
+pub fn with_code(database_url: &str, amo: &AmoSandbox) -> TenantFile {
+    TenantFile::new().database_url(database_url).amocrm(amo).authorization_code(&amo.issue_code())
 }
 
 /// A context whose CRM retries are quick, for tests that inject faults.
@@ -86,10 +85,10 @@ pub fn fast_context() -> crm_connect::context::Context {
 }
 
 /// Parses a tenant file's text (the file need not exist).
-pub fn tenant(slug: &str, text: &str) -> crm_connect::config::TenantConfig {
+pub fn tenant(slug: &str, text: &impl std::fmt::Display) -> crm_connect::config::TenantConfig {
     let report = crm_connect::config::parse_file(
         std::path::Path::new(&format!("/tenants/{slug}.toml")),
-        text,
+        &text.to_string(),
         &crm_connect::config::LoadOptions::default(),
     );
     let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();

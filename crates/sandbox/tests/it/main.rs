@@ -3,3 +3,4 @@
 
 mod amocrm;
 mod bitrix24;
+mod playground;
