@@ -12,8 +12,8 @@ use rand::RngCore;
 
 use crate::config::AmoCrmConfig;
 use crate::db::{self, DbError, TenantDb};
+use crate::reconcile::tokens::sha256_hex;
 use crate::secret::Secret;
-use crate::tokens::sha256_hex;
 
 /// How long a state printed by `auth-url` can complete an authorisation.
 pub const STATE_LIFETIME: Duration = Duration::from_secs(30 * 60);

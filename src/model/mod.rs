@@ -6,6 +6,7 @@
 mod amocrm;
 mod bitrix24;
 mod crm;
+mod failure_kind;
 mod jwt;
 mod stage;
 mod stored;
@@ -15,6 +16,7 @@ use std::net::IpAddr;
 pub use amocrm::{AmoAccount, AmoDomain, Credentials, MissingCredentials, Tokens};
 pub use bitrix24::{B24Stage, EntityType, Semantics, Webhook, WebhookError};
 pub use crm::{Crm, CrmState};
+pub use failure_kind::FailureKind;
 pub use jwt::{jwt_expiry, jwt_issued_at, latest_time};
 pub use stage::{AmoStage, StageFlags};
 pub use stored::{ColumnValue, ConfigColumn, CurrentColumns, StoredAccount, StoredStage, StoredTokens};

@@ -7,6 +7,7 @@ mod demo;
 mod dry_run;
 mod example;
 mod faults;
+mod layering;
 mod migrations;
 mod pools;
 mod robustness;
