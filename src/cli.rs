@@ -88,6 +88,8 @@ pub enum Command {
     Status(StatusArgs),
     /// The synced stages of a tenant with their ids and flags, to help write a mapping
     Stages(TenantArg),
+    /// Deliver the due rows of crm_lead_outbox once, until nothing is due, then exit
+    Deliver(DeliverArgs),
     /// Create one test lead (AmoCRM) or deal (Bitrix24) named "Тест crm-connect"; prints its id
     TestLead(TestLeadArgs),
     /// Exchange an AmoCRM authorization code given here, so that it never passes through Git
@@ -111,6 +113,13 @@ pub struct StatusArgs {
     /// JSON instead of a table
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeliverArgs {
+    /// Only this tenant
+    #[arg(long)]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -21,6 +21,8 @@ pub mod context;
 pub mod tokens;
 /// One failure type for every CRM step, with its kind.
 pub mod failure;
+/// Lead delivery: passes over a tenant's outbox.
+pub mod leads;
 /// Applying one tenant: migrate, write what changed, connect, sync stages.
 pub mod apply;
 /// The long-running daemon: one loop over tenant events, schedules, timers.
@@ -52,6 +54,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Sync(args) => commands::sync::run(&cli.global, args).await,
         Command::Status(args) => commands::status::run(&cli.global, args).await,
         Command::Stages(args) => commands::stages::run(&cli.global, args).await,
+        Command::Deliver(args) => commands::deliver::run(&cli.global, args).await,
         Command::TestLead(args) => commands::test_lead::run(&cli.global, args).await,
         Command::Authorize(args) => commands::authorize::run(&cli.global, args).await,
         Command::AuthUrl(args) => commands::auth_url::run(&cli.global, args).await,

@@ -3,6 +3,7 @@
 
 pub mod auth_url;
 pub mod authorize;
+pub mod deliver;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod stages;

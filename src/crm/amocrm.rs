@@ -30,10 +30,10 @@ pub struct Account {
 }
 
 pub struct AmoClient<'h> {
-    http: &'h Http,
+    pub(super) http: &'h Http,
     /// Its host is the rate-limit key: one budget per account.
-    account: AmoAccount,
-    retry: RetryPolicy,
+    pub(super) account: AmoAccount,
+    pub(super) retry: RetryPolicy,
 }
 
 impl<'h> AmoClient<'h> {
@@ -193,7 +193,7 @@ impl<'h> AmoClient<'h> {
             .ok_or_else(|| CrmError::Malformed("the answer lists no created lead".into()))
     }
 
-    async fn get(&self, url: &str, access: &Secret) -> Result<RawResponse, CrmError> {
+    pub(super) async fn get(&self, url: &str, access: &Secret) -> Result<RawResponse, CrmError> {
         retrying(self.retry, || async {
             let request = self.http.client().get(url).bearer_auth(access.expose());
             check_api(self.http.send_amocrm(self.account.host(), request).await?)
@@ -202,7 +202,7 @@ impl<'h> AmoClient<'h> {
     }
 }
 
-fn check_api(response: RawResponse) -> Result<RawResponse, CrmError> {
+pub(super) fn check_api(response: RawResponse) -> Result<RawResponse, CrmError> {
     match response.status {
         200..=299 => Ok(response),
         401 => Err(CrmError::Unauthorized { reason: response.summary() }),

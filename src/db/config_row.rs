@@ -178,3 +178,27 @@ pub async fn row_exists(conn: &impl Conn) -> Result<bool, DbError> {
     })
     .await
 }
+
+/// The AmoCRM lead field that carries the delivery key, if one is stored.
+pub async fn lead_key_field(conn: &impl Conn) -> Result<Option<i64>, DbError> {
+    step(conn, "reading config", async {
+        col(&conn.pg().query_one("SELECT amocrm_lead_key_field_id FROM config WHERE id = 1", &[]).await?, 0, "config")
+    })
+    .await
+}
+
+/// Stores `field` as the key field if the row still holds `replaces` (no
+/// other process stored another meanwhile); returns the one stored now.
+pub async fn store_lead_key_field(conn: &impl Conn, replaces: Option<i64>, field: i64) -> Result<Option<i64>, DbError> {
+    step(conn, "storing the lead key field", async {
+        conn.pg()
+            .execute(
+                "UPDATE config SET amocrm_lead_key_field_id = $2
+                 WHERE id = 1 AND amocrm_lead_key_field_id IS NOT DISTINCT FROM $1",
+                &[&replaces, &field],
+            )
+            .await?;
+        col(&conn.pg().query_one("SELECT amocrm_lead_key_field_id FROM config WHERE id = 1", &[]).await?, 0, "config")
+    })
+    .await
+}

@@ -16,6 +16,7 @@ pub mod amocrm_stages;
 pub mod bitrix24_stages;
 pub mod config_row;
 pub mod events;
+pub mod lead_outbox;
 pub mod lease;
 pub mod oauth_states;
 pub mod schedule;

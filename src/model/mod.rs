@@ -8,6 +8,7 @@ mod bitrix24;
 mod crm;
 mod failure_kind;
 mod jwt;
+mod lead;
 mod stage;
 mod stored;
 
@@ -18,6 +19,7 @@ pub use bitrix24::{B24Stage, EntityType, Semantics, Webhook, WebhookError};
 pub use crm::{Crm, CrmState};
 pub use failure_kind::FailureKind;
 pub use jwt::{jwt_expiry, jwt_issued_at, latest_time};
+pub use lead::{CreatedIds, LeadPlacement, LookupAnswer, OutboxRow, OutboxState, SendAnswer, entity_type_of};
 pub use stage::{AmoStage, StageFlags};
 pub use stored::{ColumnValue, ConfigColumn, CurrentColumns, StoredAccount, StoredStage, StoredTokens};
 

@@ -5,7 +5,9 @@
 //! renders them.
 
 mod columns;
+pub mod delivery;
 mod mapping;
+pub mod placement;
 mod stages;
 pub mod tokens;
 mod webhook;

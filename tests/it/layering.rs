@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["cli", "crm", "reconcile"],
     &["tokens"],
     &["context", "failure"],
-    &["apply", "oauth"],
+    &["apply", "leads", "oauth"],
     &["logging", "server", "watch"],
     &["daemon"],
     &["commands"],

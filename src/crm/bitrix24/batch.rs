@@ -56,6 +56,19 @@ impl B24Client<'_> {
     }
 }
 
+impl B24Client<'_> {
+    /// One `batch` request, not retried, with `halt` as given: each
+    /// command's own result or error, for callers that must read a partial
+    /// answer (a create whose first command ran).
+    pub(super) async fn batch_once(&self, commands: &[(String, String)], halt: bool) -> Result<BatchAnswer, CrmError> {
+        let cmd: serde_json::Map<String, Value> =
+            commands.iter().map(|(key, command)| (key.clone(), Value::String(command.clone()))).collect();
+        let params = json!({ "halt": u8::from(halt), "cmd": cmd });
+        let envelope = self.call_once("batch", &params).await?;
+        Ok(BatchAnswer::parse(envelope.result))
+    }
+}
+
 /// A `batch` answer; empty maps arrive as `[]`.
 #[derive(Debug, Default)]
 pub(super) struct BatchAnswer {
@@ -102,6 +115,16 @@ impl BatchAnswer {
             next: self.next.get(key).copied(),
             total: self.total.get(key).copied(),
         })
+    }
+
+    /// A command's result, if it ran and succeeded.
+    pub(super) fn result(&self, key: &str) -> Option<&Value> {
+        self.results.get(key)
+    }
+
+    /// A command's error (code, description), if it ran and failed.
+    pub(super) fn error(&self, key: &str) -> Option<(&str, &str)> {
+        self.errors.get(key).map(|(code, description)| (code.as_str(), description.as_str()))
     }
 
     pub(super) fn grant(&self) -> Grant {

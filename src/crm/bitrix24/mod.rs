@@ -7,11 +7,13 @@
 
 mod batch;
 mod errors;
+mod leads;
 mod stages;
 
 use std::sync::Mutex;
 
 use errors::{api_error, pause_length};
+pub use leads::B24LeadTarget;
 use serde_json::{Value, json};
 
 use super::http::{RawResponse, RetryPolicy, retrying};

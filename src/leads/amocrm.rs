@@ -1,0 +1,188 @@
+//! AmoCRM delivery: the token and the key field made ready once per pass
+//! (the fields listed at most hourly), a lead sent with its 401 handled as
+//! the contract says, a lookup by key, the comment as a note after the
+//! delivered commit.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use super::Delivery;
+use crate::config::{AmoCrmConfig, LeadsConfig, TenantConfig};
+use crate::context::Context;
+use crate::crm::amocrm::AmoClient;
+use crate::crm::amocrm_leads::{AmoLeadTarget, LeadField};
+use crate::db::lead_outbox::{self, Seen};
+use crate::db::{self, TenantDb, config_row};
+use crate::failure::{Cause, FailureKind};
+use crate::model::{
+    AmoStage, CreatedIds, Crm, LeadPlacement, LookupAnswer, OutboxRow, SendAnswer, StoredStage, Tokens,
+};
+use crate::reconcile::{delivery, placement};
+use crate::tokens::Owner;
+
+/// The lead fields are listed again after this.
+const FIELDS_FOR: Duration = Duration::from_secs(3600);
+const UTM_CODES: [&str; 5] = ["UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_CONTENT", "UTM_TERM"];
+
+/// What the account's lead fields give delivery.
+#[derive(Clone, Debug)]
+pub(super) struct Fields {
+    key_field: i64,
+    utm_codes: Vec<String>,
+}
+
+pub(super) struct Ready {
+    slug: String,
+    db: TenantDb,
+    amo: AmoCrmConfig,
+    margin: Duration,
+    access: Tokens,
+    fields: Fields,
+    stages: Vec<StoredStage<AmoStage>>,
+    default: Option<LeadPlacement>,
+    responsible_user_id: Option<i64>,
+}
+
+/// A usable token, the synced stages, the key field: or why not.
+pub(super) async fn ready(
+    ctx: &Context,
+    delivery: &Delivery,
+    tenant: &TenantConfig,
+    leads: &LeadsConfig,
+    db: &TenantDb,
+) -> Result<Ready, Cause> {
+    let amo = tenant.amocrm.as_ref().ok_or_else(|| Cause::new(FailureKind::Config, "the tenant has no [amocrm]"))?;
+    let owner = Owner::of(tenant, amo, db);
+    let access = ctx.tokens().refresh_if_due(owner, None).await?;
+    let stages = db::amocrm_stages::read(&db.session().await?).await?;
+    if stages.iter().all(|s| s.removed) {
+        return Err(Cause::new(FailureKind::Config, "AmoCRM stages were never synced: leads wait"));
+    }
+    let default = placement::amocrm_default(&leads.amocrm, &stages)
+        .map_err(|e| Cause::new(FailureKind::Config, format!("[leads.amocrm]: {e}")))?;
+    let memory = delivery.memory(&tenant.slug, Crm::AmoCrm);
+    let fields = match memory.amo_fields {
+        Some((at, fields)) if at.elapsed() < FIELDS_FOR => fields,
+        _ => {
+            let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
+            let fields = key_field(&api, &access, db, &leads.amocrm.key_field_name).await?;
+            let kept = fields.clone();
+            delivery.update(&tenant.slug, Crm::AmoCrm, |m| m.amo_fields = Some((Instant::now(), kept)));
+            fields
+        }
+    };
+    Ok(Ready {
+        slug: tenant.slug.clone(),
+        db: db.clone(),
+        amo: amo.clone(),
+        margin: tenant.schedule.token_refresh_margin,
+        access,
+        fields,
+        stages,
+        default,
+        responsible_user_id: leads.amocrm.responsible_user_id,
+    })
+}
+
+/// The key field: the stored one if the account still has it, else a text
+/// field of that name, else one created — only after a complete listing,
+/// and stored only if no other process stored one meanwhile (else that one
+/// is adopted).
+async fn key_field(api: &AmoClient<'_>, access: &Tokens, db: &TenantDb, name: &str) -> Result<Fields, Cause> {
+    let listed: Vec<LeadField> = api.lead_fields(&access.access).await?;
+    let utm_codes =
+        listed.iter().filter_map(|f| f.code.clone()).filter(|code| UTM_CODES.contains(&code.as_str())).collect();
+    let stored = config_row::lead_key_field(&db.session().await?).await?;
+    if let Some(id) = stored
+        && listed.iter().any(|f| f.id == id)
+    {
+        return Ok(Fields { key_field: id, utm_codes });
+    }
+    let id = match listed.iter().find(|f| f.name == name && f.field_type == "text") {
+        Some(field) => field.id,
+        None => {
+            let id = api.create_text_field(&access.access, name).await?;
+            tracing::info!(crm = "amocrm", field = id, name, "created the lead field for delivery keys");
+            id
+        }
+    };
+    let kept = config_row::store_lead_key_field(&db.session().await?, stored, id).await?;
+    Ok(Fields { key_field: kept.unwrap_or(id), utm_codes })
+}
+
+impl Ready {
+    fn owner(&self) -> Owner<'_> {
+        Owner { slug: &self.slug, db: &self.db, amo: &self.amo, margin: self.margin }
+    }
+
+    /// Where the row goes, or why it never can.
+    pub(super) fn check(&self, row: &OutboxRow) -> Result<LeadPlacement, String> {
+        if let Some(why) = delivery::refuse(row, Crm::AmoCrm, Some(self.fields.key_field)) {
+            return Err(why);
+        }
+        placement::place_amocrm(
+            row.pipeline_id.as_deref(),
+            row.stage_id.as_deref(),
+            self.default.as_ref(),
+            &self.stages,
+        )
+    }
+
+    pub(super) async fn send(&mut self, ctx: &Context, row: &OutboxRow, placement: &LeadPlacement) -> SendAnswer {
+        let LeadPlacement::AmoCrm { pipeline_id, status_id } = placement else {
+            return SendAnswer::Refused("not an AmoCRM placement".into());
+        };
+        let target = AmoLeadTarget {
+            pipeline_id: *pipeline_id,
+            status_id: *status_id,
+            responsible_user_id: self.responsible_user_id,
+            key_field_id: self.fields.key_field,
+            utm_codes: &self.fields.utm_codes,
+        };
+        let api = AmoClient::new(&ctx.http, &self.amo.account).with_retry(ctx.retry);
+        let answer = api.send_lead(&self.access.access, row, &target).await;
+        if answer == SendAnswer::Unauthorized {
+            // The row goes back to `pending`, due now; the next row (or this
+            // one again) goes with the refreshed token.
+            match ctx.tokens().refresh_if_due(self.owner(), Some(&self.access.access)).await {
+                Ok(access) => self.access = access,
+                Err(e) => return SendAnswer::AccountRefused(format!("the token was refused and not refreshed: {e}")),
+            }
+        }
+        answer
+    }
+
+    pub(super) async fn find(&mut self, ctx: &Context, row: &OutboxRow) -> LookupAnswer {
+        let api = &AmoClient::new(&ctx.http, &self.amo.account).with_retry(ctx.retry);
+        let (key, field) = (row.delivery_key.as_str(), self.fields.key_field);
+        let sent_at = row.last_attempt_at.unwrap_or_else(Utc::now);
+        let tokens = ctx.tokens();
+        let owner = Owner { slug: &self.slug, db: &self.db, amo: &self.amo, margin: self.margin };
+        let found = tokens
+            .with_fresh_access(owner, &mut self.access, |t| async move { api.find_lead(&t, key, field, sent_at).await })
+            .await;
+        found.unwrap_or_else(|e| LookupAnswer::Inconclusive(e.to_string()))
+    }
+
+    /// The row's comment as a note on its delivered lead, sent once; a
+    /// failure only sets `last_error`.
+    pub(super) async fn add_comment(
+        &mut self,
+        ctx: &Context,
+        db: &TenantDb,
+        seen: Seen,
+        row: &OutboxRow,
+        ids: CreatedIds,
+    ) {
+        let Some(comment) = row.comment.as_deref().filter(|c| !c.trim().is_empty()) else { return };
+        let api = AmoClient::new(&ctx.http, &self.amo.account).with_retry(ctx.retry);
+        if let Err(e) = api.add_note(&self.access.access, ids.entity_id, comment).await {
+            let delivered = Seen { state: crate::model::OutboxState::Delivered, ..seen };
+            let error = format!("delivered, but the comment was not added as a note: {e}");
+            if let Ok(session) = db.session().await {
+                let _ = lead_outbox::note(&session, delivered, None, Some(&error)).await;
+            }
+        }
+    }
+}
