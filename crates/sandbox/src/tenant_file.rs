@@ -98,6 +98,8 @@ pub struct TenantFile {
     schedule: Table,
     amocrm: Option<Crm>,
     bitrix24: Option<Crm>,
+    /// Further tables (`leads`, `leads.amocrm`, …) by header, in order.
+    tables: Vec<(String, Table)>,
 }
 
 impl TenantFile {
@@ -206,6 +208,20 @@ impl TenantFile {
         self
     }
 
+    /// Sets `key` (TOML given as is) in the table `header`, e.g. `leads`
+    /// or `leads.amocrm`; the table is added after the CRM tables.
+    pub fn table_key(mut self, header: &str, key: &str, toml: &str) -> TenantFile {
+        let index = match self.tables.iter().position(|(h, _)| h == header) {
+            Some(index) => index,
+            None => {
+                self.tables.push((header.to_owned(), Table::default()));
+                self.tables.len() - 1
+            }
+        };
+        self.tables[index].1.set(key, toml.to_owned());
+        self
+    }
+
     pub fn text(&self) -> String {
         let mut tables = Vec::new();
         for (name, table) in [("tenant", &self.tenant), ("schedule", &self.schedule)] {
@@ -217,6 +233,9 @@ impl TenantFile {
             if let Some(crm) = crm {
                 crm.render(name, &mut tables);
             }
+        }
+        for (header, table) in &self.tables {
+            tables.push(table.render(header));
         }
         let comments: String = self.comments.iter().map(|comment| format!("# {comment}\n")).collect();
         format!("{comments}{}", tables.join("\n"))
