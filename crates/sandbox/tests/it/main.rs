@@ -2,5 +2,6 @@
 //! the real services answer, faults included.
 
 mod amocrm;
+mod amocrm_leads;
 mod bitrix24;
 mod playground;
