@@ -4,4 +4,5 @@
 mod amocrm;
 mod amocrm_leads;
 mod bitrix24;
+mod bitrix24_leads;
 mod playground;
