@@ -1,7 +1,8 @@
 //! The AmoCRM API v4 sandbox: OAuth 2.0 with single-use codes and rotating
 //! refresh tokens, the account, pipelines with their system statuses (paged
-//! on demand, endlessly if asked), lead creation, and the 7 requests per
-//! second limit, answered the way the vendor documents them.
+//! on demand, endlessly if asked), and the 7 requests per second limit,
+//! answered the way the vendor documents them. Leads, their contacts, custom
+//! fields and notes are in `leads`.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,16 +21,16 @@ use super::faults::RecordedRequest;
 use super::recorder::Recorder;
 use super::{Bound, Front, Handler, Server, lock, respond};
 
+mod leads;
+
+pub use leads::{SandboxContact, SandboxCustomField, SandboxFieldValue, SandboxLead, SandboxNote, validation_refusal};
+
 /// How long an authorization code can be exchanged.
 const CODE_LIFETIME_SECS: i64 = 20 * 60;
 /// How long an unused refresh token stays valid.
 const REFRESH_LIFETIME_SECS: i64 = 90 * 24 * 60 * 60;
 /// The user every token belongs to.
 const CURRENT_USER_ID: i64 = 9_000_001;
-/// The first id given to a created lead.
-const FIRST_LEAD_ID: i64 = 33_000_001;
-/// AmoCRM refuses larger batches.
-const MAX_BATCH: usize = 50;
 /// Made-up pipelines of endless pages get ids from here on.
 const ENDLESS_FIRST_PIPELINE_ID: i64 = 8_000_000;
 
@@ -103,16 +104,6 @@ pub struct SandboxPipeline {
     pub sort: i32,
     pub is_main: bool,
     pub statuses: Vec<SandboxStatus>,
-}
-
-/// A lead created through `POST /api/v4/leads`. `pipeline_id` is where it
-/// landed (the main pipeline when none was sent); `status_id` is as sent.
-#[derive(Clone, Debug)]
-pub struct SandboxLead {
-    pub id: i64,
-    pub name: String,
-    pub pipeline_id: i64,
-    pub status_id: Option<i64>,
 }
 
 /// Token-endpoint outcomes. A rejection counts under the grant it asked for,
@@ -251,10 +242,6 @@ impl AmoSandbox {
         ]
     }
 
-    pub fn leads(&self) -> Vec<SandboxLead> {
-        lock(&self.shared.state).leads.clone()
-    }
-
     pub fn token_stats(&self) -> TokenStats {
         lock(&self.shared.state).stats
     }
@@ -284,8 +271,8 @@ struct State {
     /// Refresh token → expiry, unix seconds; removed when used.
     refresh: HashMap<String, i64>,
     pipelines: Vec<ServedPipeline>,
-    leads: Vec<SandboxLead>,
-    next_lead_id: i64,
+    /// Leads, contacts, notes and the account's custom fields.
+    crm: leads::Store,
     stats: TokenStats,
     /// What the token endpoint writes as `expires_in`, when not the number.
     expires_in_wire: Option<serde_json::Value>,
@@ -300,8 +287,7 @@ impl State {
             access: HashMap::new(),
             refresh: HashMap::new(),
             pipelines: served_pipelines(pipelines),
-            leads: Vec::new(),
-            next_lead_id: FIRST_LEAD_ID,
+            crm: leads::Store::new(),
             stats: TokenStats::default(),
             expires_in_wire: None,
             endless_pipeline_pages: false,
@@ -367,11 +353,8 @@ impl Shared {
             "/oauth2/access_token" if method == "POST" => self.token_endpoint(request),
             "/api/v4/account" if method == "GET" => self.authorized(request, |shared, _| shared.account()),
             "/api/v4/leads/pipelines" if method == "GET" => self.authorized(request, Shared::pipelines),
-            "/api/v4/leads" if method == "POST" => self.authorized(request, Shared::create_leads),
-            "/oauth2/access_token" | "/api/v4/account" | "/api/v4/leads/pipelines" | "/api/v4/leads" => {
-                respond(405, "", Body::empty())
-            }
-            _ => respond(404, "", Body::empty()),
+            "/oauth2/access_token" | "/api/v4/account" | "/api/v4/leads/pipelines" => respond(405, "", Body::empty()),
+            _ => self.route_leads(request).unwrap_or_else(|| respond(404, "", Body::empty())),
         }
     }
 
@@ -578,143 +561,6 @@ impl Shared {
             "_links": { "self": self.link(&href) },
         })
     }
-
-    /// Either every lead of the batch is created or none is.
-    fn create_leads(&self, request: &RecordedRequest) -> Response {
-        let Some(Value::Array(items)) = request.json() else {
-            return api_problem(400, "The request body must be a JSON array of leads");
-        };
-        if items.is_empty() || items.len() > MAX_BATCH {
-            return api_problem(400, "A request creates from 1 to 50 leads");
-        }
-        let mut state = lock(&self.state);
-        let mut checked = Vec::new();
-        let mut failures = Vec::new();
-        for (index, item) in items.iter().enumerate() {
-            let request_id = request_id(item, index);
-            match check_lead(&state.pipelines, item) {
-                Ok(lead) => checked.push((request_id, lead)),
-                Err(errors) => failures.push(json!({ "request_id": request_id, "errors": errors })),
-            }
-        }
-        if !failures.is_empty() {
-            return validation_problem(failures);
-        }
-        let created: Vec<Value> = checked
-            .into_iter()
-            .map(|(request_id, mut lead)| {
-                lead.id = state.next_lead_id;
-                state.next_lead_id += 1;
-                let answer = json!({
-                    "id": lead.id,
-                    "request_id": request_id,
-                    "_links": { "self": self.link(&format!("/api/v4/leads/{}", lead.id)) },
-                });
-                state.leads.push(lead);
-                answer
-            })
-            .collect();
-        let body = json!({
-            "_links": { "self": self.link("/api/v4/leads") },
-            "_embedded": { "leads": created },
-        });
-        respond(200, HAL_JSON, body.to_string())
-    }
-}
-
-/// The item's own `request_id`, else its index.
-fn request_id(item: &Value, index: usize) -> String {
-    match item.get("request_id") {
-        Some(Value::String(text)) => text.clone(),
-        Some(Value::Number(number)) => number.to_string(),
-        _ => index.to_string(),
-    }
-}
-
-/// A lead ready to store (id still 0), or the item's validation errors.
-fn check_lead(pipelines: &[ServedPipeline], item: &Value) -> Result<SandboxLead, Vec<Value>> {
-    let Value::Object(fields) = item else {
-        return Err(vec![field_error("InvalidType", "", "This value should be of type object.")]);
-    };
-    let mut errors = Vec::new();
-    let name = match fields.get("name") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(name)) => name.clone(),
-        Some(_) => {
-            errors.push(field_error("InvalidType", "name", "This value should be of type string."));
-            String::new()
-        }
-    };
-    if fields.get("price").is_some_and(|price| !price.is_null() && !price.is_i64()) {
-        errors.push(field_error("InvalidType", "price", "This value should be of type int."));
-    }
-    let pipeline_id = optional_int(fields.get("pipeline_id"), "pipeline_id", &mut errors);
-    let status_id = optional_int(fields.get("status_id"), "status_id", &mut errors);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let pipeline = match place_lead(pipelines, pipeline_id, status_id) {
-        Ok(pipeline) => pipeline,
-        Err(path) => return Err(vec![not_a_choice(path)]),
-    };
-    Ok(SandboxLead { id: 0, name, pipeline_id: pipeline, status_id })
-}
-
-/// The pipeline a lead lands in, or the path of the field that is not a
-/// valid choice. Without a pipeline id the status decides, then the main
-/// pipeline; a lead cannot be created into the unsorted status.
-fn place_lead(
-    pipelines: &[ServedPipeline],
-    pipeline_id: Option<i64>,
-    status_id: Option<i64>,
-) -> Result<i64, &'static str> {
-    let holds = |served: &ServedPipeline, id: i64| {
-        served.statuses.iter().any(|status| status.id == id && status.status_type != UNSORTED_TYPE)
-    };
-    let main = || pipelines.iter().find(|p| p.pipeline.is_main).or_else(|| pipelines.first());
-    let pipeline = match (pipeline_id, status_id) {
-        (Some(id), _) => pipelines.iter().find(|p| p.pipeline.id == id).ok_or("pipeline_id")?,
-        (None, Some(status)) if status != WON_STATUS_ID && status != LOST_STATUS_ID => {
-            pipelines.iter().find(|p| holds(p, status)).ok_or("status_id")?
-        }
-        (None, _) => main().ok_or("pipeline_id")?,
-    };
-    match status_id {
-        Some(status) if !holds(pipeline, status) => Err("status_id"),
-        _ => Ok(pipeline.pipeline.id),
-    }
-}
-
-fn optional_int(value: Option<&Value>, path: &str, errors: &mut Vec<Value>) -> Option<i64> {
-    match value {
-        None | Some(Value::Null) => None,
-        Some(value) => {
-            let id = value.as_i64();
-            if id.is_none() {
-                errors.push(field_error("InvalidType", path, "This value should be of type int."));
-            }
-            id
-        }
-    }
-}
-
-fn not_a_choice(path: &str) -> Value {
-    field_error("NotSupportedChoice", path, "The value you selected is not a valid choice.")
-}
-
-fn field_error(code: &str, path: &str, detail: &str) -> Value {
-    json!({ "code": code, "path": path, "detail": detail })
-}
-
-fn validation_problem(failures: Vec<Value>) -> Response {
-    let body = json!({
-        "validation-errors": failures,
-        "title": "Bad Request",
-        "type": "https://httpstatus.es/400",
-        "status": 400,
-        "detail": "Request validation failed",
-    });
-    respond(400, PROBLEM_JSON, body.to_string())
 }
 
 fn api_problem(status: u16, detail: &str) -> Response {

@@ -1,8 +1,8 @@
 //! The Bitrix24 portal sandbox: inbound webhooks, deal pipelines and their
-//! stages, lead statuses, deal and lead creation, `batch`, the leaky-bucket
-//! and per-method time limits, a renamed portal, a webhook user without
-//! read rights and lists that break off, answered the way a cloud portal
-//! answers them.
+//! stages, lead statuses, `batch` (with `$result[…]` references), the
+//! leaky-bucket and per-method time limits, a renamed portal, a webhook
+//! user without read rights and lists that break off, answered the way a
+//! cloud portal answers them. Leads, deals and contacts are in `leads`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,6 +24,10 @@ use super::faults::{Fault, RecordedRequest};
 use super::recorder::Recorder;
 use super::{Bound, Front, Gate, Handler, Limit, Server, lock, respond};
 
+mod leads;
+
+pub use leads::{B24Contact, B24Deal, B24Lead};
+
 /// What Bitrix24 labels every REST answer with, errors included.
 const JSON: &str = "application/json; charset=utf-8";
 /// Rows per page of every list method.
@@ -41,8 +45,6 @@ const PROCESSING_SECS: f64 = 0.0015;
 const CATEGORY_CREATED: &str = "2024-02-01T10:00:00+03:00";
 /// PHP ignores form keys nested deeper than this (`max_input_nesting_level`).
 const MAX_NESTING: usize = 64;
-const FIRST_DEAL_ID: i64 = 1;
-const FIRST_LEAD_ID: i64 = 1;
 const DEALS_ENTITY_TYPE_ID: i64 = 2;
 
 const QUERY_LIMIT_BODY: &str = r#"{"error":"QUERY_LIMIT_EXCEEDED","error_description":"Too many requests"}"#;
@@ -109,22 +111,6 @@ pub struct B24Category {
     pub name: String,
     pub sort: i32,
     pub stages: Vec<B24Stage>,
-}
-
-/// A deal created through `crm.deal.add`; `stage_id` is as sent.
-#[derive(Clone, Debug)]
-pub struct B24Deal {
-    pub id: i64,
-    pub title: String,
-    pub category_id: i32,
-    pub stage_id: Option<String>,
-}
-
-/// A lead created through `crm.lead.add`.
-#[derive(Clone, Debug)]
-pub struct B24Lead {
-    pub id: i64,
-    pub title: String,
 }
 
 /// Where a `batch` answer says when the method of a command that met
@@ -304,14 +290,6 @@ impl B24Sandbox {
         ])
     }
 
-    pub fn deals(&self) -> Vec<B24Deal> {
-        lock(&self.shared.state).deals.clone()
-    }
-
-    pub fn leads(&self) -> Vec<B24Lead> {
-        lock(&self.shared.state).leads.clone()
-    }
-
     /// `method` (any case, `.json` suffix or not) answers
     /// `OPERATION_TIME_LIMIT` until the sandbox clock has moved `for_` on.
     pub fn block_method(&self, method: &str, for_: Duration) {
@@ -409,10 +387,8 @@ struct State {
     scopes: Vec<String>,
     categories: Vec<B24Category>,
     lead_statuses: Vec<B24Stage>,
-    deals: Vec<B24Deal>,
-    leads: Vec<B24Lead>,
-    next_deal_id: i64,
-    next_lead_id: i64,
+    /// Leads, deals and contacts, and the portal's CRM mode.
+    crm: leads::Store,
     /// Method name → its current window.
     operating: HashMap<String, Operating>,
     /// Method name → when (sandbox unix seconds) its forced block ends.
@@ -431,10 +407,7 @@ impl State {
             scopes,
             categories: served_categories(B24Sandbox::default_categories()),
             lead_statuses: B24Sandbox::default_lead_statuses(),
-            deals: Vec::new(),
-            leads: Vec::new(),
-            next_deal_id: FIRST_DEAL_ID,
-            next_lead_id: FIRST_LEAD_ID,
+            crm: leads::Store::new(),
             operating: HashMap::new(),
             blocked: HashMap::new(),
             blocked_command_time: BlockedCommandTime::default(),
@@ -583,6 +556,9 @@ impl Shared {
         if state.denied.iter().any(|denied| denied == method) {
             return (Err(Failure::new(400, "ACCESS_DENIED", "Access denied.")), time);
         }
+        if let Some(failure) = state.crm.take_refusal(method) {
+            return (Err(failure), time);
+        }
         if let Some(reset_at) = self.blocked_until(state, method, now, window) {
             time = time_block(now, window.total, reset_at);
             let mut failure =
@@ -646,7 +622,10 @@ impl Shared {
         let mut outer_reset: Option<f64> = None;
         for (key, command) in parsed {
             let (outcome, time) = match command {
-                Some((method, params)) => self.call(state, &method, &params, now),
+                Some((method, mut params)) => {
+                    leads::resolve_references(&mut params, &results, &totals, &nexts);
+                    self.call(state, &method, &params, now)
+                }
                 None => (Err(Failure::method_not_found()), time_block(now, 0.0, now + OPERATING_WINDOW_SECS)),
             };
             let blocked = outcome.as_ref().err().is_some_and(|failure| failure.error == "OPERATION_TIME_LIMIT");
@@ -700,9 +679,7 @@ fn is_known(method: &str) -> bool {
             | "crm.dealcategory.default.get"
             | "crm.dealcategory.stage.list"
             | "crm.status.list"
-            | "crm.deal.add"
-            | "crm.lead.add"
-    )
+    ) || leads::is_known(method)
 }
 
 fn run(state: &mut State, method: &str, params: &Map<String, Value>, config: &B24SandboxConfig) -> Outcome {
@@ -726,8 +703,7 @@ fn run(state: &mut State, method: &str, params: &Map<String, Value>, config: &B2
         }
         "crm.dealcategory.stage.list" => Ok(Success::single(stage_list(state, params))),
         "crm.status.list" => status_list(state, params),
-        "crm.deal.add" => add_deal(state, params),
-        "crm.lead.add" => add_lead(state, params),
+        _ if leads::is_known(method) => leads::run(state, method, params, config),
         _ => Err(Failure::method_not_found()),
     }
 }
@@ -834,45 +810,6 @@ fn sorted(stages: &[B24Stage]) -> Vec<B24Stage> {
     let mut stages = stages.to_vec();
     stages.sort_by_key(|stage| stage.sort);
     stages
-}
-
-fn add_deal(state: &mut State, params: &Map<String, Value>) -> Outcome {
-    let fields = fields(params)?;
-    let category_id = match fields.get("CATEGORY_ID") {
-        None | Some(Value::Null) => 0,
-        Some(Value::String(text)) if text.trim().is_empty() => 0,
-        Some(value) => {
-            let known = as_int(value).and_then(|id| state.category(id)).map(|category| category.id);
-            known.ok_or_else(|| Failure::new(400, "", "Category not found"))?
-        }
-    };
-    let id = state.next_deal_id;
-    state.next_deal_id += 1;
-    let title = title(fields, || format!("Сделка #{id}"));
-    let stage_id = fields.get("STAGE_ID").and_then(as_text).filter(|stage| !stage.is_empty());
-    state.deals.push(B24Deal { id, title, category_id, stage_id });
-    Ok(Success::single(json!(id)))
-}
-
-fn add_lead(state: &mut State, params: &Map<String, Value>) -> Outcome {
-    let fields = fields(params)?;
-    let id = state.next_lead_id;
-    state.next_lead_id += 1;
-    let title = title(fields, || format!("Лид #{id}"));
-    state.leads.push(B24Lead { id, title });
-    Ok(Success::single(json!(id)))
-}
-
-fn fields(params: &Map<String, Value>) -> Result<&Map<String, Value>, Failure> {
-    match params.get("fields") {
-        Some(Value::Object(fields)) => Ok(fields),
-        _ => Err(Failure::new(400, "", "Parameter 'fields' must be array.")),
-    }
-}
-
-/// Bitrix24 names an untitled item after its id.
-fn title(fields: &Map<String, Value>, untitled: impl FnOnce() -> String) -> String {
-    fields.get("TITLE").and_then(as_text).filter(|title| !title.trim().is_empty()).unwrap_or_else(untitled)
 }
 
 /// Page of `rows` from `start`, with `total` and, when more remain, `next`.

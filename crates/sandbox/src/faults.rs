@@ -1,7 +1,7 @@
 //! What every CRM sandbox shares besides its API: injected faults (canned
-//! answers, delays, late answers, dropped connections, cut, huge and
-//! trickling bodies) and the log of every request it received, which tests
-//! can inspect or await.
+//! answers, delays, late answers, dropped connections before or after the
+//! work is done, cut, huge and trickling bodies) and the log of every
+//! request it received, which tests can inspect or await.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -35,6 +35,10 @@ pub enum Fault {
     LateAnswer(Duration),
     /// Closes the connection without any HTTP response.
     DropConnection,
+    /// Lets the request through the rate limit to the CRM, which does its
+    /// work (a lead is created and stored), then closes the connection
+    /// without any HTTP response: the outcome a client cannot know.
+    DropAfterExecuting,
     /// A 200 whose JSON body stops halfway (with a matching `Content-Length`,
     /// so only the JSON parse fails).
     TruncatedBody,
@@ -79,18 +83,45 @@ impl Fault {
     }
 }
 
+/// Which requests an injected fault waits for.
+#[derive(Debug)]
+enum Target {
+    /// Any method, a path starting with this ("" matches all).
+    Prefix(String),
+    /// This method (any case) on exactly this path.
+    Exact { method: String, path: String },
+}
+
+impl Target {
+    fn matches(&self, method: &str, path: &str) -> bool {
+        match self {
+            Target::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            Target::Exact { method: wanted, path: exact } => wanted.eq_ignore_ascii_case(method) && path == exact,
+        }
+    }
+}
+
 /// Faults waiting for the requests they will spoil, in injection order.
 #[derive(Debug, Default)]
 pub struct Faults {
-    queue: Mutex<VecDeque<(String, Fault)>>,
+    queue: Mutex<VecDeque<(Target, Fault)>>,
 }
 
 impl Faults {
     /// The next `times` requests whose path starts with `path_prefix` get
     /// `fault` (queued in order; "" matches all).
     pub fn inject(&self, path_prefix: &str, fault: Fault, times: usize) {
-        let mut queue = lock(&self.queue);
-        queue.extend(std::iter::repeat_n((path_prefix.to_owned(), fault), times));
+        let target = || Target::Prefix(path_prefix.to_owned());
+        lock(&self.queue).extend(std::iter::repeat_with(|| (target(), fault.clone())).take(times));
+    }
+
+    /// The next `times` requests of HTTP `method` to exactly `path` get
+    /// `fault`: one endpoint among others under the same prefix (a create
+    /// but not the list on the same path, `/leads/complex` but not
+    /// `/leads`). Queued in order with the faults of `inject`.
+    pub fn inject_for(&self, method: &str, path: &str, fault: Fault, times: usize) {
+        let target = || Target::Exact { method: method.to_owned(), path: path.to_owned() };
+        lock(&self.queue).extend(std::iter::repeat_with(|| (target(), fault.clone())).take(times));
     }
 
     /// Forgets every fault not yet delivered.
@@ -98,10 +129,15 @@ impl Faults {
         lock(&self.queue).clear();
     }
 
-    /// Removes and returns the earliest fault meant for `path`.
-    pub(crate) fn take(&self, path: &str) -> Option<Fault> {
+    /// Faults not yet delivered.
+    pub fn pending(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
+    /// Removes and returns the earliest fault meant for `method` on `path`.
+    pub(crate) fn take(&self, method: &str, path: &str) -> Option<Fault> {
         let mut queue = lock(&self.queue);
-        let index = queue.iter().position(|(prefix, _)| path.starts_with(prefix.as_str()))?;
+        let index = queue.iter().position(|(target, _)| target.matches(method, path))?;
         queue.remove(index).map(|(_, fault)| fault)
     }
 }

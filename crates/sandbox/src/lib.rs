@@ -195,15 +195,16 @@ impl Front {
         response
     }
 
-    /// Injected faults come first and, apart from a delay, replace the
-    /// normal answer without touching the rate limit or the CRM state.
+    /// Injected faults come first and, apart from a delay, a late answer
+    /// and a drop after executing, replace the normal answer without
+    /// touching the rate limit or the CRM state.
     async fn answer_readable(
         &self,
         request: &RecordedRequest,
         connection: &Connection,
         serving: &Serving,
     ) -> (u16, Response) {
-        match self.faults.take(&request.path) {
+        match self.faults.take(&request.method, &request.path) {
             None => self.admit_then(request, serving),
             Some(Fault::Delay(pause)) => {
                 tokio::time::sleep(pause).await;
@@ -217,6 +218,13 @@ impl Front {
             Some(Fault::Status { status, content_type, body }) => (status, respond(status, content_type, body)),
             Some(Fault::TruncatedBody) => (200, respond(200, "application/json", Fault::truncated_body())),
             Some(Fault::DropConnection) => {
+                connection.drop_now();
+                (0, respond(500, "", Body::empty()))
+            }
+            Some(Fault::DropAfterExecuting) => {
+                // The work is done (or refused by the limit) before the
+                // connection goes: what the CRM decided stands, unseen.
+                let _executed = self.admit_then(request, serving);
                 connection.drop_now();
                 (0, respond(500, "", Body::empty()))
             }
