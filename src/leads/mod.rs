@@ -91,7 +91,7 @@ pub struct PassReport {
 /// The CRM side of a pass, ready to send.
 enum Channel {
     AmoCrm(Box<amocrm::Ready>),
-    Bitrix24(bitrix24::Ready),
+    Bitrix24(Box<bitrix24::Ready>),
 }
 
 /// One pass over `tenant`'s outbox, handling at most `limit` rows.
@@ -126,7 +126,9 @@ pub async fn pass(
     }
     let channel = match crm {
         Crm::AmoCrm => amocrm::ready(ctx, delivery, tenant, leads, &db).await.map(|r| Channel::AmoCrm(Box::new(r))),
-        Crm::Bitrix24 => bitrix24::ready(ctx, delivery, tenant, leads, &db).await.map(Channel::Bitrix24),
+        Crm::Bitrix24 => {
+            bitrix24::ready(ctx, delivery, tenant, leads, &db).await.map(|r| Channel::Bitrix24(Box::new(r)))
+        }
     };
     let mut channel = match channel {
         Ok(channel) => channel,

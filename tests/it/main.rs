@@ -8,6 +8,7 @@ mod dry_run;
 mod example;
 mod faults;
 mod layering;
+mod leads;
 mod migrations;
 mod pools;
 mod robustness;

@@ -169,3 +169,51 @@ pub async fn snapshot(client: &Client) -> Vec<String> {
     }
     rows
 }
+
+/// A row of `crm_lead_outbox`, the columns the daemon writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub delivery_key: String,
+    pub state: String,
+    pub attempts: i32,
+    pub crm: Option<String>,
+    pub entity_type: Option<String>,
+    pub entity_id: Option<i64>,
+    pub contact_id: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+impl OutboxRow {
+    /// Every row, by id.
+    pub async fn all(client: &Client) -> Vec<OutboxRow> {
+        client
+            .query(
+                "SELECT id, delivery_key::text, state, attempts, crm, crm_entity_type, crm_entity_id, crm_contact_id,
+                        last_error
+                 FROM crm_lead_outbox ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| OutboxRow {
+                id: r.get(0),
+                delivery_key: r.get(1),
+                state: r.get(2),
+                attempts: r.get(3),
+                crm: r.get(4),
+                entity_type: r.get(5),
+                entity_id: r.get(6),
+                contact_id: r.get(7),
+                last_error: r.get(8),
+            })
+            .collect()
+    }
+
+    pub async fn one(client: &Client) -> OutboxRow {
+        let mut rows = OutboxRow::all(client).await;
+        assert_eq!(rows.len(), 1, "{rows:#?}");
+        rows.remove(0)
+    }
+}

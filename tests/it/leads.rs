@@ -1,0 +1,294 @@
+//! Lead delivery against the sandboxes: each outcome of the contract's
+//! outcome table, the lookup before any resend, crashes and concurrency —
+//! counted in the leads the CRM ends up with.
+
+use std::time::Duration;
+
+use crm_connect::apply::apply_tenant;
+use crm_connect::config::TenantConfig;
+use crm_connect::leads::{self, PassReport};
+use crm_connect_sandbox::faults::Fault;
+use crm_connect_sandbox::tenant_file::TenantFile;
+use tokio_postgres::Client;
+
+use crate::support::fast_context;
+use crate::support::rows::OutboxRow;
+use crate::support::world::World;
+
+/// A tenant with `[leads]`, connected (stages synced, tables migrated).
+async fn connected(world: &World, file: TenantFile) -> (TenantConfig, Client) {
+    let file = file.table_key("leads", "poll", "\"1s\"");
+    world.write(&file);
+    let tenant = world.tenant(&file);
+    let applied = apply_tenant(&world.ctx, &tenant).await.unwrap();
+    assert!(!applied.failed(), "{applied:?}");
+    (tenant, world.client().await)
+}
+
+async fn insert(client: &Client, title: &str, phone: Option<&str>) -> String {
+    client
+        .query_one(
+            "INSERT INTO crm_lead_outbox (title, phone) VALUES ($1, $2) RETURNING delivery_key::text",
+            &[&title, &phone],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn deliver(world: &World, tenant: &TenantConfig) -> PassReport {
+    leads::until_done(&world.ctx, tenant, tenant.leads.as_ref().unwrap()).await.unwrap()
+}
+
+/// What the contract's settle time would bring: the row's lookup is due.
+async fn lookup_due(client: &Client) {
+    client.execute("UPDATE crm_lead_outbox SET next_attempt_at = now() WHERE state = 'sending'", &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_amocrm_lead_is_created_once_with_its_key_contact_and_first_stage_of_the_main_pipeline() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    let key = insert(&client, "Order 1", Some("+7 900 000 00 01")).await;
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!((report.sent, report.delivered, report.failed), (1, 1, 0), "{report:?}");
+    let row = OutboxRow::one(&client).await;
+    let leads = world.amo().leads();
+    assert_eq!(leads.len(), 1, "{leads:#?}");
+    let lead = &leads[0];
+    assert_eq!(
+        (row.state.as_str(), row.crm.as_deref(), row.entity_type.as_deref(), row.entity_id, row.contact_id),
+        ("delivered", Some("amocrm"), Some("lead"), Some(lead.id), lead.contact_id),
+    );
+    assert_eq!(lead.name, "Order 1");
+    let key_field = world.amo().lead_custom_fields().into_iter().find(|f| f.name == "crm-connect key").unwrap();
+    assert_eq!(lead.field_texts(&key_field.id.to_string()), [key]);
+    let contact = world.amo().contacts().into_iter().find(|c| Some(c.id) == lead.contact_id).unwrap();
+    assert_eq!(contact.field_texts("PHONE"), ["+7 900 000 00 01"]);
+    // Nothing is due any more: a second run sends nothing.
+    assert_eq!(deliver(&world, &tenant).await, PassReport::default());
+    assert_eq!(world.amo().creates(), 1);
+}
+
+#[tokio::test]
+async fn an_amocrm_answer_lost_after_the_create_is_found_by_its_key_and_the_lead_is_never_sent_twice() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order 2", None).await;
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", Fault::DropAfterExecuting, 1);
+
+    let first = deliver(&world, &tenant).await;
+    assert_eq!((first.sent, first.delivered), (1, 0), "{first:?}");
+    assert_eq!(OutboxRow::one(&client).await.state, "sending");
+    // Before its lookup is due, the row is left alone: not sent again.
+    assert_eq!(deliver(&world, &tenant).await, PassReport::default());
+    lookup_due(&client).await;
+    let second = deliver(&world, &tenant).await;
+
+    assert_eq!((second.sent, second.looked_up, second.delivered), (0, 1, 1), "{second:?}");
+    let leads = world.amo().leads();
+    assert_eq!(leads.len(), 1, "{leads:#?}");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.entity_id, row.attempts), ("delivered", Some(leads[0].id), 1));
+    assert_eq!(world.amo().creates(), 1);
+}
+
+#[tokio::test]
+async fn a_bitrix24_deal_answer_lost_after_the_create_is_found_by_its_key_and_never_sent_twice() {
+    let world = World::bitrix24().await;
+    let (tenant, client) = connected(&world, world.file().entity_type("deal")).await;
+    insert(&client, "Order 3", Some("+7 900 000 00 03")).await;
+    let batch = world.portal().method_path("batch");
+    world.portal().faults().inject_for("POST", &batch, Fault::DropAfterExecuting, 1);
+
+    let first = deliver(&world, &tenant).await;
+    assert_eq!((first.sent, first.delivered), (1, 0), "{first:?}");
+    lookup_due(&client).await;
+    let second = deliver(&world, &tenant).await;
+
+    assert_eq!((second.looked_up, second.delivered), (1, 1), "{second:?}");
+    let (deals, contacts) = (world.portal().deals(), world.portal().contacts());
+    assert_eq!((deals.len(), contacts.len()), (1, 1), "{deals:#?} {contacts:#?}");
+    assert_eq!(deals[0].contact_ids, [contacts[0].id]);
+    let row = OutboxRow::one(&client).await;
+    assert_eq!(
+        (row.state.as_str(), row.entity_type.as_deref(), row.entity_id, row.contact_id),
+        ("delivered", Some("deal"), Some(deals[0].id), Some(contacts[0].id))
+    );
+}
+
+#[tokio::test]
+async fn a_deal_whose_contact_landed_but_whose_deal_did_not_is_sent_alone_with_that_contact() {
+    let world = World::bitrix24().await;
+    let (tenant, client) = connected(&world, world.file().entity_type("deal")).await;
+    let key = insert(&client, "Order 4", Some("+7 900 000 00 04")).await;
+    // In the batch, the contact is created, the deal refused before it
+    // runs; the answer is lost.
+    world.portal().refuse_calls("crm.deal.add", 1, 503, "QUERY_LIMIT_EXCEEDED", "Too many requests");
+    let batch = world.portal().method_path("batch");
+    world.portal().faults().inject_for("POST", &batch, Fault::DropAfterExecuting, 1);
+
+    deliver(&world, &tenant).await;
+    assert_eq!((world.portal().contacts().len(), world.portal().deals().len()), (1, 0));
+    lookup_due(&client).await;
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!(report.delivered, 1, "{report:?}");
+    let (deals, contacts) = (world.portal().deals(), world.portal().contacts());
+    assert_eq!((deals.len(), contacts.len()), (1, 1), "no second contact: {contacts:#?}");
+    assert_eq!(deals[0].contact_ids, [contacts[0].id]);
+    assert_eq!(deals[0].text("ORIGIN_ID").as_deref(), Some(key.as_str()));
+    assert_eq!(OutboxRow::one(&client).await.contact_id, Some(contacts[0].id));
+}
+
+#[tokio::test]
+async fn a_429_returns_the_row_to_pending_and_a_later_pass_delivers_it_once() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order 5", None).await;
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", Fault::too_many_requests(), 1);
+
+    let first = deliver(&world, &tenant).await;
+    assert_eq!((first.sent, first.delivered), (1, 0), "{first:?}");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 1), "{row:?}");
+    assert!(row.last_error.as_deref().is_some_and(|e| e.contains("429")), "{row:?}");
+    assert!(world.amo().leads().is_empty());
+    // The retry's time comes (the pause is the process's own: a new one).
+    client.execute("UPDATE crm_lead_outbox SET next_attempt_at = now()", &[]).await.unwrap();
+    let later = deliver(&world, &tenant).await;
+
+    assert_eq!(later.delivered, 1, "{later:?}");
+    assert_eq!(world.amo().leads().len(), 1);
+    assert_eq!(OutboxRow::one(&client).await.attempts, 2);
+}
+
+#[tokio::test]
+async fn a_validation_refusal_fails_the_row_which_is_never_sent_again() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order 6", None).await;
+    let refusal = crm_connect_sandbox::amocrm::validation_refusal("/api/v4/leads/complex", "price must be an int");
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", refusal, 1);
+
+    let report = deliver(&world, &tenant).await;
+    client.execute("UPDATE crm_lead_outbox SET next_attempt_at = now()", &[]).await.unwrap();
+    let again = deliver(&world, &tenant).await;
+
+    assert_eq!((report.sent, report.failed), (1, 1), "{report:?}");
+    assert_eq!(again, PassReport::default());
+    let row = OutboxRow::one(&client).await;
+    assert_eq!(row.state, "failed");
+    assert!(row.last_error.as_deref().is_some_and(|e| e.contains("HTTP 400")), "{row:?}");
+    assert_eq!(world.amo().creates(), 0);
+}
+
+#[tokio::test]
+async fn a_row_with_no_title_and_no_contact_fails_without_any_request() {
+    let world = World::bitrix24().await;
+    let (tenant, client) = connected(&world, world.file()).await;
+    client.execute("INSERT INTO crm_lead_outbox (comment) VALUES ('just a comment')", &[]).await.unwrap();
+    let before = world.portal().requests().len();
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!((report.sent, report.failed), (0, 1), "{report:?}");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!(row.state, "failed");
+    assert_eq!(row.last_error.as_deref(), Some("the lead has no title and no contact (contact_name, phone or email)"));
+    assert_eq!(world.portal().requests().len(), before, "no request for a row that can never be delivered");
+}
+
+#[tokio::test]
+async fn two_producers_inserting_one_delivery_key_make_one_lead() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    let key = "6f1c9c1e-0000-4000-8000-000000000001";
+    for _ in 0..2 {
+        client
+            .execute(
+                "INSERT INTO crm_lead_outbox (delivery_key, title) VALUES ($1::text::uuid, 'Same')
+                 ON CONFLICT (delivery_key) DO NOTHING",
+                &[&key],
+            )
+            .await
+            .unwrap();
+    }
+
+    deliver(&world, &tenant).await;
+
+    assert_eq!(OutboxRow::one(&client).await.state, "delivered");
+    assert_eq!(world.amo().leads().len(), 1);
+}
+
+#[tokio::test]
+async fn two_delivery_processes_at_once_send_each_row_once() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    for i in 0..10 {
+        insert(&client, &format!("Order {i}"), None).await;
+    }
+    // Separate contexts: separate pools and token vaults, as two processes.
+    // Together they exceed the account's rate limit now and then: a row
+    // refused with 429 waits, and the next round (its time brought
+    // forward) sends it.
+    let (a, b) = (fast_context(), fast_context());
+    let leads = tenant.leads.as_ref().unwrap();
+    let mut sent = 0;
+    for _round in 0..20 {
+        let (ra, rb) = tokio::join!(leads::until_done(&a, &tenant, leads), leads::until_done(&b, &tenant, leads));
+        sent += ra.unwrap().sent + rb.unwrap().sent;
+        if OutboxRow::all(&client).await.iter().all(|r| r.state == "delivered") {
+            break;
+        }
+        client
+            .execute("UPDATE crm_lead_outbox SET next_attempt_at = now() WHERE state = 'pending'", &[])
+            .await
+            .unwrap();
+    }
+
+    let rows = OutboxRow::all(&client).await;
+    assert!(rows.iter().all(|r| r.state == "delivered"), "{rows:#?}");
+    let leads = world.amo().leads();
+    let mut names: Vec<String> = leads.iter().map(|l| l.name.clone()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!((leads.len(), names.len()), (10, 10), "each row once: {names:?}");
+    assert_eq!(world.amo().creates(), 10, "no create twice ({sent} sends, 429s included)");
+}
+
+#[tokio::test]
+async fn a_process_killed_between_the_create_and_its_commit_leaves_one_lead_after_a_restart() {
+    let world = World::amocrm().await;
+    let (_, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order 7", None).await;
+    // The CRM creates the lead at once; its answer would come much later.
+    let late = Fault::LateAnswer(Duration::from_secs(60));
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", late, 1);
+
+    let mut first = tokio::process::Command::new(env!("CARGO_BIN_EXE_crm-connect"))
+        .args(["--config", world.config(), "deliver"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while world.amo().leads().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the CRM never got the create");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    assert_eq!(OutboxRow::one(&client).await.state, "sending", "killed before any outcome was written");
+
+    lookup_due(&client).await;
+    let run = crate::support::crm_connect(&["--config", world.config(), "deliver"], &[]).await;
+
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(world.amo().leads().len(), 1, "exactly one lead");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.entity_id), ("delivered", Some(world.amo().leads()[0].id)));
+}
