@@ -4,6 +4,7 @@
 
 mod document;
 mod files;
+mod leads;
 mod problem;
 mod secret_source;
 mod stages;
@@ -15,6 +16,10 @@ use std::time::Duration;
 use sha2::Digest;
 
 pub use files::is_tenant_file;
+pub use leads::{
+    AmoLeadDefaults, B24LeadDefaults, DEFAULT_KEY_FIELD_NAME, DEFAULT_LEADS_POLL, DEFAULT_MAX_ATTEMPTS, LeadsConfig,
+    PipelineRef,
+};
 pub use problem::{Problem, Severity};
 pub use secret_source::{Environment, SOURCE_KEYS};
 pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
@@ -34,6 +39,8 @@ pub struct TenantConfig {
     pub schedule: Schedule,
     pub amocrm: Option<AmoCrmConfig>,
     pub bitrix24: Option<Bitrix24Config>,
+    /// `[leads]`: present = deliver the rows of `crm_lead_outbox`.
+    pub leads: Option<LeadsConfig>,
 }
 
 impl TenantConfig {

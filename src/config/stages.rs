@@ -7,7 +7,7 @@ use std::fmt;
 use toml::de::DeValue;
 use unicode_normalization::UnicodeNormalization;
 
-use super::document::{Table, as_i64, wrong_type};
+use super::document::{Table, Value, as_i64, wrong_type};
 use super::problem::Problems;
 
 pub const MAPPING_KEYS: &[&str] = &["qualified", "success", "fail"];
@@ -161,36 +161,40 @@ fn read_list<R: StageRef>(
 ) -> Option<Vec<(R, std::ops::Range<usize>)>> {
     let items = table.array(key, problems)?;
     let path = table.path(key);
-    let mut out = Vec::new();
-    for item in items {
-        let span = item.span();
-        if let Some(parsed) = R::from_scalar(item.get_ref()) {
-            match parsed {
-                Ok(r) => out.push((r, span)),
-                Err(why) => problems.error(Some(span), format!("`{path}`: {why}")),
-            }
-            continue;
+    let shown = format!("{path}[]");
+    Some(items.iter().filter_map(|item| Some((read_ref::<R>(item, &path, &shown, problems)?, item.span()))).collect())
+}
+
+/// Reads one stage reference, reporting what is wrong with it. `path` names
+/// it in messages, `shown` in a wrong-type message (`….success[]` for an
+/// item of a list). `[leads.<crm>].stage` reads its single reference here
+/// too: one set of rules for every place a stage is named.
+pub(crate) fn read_ref<R: StageRef>(item: &Value<'_>, path: &str, shown: &str, problems: &mut Problems) -> Option<R> {
+    let span = item.span();
+    if let Some(parsed) = R::from_scalar(item.get_ref()) {
+        return parsed.map_err(|why| problems.error(Some(span), format!("`{path}`: {why}"))).ok();
+    }
+    let DeValue::Table(names) = item.get_ref() else {
+        let expected = format!("an id or a table like {{ {} = \"…\", stage = \"…\" }}", R::NAME_KEYS[0]);
+        problems.error(Some(span), wrong_type(shown, &expected, item.get_ref()));
+        return None;
+    };
+    let names = Table { name: path, table: names, span: span.clone() };
+    names.check_keys(R::NAME_KEYS, problems);
+    let container = names.str(R::NAME_KEYS[0], problems);
+    let stage = names.str("stage", problems);
+    match (container, stage) {
+        (Some(c), Some(s)) if !c.get_ref().trim().is_empty() && !s.get_ref().trim().is_empty() => {
+            Some(R::from_names(c.get_ref(), s.get_ref()))
         }
-        let DeValue::Table(names) = item.get_ref() else {
-            let expected = format!("an id or a table like {{ {} = \"…\", stage = \"…\" }}", R::NAME_KEYS[0]);
-            problems.error(Some(span), wrong_type(&format!("{path}[]"), &expected, item.get_ref()));
-            continue;
-        };
-        let names = Table { name: &path, table: names, span: span.clone() };
-        names.check_keys(R::NAME_KEYS, problems);
-        let container = names.str(R::NAME_KEYS[0], problems);
-        let stage = names.str("stage", problems);
-        match (container, stage) {
-            (Some(c), Some(s)) if !c.get_ref().trim().is_empty() && !s.get_ref().trim().is_empty() => {
-                out.push((R::from_names(c.get_ref(), s.get_ref()), span));
-            }
-            _ => problems.error(
+        _ => {
+            problems.error(
                 Some(span),
                 format!("`{path}`: a name reference needs non-empty `{}` and `stage`", R::NAME_KEYS[0]),
-            ),
+            );
+            None
         }
     }
-    Some(out)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use toml::de::DeTable;
 
 use super::document::Table;
+use super::leads;
 use super::problem::Problems;
 use super::secret_source::read_secret;
 use super::stages::{self, read_mapping};
@@ -15,7 +16,8 @@ use super::{AmoCrmConfig, Bitrix24Config, CronExpr, LoadOptions, Schedule, Tenan
 use crate::model::{AmoAccount, AmoDomain, EntityType, Webhook, is_loopback};
 use crate::secret::Secret;
 
-pub const ROOT_KEYS: &[&str] = &["tenant", "schedule", "amocrm", "bitrix24"];
+// `funnel` is not read yet: until it is, `[funnel]` is an unknown key like any other.
+pub const ROOT_KEYS: &[&str] = &["tenant", "schedule", "amocrm", "bitrix24", "leads"];
 pub const TENANT_KEYS: &[&str] = &["slug", "database_url"];
 /// Durations are capped at validation: no arithmetic on them can overflow.
 const MAX_TOKEN_REFRESH_MARGIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
@@ -44,6 +46,9 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
     ("amocrm.stages", stages::MAPPING_KEYS),
     ("bitrix24", BITRIX24_KEYS),
     ("bitrix24.stages", stages::MAPPING_KEYS),
+    ("leads", leads::LEADS_KEYS),
+    ("leads.amocrm", leads::LEADS_AMOCRM_KEYS),
+    ("leads.bitrix24", leads::LEADS_BITRIX24_KEYS),
 ];
 
 pub const DEFAULT_STAGE_RESYNC: &str = "*/15 * * * *";
@@ -70,6 +75,7 @@ pub(crate) fn read_tenant(
     let schedule = read_schedule(root.table("schedule", "schedule", problems), problems);
     let amocrm = root.table("amocrm", "amocrm", problems).and_then(|t| read_amocrm(&t, dir, options, problems));
     let bitrix24 = root.table("bitrix24", "bitrix24", problems).and_then(|t| read_bitrix24(&t, dir, options, problems));
+    let leads = leads::read_leads(&root, problems);
 
     if root.get("amocrm").is_none() && root.get("bitrix24").is_none() {
         problems.warning(None, "the tenant has neither [amocrm] nor [bitrix24]: only its database will be migrated");
@@ -80,8 +86,15 @@ pub(crate) fn read_tenant(
     let (Some(slug), Some(database_url), Some(schedule)) = (slug, database_url, schedule) else {
         return (None, None);
     };
-    let config =
-        TenantConfig { slug: slug.0.clone(), file: file.to_path_buf(), database_url, schedule, amocrm, bitrix24 };
+    let config = TenantConfig {
+        slug: slug.0.clone(),
+        file: file.to_path_buf(),
+        database_url,
+        schedule,
+        amocrm,
+        bitrix24,
+        leads,
+    };
     (Some(slug), Some(config))
 }
 

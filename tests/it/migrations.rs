@@ -1,5 +1,6 @@
 //! The migrations: every table of database.md, additive on a database that
-//! already has its own `config`, and safe when two processes run them at once.
+//! already has its own `config`, and safe when two processes run them at once;
+//! the lead outbox as producers use it.
 
 use crm_connect::db::{self, PoolSettings, Pools};
 use crm_connect::secret::Secret;
@@ -46,6 +47,26 @@ async fn unique_keys(client: &Client, table: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Every index of `table`: its columns, whether unique, and its predicate.
+async fn indexes(client: &Client, table: &str) -> Vec<(Vec<String>, bool, Option<String>)> {
+    client
+        .query(
+            "SELECT (SELECT array_agg(a.attname::text ORDER BY k.n)
+                     FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum),
+                    i.indisunique,
+                    pg_get_expr(i.indpred, i.indrelid)
+             FROM pg_index i
+             WHERE i.indrelid = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
 fn check_columns(actual: &[(String, String)], expected: &[(&str, &str)]) {
     for (name, ty) in expected {
         assert!(actual.iter().any(|(n, t)| n == name && t == ty), "missing column {name} {ty} in {actual:?}");
@@ -76,6 +97,7 @@ async fn an_empty_database_gets_every_table_of_the_contract() {
             ("bitrix24_user_id", "integer"),
             ("bitrix24_entity_type", "text"),
             ("bitrix24_connected_at", "timestamp with time zone"),
+            ("amocrm_lead_key_field_id", "bigint"),
         ],
     );
     let ids: Vec<i32> = client.query("SELECT id FROM config", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
@@ -147,6 +169,102 @@ async fn an_empty_database_gets_every_table_of_the_contract() {
         &columns(&client, "crm_connect_events").await,
         &[("id", "bigint"), ("at", "timestamp with time zone"), ("crm", "text"), ("kind", "text"), ("detail", "jsonb")],
     );
+
+    check_columns(
+        &columns(&client, "crm_lead_outbox").await,
+        &[
+            ("id", "bigint"),
+            ("delivery_key", "uuid"),
+            ("created_at", "timestamp with time zone"),
+            ("title", "text"),
+            ("contact_name", "text"),
+            ("phone", "text"),
+            ("email", "text"),
+            ("comment", "text"),
+            ("price", "numeric"),
+            ("source", "text"),
+            ("utm_source", "text"),
+            ("utm_medium", "text"),
+            ("utm_campaign", "text"),
+            ("utm_content", "text"),
+            ("utm_term", "text"),
+            ("pipeline_id", "text"),
+            ("stage_id", "text"),
+            ("responsible_user_id", "bigint"),
+            ("meta_lead_id", "text"),
+            ("ctwa_clid", "text"),
+            ("extra", "jsonb"),
+            ("state", "text"),
+            ("attempts", "integer"),
+            ("next_attempt_at", "timestamp with time zone"),
+            ("last_attempt_at", "timestamp with time zone"),
+            ("delivered_at", "timestamp with time zone"),
+            ("last_error", "text"),
+            ("crm", "text"),
+            ("crm_entity_type", "text"),
+            ("crm_entity_id", "bigint"),
+            ("crm_contact_id", "bigint"),
+        ],
+    );
+    let outbox = indexes(&client, "crm_lead_outbox").await;
+    let has = |columns: &[&str], unique: bool| {
+        outbox.iter().any(|(c, u, p)| c.iter().eq(columns.iter()) && *u == unique && p.is_none())
+    };
+    assert!(has(&["id"], true) && has(&["delivery_key"], true), "{outbox:?}");
+    assert!(has(&["crm", "crm_entity_type", "crm_entity_id"], false), "{outbox:?}");
+    // The index a delivery pass reads covers the due states only.
+    let due = outbox.iter().find(|(c, _, p)| c == &["next_attempt_at"] && p.is_some());
+    let (_, unique, predicate) = due.unwrap_or_else(|| panic!("no partial index on next_attempt_at: {outbox:?}"));
+    let predicate = predicate.as_deref().unwrap_or_default();
+    assert!(!unique, "{predicate}");
+    assert!(predicate.contains("'pending'") && predicate.contains("'sending'"), "{predicate}");
+    assert!(!predicate.contains("'delivered'") && !predicate.contains("'failed'"), "{predicate}");
+}
+
+#[tokio::test]
+async fn a_producer_retrying_its_insert_with_one_key_adds_one_row_with_the_daemons_defaults() {
+    let db = fresh_database().await;
+    migrate(&db.url).await;
+    let client = connect(&db.url).await;
+    let insert = "INSERT INTO crm_lead_outbox (delivery_key, title, phone, price, state)
+                  VALUES ($1::text::uuid, 'Заявка с сайта', '+79990000000', 1500.50, 'pending')
+                  ON CONFLICT (delivery_key) DO NOTHING";
+    let key = "0b9f4c1e-5b3a-4d6e-9f21-3c8a7e5d2b10";
+    let first = client.execute(insert, &[&key]).await.unwrap();
+    let second = client.execute(insert, &[&key]).await.unwrap();
+    assert_eq!((first, second), (1, 0), "the retry must not add a second lead");
+
+    let row = client
+        .query_one(
+            "SELECT count(*) OVER (), delivery_key::text, state, attempts, extra::text,
+                    next_attempt_at <= now(), crm IS NULL AND last_attempt_at IS NULL AND delivered_at IS NULL
+             FROM crm_lead_outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(row.get::<_, String>(1), key);
+    assert_eq!(row.get::<_, String>(2), "pending");
+    assert_eq!(row.get::<_, i32>(3), 0);
+    assert_eq!(row.get::<_, String>(4), "{}");
+    assert!(row.get::<_, bool>(5), "due at once");
+    assert!(row.get::<_, bool>(6), "the daemon's columns start empty");
+
+    // Without a key of its own, a producer's row gets a generated one.
+    client.batch_execute("INSERT INTO crm_lead_outbox (contact_name) VALUES ('Ася'), ('Борис')").await.unwrap();
+    let keys: i64 =
+        client.query_one("SELECT count(DISTINCT delivery_key) FROM crm_lead_outbox", &[]).await.unwrap().get(0);
+    assert_eq!(keys, 3);
+
+    for wrong in [
+        "INSERT INTO crm_lead_outbox (title, state) VALUES ('x', 'done')",
+        "INSERT INTO crm_lead_outbox (title, crm) VALUES ('x', 'salesforce')",
+    ] {
+        let error = client.batch_execute(wrong).await.expect_err(wrong);
+        let code = error.as_db_error().map(|e| e.code().clone());
+        assert_eq!(code, Some(tokio_postgres::error::SqlState::CHECK_VIOLATION), "{wrong}: {error}");
+    }
 }
 
 #[tokio::test]

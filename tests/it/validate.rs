@@ -70,6 +70,72 @@ stage_resync = "61 * * * *"
 }
 
 #[tokio::test]
+async fn leads_problems_are_reported_with_their_positions_beside_the_others() {
+    const B24: &str = "[bitrix24]\nwebhook_url = \"https://acme.bitrix24.ru/rest/1/abc/\"\n";
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "nocrm.toml",
+            "[leads]\npoll = \"1m\"\n".into(),
+            &[
+                "1:1: error: [leads] needs [amocrm] or [bitrix24]: there is no CRM to deliver leads to",
+                " warning: the tenant has neither [amocrm] nor [bitrix24]",
+            ],
+        ),
+        (
+            "both.toml",
+            format!("[leads]\npoll = \"0s\"\n[leads.bitrx24]\n{B24}{VALID_AMOCRM}"),
+            &[
+                "1:1: error: `leads.crm` is missing: the tenant has both [amocrm] and [bitrix24]",
+                "2:8: error: `leads.poll` must be at least 1s",
+                "3:8: error: unknown key `leads.bitrx24`, did you mean `bitrix24`?",
+            ],
+        ),
+        (
+            "absent.toml",
+            format!("[leads]\ncrm = \"bitrix24\"\nmax_attempts = 0\n{VALID_AMOCRM}"),
+            &[
+                "2:7: error: `leads.crm` is bitrix24, but the tenant has no [bitrix24]",
+                "3:16: error: `leads.max_attempts` must be 1 to 1000, found 0",
+            ],
+        ),
+        (
+            "unused.toml",
+            format!("[leads]\n[leads.bitrix24]\ncategory = 1\n{VALID_AMOCRM}"),
+            &["2:1: warning: [leads.bitrix24] is not used: leads go to amocrm"],
+        ),
+        (
+            "stages.toml",
+            format!(
+                "[leads]\ncrm = \"amocrm\"\n[leads.amocrm]\nstage = 143\n[leads.bitrix24]\ncategory = 2\nstage = \"C1:NEW\"\n{B24}{VALID_AMOCRM}"
+            ),
+            &[
+                "4:9: error: `leads.amocrm.stage` 143 is a status of every pipeline: set `leads.amocrm.pipeline` to say which",
+                "5:1: warning: [leads.bitrix24] is not used: leads go to amocrm",
+                "7:9: error: `leads.bitrix24.stage` \"C1:NEW\" is a stage of category 1, but `leads.bitrix24.category` is 2",
+            ],
+        ),
+        ("funnel.toml", format!("[funnel]\npoll = \"1m\"\n{VALID_AMOCRM}"), &["1:2: error: unknown key `funnel`"]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, _) in cases {
+        write(dir.path(), name, text);
+    }
+
+    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
+
+    assert_eq!(run.code, 1, "{run:?}");
+    for (name, _, expected) in cases {
+        let at = format!("{}:", dir.path().join(name).display());
+        let lines: Vec<&str> = run.stdout.lines().filter_map(|l| l.strip_prefix(&at)).collect();
+        assert_eq!(lines.len(), expected.len(), "{name}: {lines:#?}");
+        for (line, expected) in lines.iter().zip(*expected) {
+            assert!(line.starts_with(expected), "{name}: {line:?} does not start with {expected:?}");
+        }
+    }
+    assert!(run.stdout.contains("6 file(s), 1 valid, 5 invalid"), "{}", run.stdout);
+}
+
+#[tokio::test]
 async fn a_valid_directory_exits_0_and_warnings_do_not_fail_it() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "acme.toml", VALID_AMOCRM);
