@@ -1,6 +1,8 @@
 //! `crm-connect deliver [--tenant SLUG]`: delivers what is due in the
 //! outboxes of the tenants with `[leads]`, pass after pass until nothing is
-//! due, then exits; 1 if a tenant could not be worked on.
+//! due, prints per tenant what it delivered and failed and what is left
+//! pending or sending, then exits; 1 if a lead failed for good or a tenant
+//! could not be worked on.
 
 use std::process::ExitCode;
 
@@ -32,15 +34,19 @@ pub async fn run(global: &GlobalArgs, args: &DeliverArgs) -> ExitCode {
         for tenant in &tenants {
             let Some(leads) = &tenant.leads else { continue };
             let report = async {
-                db::migrate(&ctx.pools.get(&tenant.slug, &tenant.database_url)?).await?;
-                leads::until_done(&ctx, tenant, leads).await
+                let db = ctx.pools.get(&tenant.slug, &tenant.database_url)?;
+                db::migrate(&db).await?;
+                let report = leads::until_done(&ctx, tenant, leads).await?;
+                let left = db::lead_outbox::summary(&db.session().await?).await?;
+                Ok::<_, crate::failure::Cause>((report, left))
             }
             .await;
             match report {
-                Ok(r) => {
+                Ok((r, left)) => {
+                    failed |= r.failed > 0;
                     let mut line = format!(
-                        "{}: {} sent, {} looked up, {} delivered, {} failed",
-                        tenant.slug, r.sent, r.looked_up, r.delivered, r.failed
+                        "{}: {} delivered, {} failed, {} pending, {} sending",
+                        tenant.slug, r.delivered, r.failed, left.pending, left.sending
                     );
                     if let Some(waiting) = &r.waiting {
                         line.push_str(&format!("; waiting: {waiting}"));
@@ -54,7 +60,7 @@ pub async fn run(global: &GlobalArgs, args: &DeliverArgs) -> ExitCode {
             }
             ctx.pools.close_idle(&tenant.slug);
         }
-        if failed { Err("a tenant could not be delivered to".to_string()) } else { Ok(()) }
+        if failed { Err("a lead failed, or a tenant could not be delivered to".to_string()) } else { Ok(()) }
     })
     .await;
     match outcome {
