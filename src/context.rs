@@ -1,7 +1,9 @@
 //! Everything a tenant operation needs, passed explicitly: the database
 //! pools, the HTTP layer, the token pairs this process obtained, retry timing.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
 
 use crate::crm::{Http, RetryPolicy};
 use crate::db::{PoolSettings, Pools};
@@ -18,6 +20,27 @@ pub struct Context {
     /// How long CRM calls keep retrying transient failures, and how fast.
     pub retry: RetryPolicy,
     pub metrics: Arc<Metrics>,
+    /// `POST /leads/wake` to the daemon's loop.
+    pub wakes: Wakes,
+}
+
+/// Lead-delivery wake-ups, from the HTTP side to whoever subscribed (the
+/// daemon); without a subscriber a wake does nothing.
+#[derive(Clone, Default)]
+pub struct Wakes(Arc<Mutex<Option<mpsc::UnboundedSender<String>>>>);
+
+impl Wakes {
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<String> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        receiver
+    }
+
+    pub fn wake(&self, slug: &str) {
+        if let Some(sender) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = sender.send(slug.to_string());
+        }
+    }
 }
 
 impl Context {
@@ -30,6 +53,7 @@ impl Context {
             vault: Vault::default(),
             retry: RetryPolicy::default(),
             metrics,
+            wakes: Wakes::default(),
         }
     }
 

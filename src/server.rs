@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::config::TenantConfig;
 use crate::context::Context;
@@ -70,6 +70,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
         .route("/oauth/amocrm/callback", get(amocrm_callback))
+        .route("/leads/wake", post(leads_wake))
         .with_state(state);
     let (fired, signalled) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -99,6 +100,18 @@ async fn healthz(State(state): State<AppState>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "the main loop has stalled").into_response()
     }
+}
+
+/// `POST /leads/wake?tenant=SLUG`: that tenant's delivery pass starts at
+/// once. Always 202: it reveals nothing, and changes nothing but timing.
+async fn leads_wake(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Response {
+    let tenant = url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == "tenant")
+        .map(|(_, value)| value.into_owned());
+    if let Some(slug) = tenant.filter(|slug| slug.len() <= 64) {
+        state.ctx.wakes.wake(&slug);
+    }
+    StatusCode::ACCEPTED.into_response()
 }
 
 async fn metrics_page(State(state): State<AppState>) -> Response {

@@ -121,9 +121,12 @@ impl AmoClient<'_> {
             LookupAnswer::Absent => {}
             other => return Ok(other),
         }
-        let mut query = url::form_urlencoded::Serializer::new(String::new());
-        query.append_pair("limit", "250").append_pair("with", "contacts").append_pair("query", key);
-        let by_text = format!("{}/api/v4/leads?{}", self.base(), query.finish());
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("limit", "250")
+            .append_pair("with", "contacts")
+            .append_pair("query", key)
+            .finish();
+        let by_text = format!("{}/api/v4/leads?{query}", self.base());
         self.search(access, &by_text, key, key_field_id, None).await
     }
 

@@ -5,6 +5,8 @@
 
 use super::job::Outcome;
 use super::lease;
+use crate::failure::Cause;
+use crate::leads::PassReport;
 
 pub(crate) enum Event {
     /// A stage-resync cron expression fired (for every tenant using it).
@@ -24,6 +26,10 @@ pub(crate) enum Event {
     /// A pair was exchanged and stored for a tenant outside its work (the
     /// OAuth callback): its token timer is re-armed.
     Exchanged(String),
+    /// A tenant's outbox is due for a delivery pass (its poll, or a wake).
+    LeadsDue(String),
+    /// A tenant's delivery pass ended.
+    Delivered(String, Result<PassReport, Cause>),
     /// The watch saw the configuration directory change; `rewatch` when the
     /// directory itself was created or removed, so its watch is set up again.
     FilesChanged { rewatch: bool },

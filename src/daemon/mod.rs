@@ -8,6 +8,7 @@
 //! first pass and the work itself live in their own files.
 
 mod event;
+mod delivery;
 mod first_pass;
 mod job;
 mod lease;
@@ -111,6 +112,7 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         http_stop: None,
         http_task: None,
         next_job: 0,
+        delivery: crate::leads::Delivery::default(),
     };
     if let Err(e) = daemon.serve_http().await {
         tracing::error!(error = %e, "cannot listen");
@@ -144,6 +146,8 @@ struct Daemon {
     http_stop: Option<oneshot::Sender<()>>,
     http_task: Option<tokio::task::JoinHandle<()>>,
     next_job: u64,
+    /// What lead delivery remembers between passes.
+    delivery: crate::leads::Delivery,
 }
 
 impl Daemon {
@@ -168,6 +172,7 @@ impl Daemon {
         rescan.tick().await;
         let mut heartbeat = tokio::time::interval(systemd::heartbeat_interval());
         let mut exchanged = self.ctx.vault.subscribe_exchanges();
+        let mut wakes = self.ctx.wakes.subscribe();
         let ready_at_the_latest = tokio::time::sleep(READY_WITHIN);
         tokio::pin!(shutdown, ready_at_the_latest);
 
@@ -181,6 +186,7 @@ impl Daemon {
                 Some(()) = recv_signal(&mut hangup) => Event::Reload,
                 _ = rescan.tick() => Event::RescanDue,
                 Some(slug) = exchanged.recv() => Event::Exchanged(slug),
+                Some(slug) = wakes.recv() => Event::LeadsDue(slug),
                 // Finished tasks leave nothing behind.
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
                 () = &mut ready_at_the_latest, if self.first_pass.is_on() => Event::FirstPassOverdue,
@@ -201,6 +207,8 @@ impl Daemon {
             Event::LeaseDue(slug) => self.check_lease(&slug),
             Event::Lease(slug, answer) => self.lease(&slug, answer),
             Event::LeaseExpired(slug) => self.lease_expired(&slug),
+            Event::LeadsDue(slug) => self.deliver(&slug),
+            Event::Delivered(slug, report) => self.delivered(&slug, report),
             Event::FilesChanged { rewatch } => {
                 if let (true, Some(watcher)) = (rewatch, self.watcher.as_mut()) {
                     watcher.ensure();
@@ -304,6 +312,7 @@ impl Daemon {
         // done: whoever waits for READY reads the metrics next.
         self.record(slug, &outcome);
         self.first_pass.done_with(slug, self.tenants.len());
+        self.start_delivery(slug);
         if let Some(work) = queued {
             self.request(slug, work);
         }

@@ -72,6 +72,11 @@ pub(crate) struct Tenant {
     pub(crate) lease_timers: Vec<AbortHandle>,
     /// For metrics: `pending` until the first outcome, then the worst CRM state.
     pub(crate) state: TenantState,
+    /// Lead delivery: the next pass's timer, when the running pass started,
+    /// and whether a wake asked for one more after it.
+    pub(crate) leads_timer: Option<AbortHandle>,
+    pub(crate) delivering: Option<Instant>,
+    pub(crate) deliver_again: bool,
 }
 
 impl Tenant {
@@ -95,6 +100,9 @@ impl Tenant {
             lease_checking: false,
             lease_timers: Vec::new(),
             state: TenantState::Pending,
+            leads_timer: None,
+            delivering: None,
+            deliver_again: false,
         }
     }
 
@@ -105,7 +113,8 @@ impl Tenant {
     }
 
     pub(crate) fn cancel_timers(&mut self) {
-        for handle in [self.token_timer.take(), self.retry_timer.take()].into_iter().flatten() {
+        for handle in [self.token_timer.take(), self.retry_timer.take(), self.leads_timer.take()].into_iter().flatten()
+        {
             handle.abort();
         }
     }

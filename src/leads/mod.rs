@@ -19,7 +19,10 @@ use crate::context::Context;
 use crate::db::lead_outbox::{self, Seen};
 use crate::db::{self, DbError, TenantDb};
 use crate::failure::{Cause, FailureKind};
-use crate::model::{CreatedIds, Crm, CrmState, LeadPlacement, OutboxRow, OutboxState, SendAnswer, entity_type_of};
+use crate::metrics::AttemptOutcome;
+use crate::model::{
+    CreatedIds, Crm, CrmState, LeadPlacement, LookupAnswer, OutboxRow, OutboxState, SendAnswer, entity_type_of,
+};
 use crate::reconcile::delivery::{self, Transition};
 
 /// Rows one daemon pass handles at most; the next pass starts at once.
@@ -86,6 +89,8 @@ pub struct PassReport {
     pub waiting: Option<String>,
     /// The pass stopped at its limit with rows still due.
     pub more: bool,
+    /// What the pass found in the outbox when it started.
+    pub outbox: Option<lead_outbox::Summary>,
 }
 
 /// The CRM side of a pass, ready to send.
@@ -112,6 +117,7 @@ pub async fn pass(
             Err(e) if e.is_missing_schema() => return Ok(report),
             other => other?,
         };
+        report.outbox = Some(summary.clone());
         if !summary.due_now {
             return Ok(report);
         }
@@ -155,6 +161,7 @@ pub async fn pass(
                 if contact.is_some() {
                     lead_outbox::note(&db.session().await?, seen, contact, None).await?;
                 }
+                ctx.metrics.delivery_attempt(crm, send_outcome(&answer));
                 match &answer {
                     SendAnswer::NotExecuted { .. } => {
                         delivery.pause(&tenant.slug, crm, Some(delivery::doubling(seen.attempts)))
@@ -171,6 +178,7 @@ pub async fn pass(
                     Channel::AmoCrm(ready) => ready.find(ctx, &row).await,
                     Channel::Bitrix24(ready) => ready.find(ctx, &row).await,
                 };
+                ctx.metrics.delivery_attempt(crm, lookup_outcome(&answer));
                 (seen, delivery::after_lookup(&answer, seen.attempts, leads.max_attempts), None, row)
             }
         };
@@ -192,6 +200,26 @@ pub async fn pass(
     }
     report.more = true;
     Ok(report)
+}
+
+fn send_outcome(answer: &SendAnswer) -> AttemptOutcome {
+    match answer {
+        SendAnswer::Created(_) => AttemptOutcome::Delivered,
+        SendAnswer::Refused(_) => AttemptOutcome::Refused,
+        SendAnswer::Ambiguous(_) => AttemptOutcome::Ambiguous,
+        SendAnswer::Unauthorized | SendAnswer::NotExecuted { .. } | SendAnswer::AccountRefused(_) => {
+            AttemptOutcome::Failed
+        }
+    }
+}
+
+fn lookup_outcome(answer: &LookupAnswer) -> AttemptOutcome {
+    match answer {
+        LookupAnswer::Found(_) => AttemptOutcome::Found,
+        // The deal is what was looked for: absent, sent again.
+        LookupAnswer::ContactWithoutDeal { .. } | LookupAnswer::Absent => AttemptOutcome::Absent,
+        LookupAnswer::Inconclusive(_) => AttemptOutcome::Inconclusive,
+    }
 }
 
 /// A row taken, in the transaction that took it.

@@ -11,6 +11,7 @@ use crm_connect_sandbox::faults::Fault;
 use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::Client;
 
+use crate::support::daemon::{Running, eventually};
 use crate::support::fast_context;
 use crate::support::rows::OutboxRow;
 use crate::support::world::World;
@@ -291,4 +292,61 @@ async fn a_process_killed_between_the_create_and_its_commit_leaves_one_lead_afte
     assert_eq!(world.amo().leads().len(), 1, "exactly one lead");
     let row = OutboxRow::one(&client).await;
     assert_eq!((row.state.as_str(), row.entity_id), ("delivered", Some(world.amo().leads()[0].id)));
+}
+
+async fn delivered(client: &Client) -> bool {
+    OutboxRow::all(client).await.iter().any(|r| r.state == "delivered")
+}
+
+#[tokio::test]
+async fn the_daemon_delivers_at_once_on_a_wake_and_answers_202_to_any_slug() {
+    let world = World::amocrm().await;
+    // A poll of an hour: only the wake can bring the lead in time.
+    let file = world.file_with_code().table_key("leads", "poll", "\"1h\"");
+    world.write(&file);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = Running::start_with(&["--listen", &listen], world.dir()).await;
+    let client = world.client().await;
+    let http = reqwest::Client::new();
+    let metrics = || async { http.get(format!("http://{listen}/metrics")).send().await.unwrap().text().await.unwrap() };
+    // The first pass (at start) found the outbox empty; the next is an hour away.
+    let first_pass = "crm_connect_outbox_rows{tenant=\"acme\",state=\"pending\"} 0";
+    eventually("the first delivery pass ended", Duration::from_secs(10), || async {
+        metrics().await.contains(first_pass)
+    })
+    .await;
+    insert(&client, "Woken", None).await;
+
+    let unknown = http.post(format!("http://{listen}/leads/wake?tenant=nobody")).send().await.unwrap();
+    let woken = http.post(format!("http://{listen}/leads/wake?tenant=acme")).send().await.unwrap();
+
+    assert_eq!((unknown.status().as_u16(), woken.status().as_u16()), (202, 202));
+    eventually("the woken pass delivered the lead", Duration::from_secs(10), || delivered(&client)).await;
+    assert_eq!(world.amo().leads().len(), 1);
+    let text = metrics().await;
+    assert!(
+        text.contains("crm_connect_lead_delivery_attempts_total{crm=\"amocrm\",outcome=\"delivered\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("crm_connect_lead_delivery_attempts_total{crm=\"bitrix24\",outcome=\"ambiguous\"} 0"),
+        "{text}"
+    );
+    assert_eq!(daemon.stop().await, std::process::ExitCode::SUCCESS);
+}
+
+#[tokio::test]
+async fn the_daemon_delivers_on_its_poll() {
+    let world = World::bitrix24().await;
+    let file = world.file().entity_type("deal").table_key("leads", "poll", "\"1s\"");
+    world.write(&file);
+    let daemon = Running::start(world.dir()).await;
+    let client = world.client().await;
+
+    insert(&client, "Polled", Some("+7 900 000 00 09")).await;
+
+    eventually("a poll delivered the deal", Duration::from_secs(10), || delivered(&client)).await;
+    assert_eq!(world.portal().deals().len(), 1);
+    daemon.stop().await;
 }

@@ -2,18 +2,24 @@
 //! carried in the `Context` rather than kept as a global. Labels hold CRM
 //! names, states, results, HTTP statuses and tenant slugs — never a secret.
 
-use std::fmt;
+mod labels;
+
 use std::sync::atomic::AtomicU64;
 
 use chrono::{DateTime, Utc};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::model::{Crm, CrmState, FailureKind};
+use labels::{
+    AttemptLabels, CrmResultLabels, CrmStatusLabels, FailureLabels, OutboxLabels, ResultLabels, StateLabels,
+    TenantCrmLabels, TenantLabels, WorkLabels,
+};
+pub use labels::{AttemptOutcome, RefreshResult, TenantState, WORK_KINDS};
+
+use crate::model::{Crm, FailureKind};
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -22,122 +28,6 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// whose database and CRMs answer at once takes tens of milliseconds, one
 /// waiting out retries up to the two-minute deadline.
 const RECONCILE_BUCKETS: [f64; 13] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
-
-/// A tenant as `crm_connect_tenants` counts it: `pending` until its first
-/// outcome, then the worst state of its CRMs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TenantState {
-    Pending,
-    Is(CrmState),
-}
-
-impl TenantState {
-    fn all() -> impl Iterator<Item = TenantState> {
-        std::iter::once(TenantState::Pending).chain(CrmState::ALL.map(TenantState::Is))
-    }
-}
-
-/// One AmoCRM token refresh's result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RefreshResult {
-    Ok,
-    /// The CRM refused the refresh token: `needs_authorization`.
-    Rejected,
-    /// No answer, or one that could not be used.
-    Failed,
-    /// Refreshed, but the write failed: the pair waits in memory.
-    Unstored,
-}
-
-impl RefreshResult {
-    const ALL: [RefreshResult; 4] =
-        [RefreshResult::Ok, RefreshResult::Rejected, RefreshResult::Failed, RefreshResult::Unstored];
-}
-
-// Label values come from these enums' own names, never from `Debug`.
-impl EncodeLabelValue for TenantState {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-        match self {
-            TenantState::Pending => "pending".encode(encoder),
-            TenantState::Is(state) => state.as_str().encode(encoder),
-        }
-    }
-}
-
-impl EncodeLabelValue for RefreshResult {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-        let result = match self {
-            RefreshResult::Ok => "ok",
-            RefreshResult::Rejected => "rejected",
-            RefreshResult::Failed => "failed",
-            RefreshResult::Unstored => "unstored",
-        };
-        result.encode(encoder)
-    }
-}
-
-impl EncodeLabelValue for Crm {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-        self.as_str().encode(encoder)
-    }
-}
-
-impl EncodeLabelValue for FailureKind {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-        self.as_str().encode(encoder)
-    }
-}
-
-// Closed label sets are created at zero, so that a dashboard sees a zero
-// rather than a missing series (the encoder leaves out a family with no
-// series at all).
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
-    state: TenantState,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: RefreshResult,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FailureLabels {
-    crm: Crm,
-    kind: FailureKind,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CrmResultLabels {
-    crm: String,
-    result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CrmStatusLabels {
-    crm: String,
-    status: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TenantCrmLabels {
-    tenant: String,
-    crm: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkLabels {
-    work: String,
-}
-
-/// The kinds of tenant work the daemon runs, each counted from zero.
-pub const WORK_KINDS: [&str; 3] = ["reconcile", "resync", "refresh"];
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TenantLabels {
-    tenant: String,
-}
 
 /// Unix time in seconds, with a fractional part.
 type Timestamp = Gauge<f64, AtomicU64>;
@@ -155,6 +45,9 @@ pub struct Metrics {
     last_stage_sync: Family<TenantCrmLabels, Timestamp>,
     schedule_last_run: Family<TenantLabels, Timestamp>,
     schedule_next_run: Family<TenantLabels, Timestamp>,
+    outbox_rows: Family<OutboxLabels, Gauge>,
+    outbox_oldest_pending: Family<TenantLabels, Gauge<f64, AtomicU64>>,
+    delivery_attempts: Family<AttemptLabels, Counter>,
 }
 
 impl Metrics {
@@ -171,6 +64,9 @@ impl Metrics {
         let last_stage_sync = Family::<TenantCrmLabels, Timestamp>::default();
         let schedule_last_run = Family::<TenantLabels, Timestamp>::default();
         let schedule_next_run = Family::<TenantLabels, Timestamp>::default();
+        let outbox_rows = Family::<OutboxLabels, Gauge>::default();
+        let outbox_oldest_pending = Family::<TenantLabels, Gauge<f64, AtomicU64>>::default();
+        let delivery_attempts = Family::<AttemptLabels, Counter>::default();
         // Counters are registered without `_total`: the encoder appends it.
         registry.register("crm_connect_tenants", "Tenants by connection state", tenants.clone());
         registry.register(
@@ -217,6 +113,22 @@ impl Metrics {
             "When a tenant's scheduled stage resync runs next, unix time",
             schedule_next_run.clone(),
         );
+        registry.register(
+            "crm_connect_outbox_rows",
+            "Outbox rows waiting, by tenant and state (pending, sending), as the last delivery pass found them",
+            outbox_rows.clone(),
+        );
+        registry.register(
+            "crm_connect_outbox_oldest_pending_seconds",
+            "Age of a tenant's oldest pending outbox row, as the last delivery pass found it",
+            outbox_oldest_pending.clone(),
+        );
+        registry.register(
+            "crm_connect_lead_delivery_attempts",
+            "Lead sends and lookups by CRM and outcome (delivered, refused, failed, ambiguous, found, absent, \
+             inconclusive)",
+            delivery_attempts.clone(),
+        );
         let metrics = Metrics {
             registry,
             tenants,
@@ -230,7 +142,15 @@ impl Metrics {
             last_stage_sync,
             schedule_last_run,
             schedule_next_run,
+            outbox_rows,
+            outbox_oldest_pending,
+            delivery_attempts,
         };
+        for crm in Crm::ALL {
+            for outcome in AttemptOutcome::ALL {
+                let _ = metrics.delivery_attempts.get_or_create(&AttemptLabels { crm, outcome });
+            }
+        }
         metrics.set_tenant_states(&[]);
         for result in RefreshResult::ALL {
             let _ = metrics.token_refreshes.get_or_create(&ResultLabels { result });
@@ -320,8 +240,25 @@ impl Metrics {
         }
     }
 
+    /// What a delivery pass found in a tenant's outbox.
+    pub fn outbox(&self, tenant: &str, pending: i64, sending: i64, oldest_pending_seconds: f64) {
+        for (state, count) in [("pending", pending), ("sending", sending)] {
+            self.outbox_rows.get_or_create(&OutboxLabels { tenant: tenant.into(), state }).set(count);
+        }
+        self.outbox_oldest_pending.get_or_create(&TenantLabels { tenant: tenant.into() }).set(oldest_pending_seconds);
+    }
+
+    /// One lead send or lookup and its outcome.
+    pub fn delivery_attempt(&self, crm: Crm, outcome: AttemptOutcome) {
+        self.delivery_attempts.get_or_create(&AttemptLabels { crm, outcome }).inc();
+    }
+
     /// Drops every series labelled with the tenant (its file was removed).
     pub fn forget_tenant(&self, tenant: &str) {
+        for state in ["pending", "sending"] {
+            self.outbox_rows.remove(&OutboxLabels { tenant: tenant.into(), state });
+        }
+        self.outbox_oldest_pending.remove(&TenantLabels { tenant: tenant.into() });
         for crm in [Crm::AmoCrm, Crm::Bitrix24] {
             self.last_stage_sync.remove(&TenantCrmLabels { tenant: tenant.into(), crm: crm.as_str().into() });
         }
@@ -355,6 +292,8 @@ fn unix_seconds(at: DateTime<Utc>) -> f64 {
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
+
+    use crate::model::CrmState;
 
     use super::*;
 
