@@ -34,6 +34,16 @@ struct Line {
     lease_holder: Option<String>,
     /// Something the operator should know that is not an error.
     note: Option<String>,
+    /// With `[leads]`, on the target CRM's line: the outbox by state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leads: Option<LeadsLine>,
+}
+
+#[derive(Serialize)]
+struct LeadsLine {
+    #[serde(flatten)]
+    counts: db::lead_outbox::Counts,
+    oldest_pending_age_seconds: Option<i64>,
 }
 
 impl Line {
@@ -52,6 +62,7 @@ impl Line {
             stage_resync_next_run: None,
             lease_holder: None,
             note: None,
+            leads: None,
         }
     }
 }
@@ -76,7 +87,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
             crms.push("bitrix24");
         }
         match read(&pools, tenant).await {
-            Ok((rows, stored, schedule, holder)) => {
+            Ok((rows, stored, schedule, holder, outbox)) => {
                 for crm in crms {
                     let mut line = Line::new(&name, crm, "not_synced");
                     if let Some(row) = rows.iter().find(|r| r.crm == crm) {
@@ -93,6 +104,12 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
                     }
                     (line.stage_resync_last_run, line.stage_resync_next_run) = schedule;
                     line.lease_holder = holder.clone();
+                    if tenant.leads.as_ref().is_some_and(|l| l.crm.as_str() == crm) {
+                        line.leads = outbox.clone().map(|counts| LeadsLine {
+                            oldest_pending_age_seconds: counts.oldest_pending.map(|at| (Utc::now() - at).num_seconds()),
+                            counts,
+                        });
+                    }
                     lines.push(line);
                 }
             }
@@ -120,7 +137,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
 }
 
 type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-type Read = (Vec<StatusRow>, StoredTokens, Times, Option<String>);
+type Read = (Vec<StatusRow>, StoredTokens, Times, Option<String>, Option<db::lead_outbox::Counts>);
 
 /// The status rows, the AmoCRM token expiry, the resync schedule and the
 /// lease holder; the tables may not exist yet.
@@ -131,14 +148,18 @@ async fn read(pools: &Pools, tenant: &config::TenantConfig) -> Result<Read, Stri
         Ok(rows) => rows,
         // Never synced: the tables are not there yet.
         Err(e) if e.is_missing_schema() => {
-            return Ok((Vec::new(), StoredTokens::default(), (None, None), None));
+            return Ok((Vec::new(), StoredTokens::default(), (None, None), None, None));
         }
         Err(e) => return Err(e.to_string()),
     };
     let stored = config_row::read_tokens(&session).await.unwrap_or_default();
     let schedule = db::schedule::read(&session, "stage_resync").await.ok().flatten().unwrap_or_default();
     let holder = db::lease::holder(&session).await.ok().flatten();
-    Ok((rows, stored, schedule, holder))
+    let outbox = match tenant.leads {
+        Some(_) => db::lead_outbox::counts(&session).await.ok(),
+        None => None,
+    };
+    Ok((rows, stored, schedule, holder, outbox))
 }
 
 /// Says so when the margin is not shorter than the token's lifetime (the
@@ -177,6 +198,14 @@ fn print_table(lines: &[Line]) {
     for line in lines {
         if let Some(note) = &line.note {
             println!("{} {}: note: {note}", line.tenant, line.crm);
+        }
+        if let Some(leads) = &line.leads {
+            let c = &leads.counts;
+            let oldest = leads.oldest_pending_age_seconds.map(|s| format!(", oldest pending {s}s")).unwrap_or_default();
+            println!(
+                "{} {}: leads: {} pending, {} sending, {} delivered, {} failed{oldest}",
+                line.tenant, line.crm, c.pending, c.sending, c.delivered, c.failed
+            );
         }
     }
 }

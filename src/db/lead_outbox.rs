@@ -217,3 +217,37 @@ async fn execute(
 ) -> Result<u64, DbError> {
     step(conn, what, async { Ok(conn.pg().execute(sql, params).await?) }).await
 }
+
+/// Rows by state, for `status` (the delivered and failed ones too, which a
+/// pass never counts).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub pending: i64,
+    pub sending: i64,
+    pub delivered: i64,
+    pub failed: i64,
+    pub oldest_pending: Option<DateTime<Utc>>,
+}
+
+pub async fn counts(conn: &impl Conn) -> Result<Counts, DbError> {
+    step(conn, "counting the outbox", async {
+        let row = conn
+            .pg()
+            .query_one(
+                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'sending'),
+                        count(*) FILTER (WHERE state = 'delivered'), count(*) FILTER (WHERE state = 'failed'),
+                        min(created_at) FILTER (WHERE state = 'pending')
+                 FROM crm_lead_outbox",
+                &[],
+            )
+            .await?;
+        Ok(Counts {
+            pending: col(&row, 0, TABLE)?,
+            sending: col(&row, 1, TABLE)?,
+            delivered: col(&row, 2, TABLE)?,
+            failed: col(&row, 3, TABLE)?,
+            oldest_pending: col(&row, 4, TABLE)?,
+        })
+    })
+    .await
+}

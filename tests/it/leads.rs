@@ -71,6 +71,13 @@ async fn an_amocrm_lead_is_created_once_with_its_key_contact_and_first_stage_of_
     // Nothing is due any more: a second run sends nothing.
     assert_eq!(deliver(&world, &tenant).await, PassReport::default());
     assert_eq!(world.amo().creates(), 1);
+    // `status` shows the outbox on the target CRM's line.
+    let status = crate::support::crm_connect(&["--config", world.config(), "status"], &[]).await;
+    assert!(status.stdout.contains("acme amocrm: leads: 0 pending, 0 sending, 1 delivered, 0 failed\n"), "{status:?}");
+    let json = crate::support::crm_connect(&["--config", world.config(), "status", "--json"], &[]).await;
+    let lines: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(lines[0]["leads"]["delivered"], 1, "{json:?}");
+    assert_eq!(lines[0]["leads"]["oldest_pending_age_seconds"], serde_json::Value::Null, "{json:?}");
 }
 
 #[tokio::test]
