@@ -357,3 +357,132 @@ async fn the_daemon_delivers_on_its_poll() {
     assert_eq!(world.portal().deals().len(), 1);
     daemon.stop().await;
 }
+
+fn status(status: u16, content_type: &'static str, body: &str) -> Fault {
+    Fault::Status { status, content_type, body: body.to_string() }
+}
+
+#[tokio::test]
+async fn an_amocrm_401_refreshes_the_token_and_sends_again_at_once_without_counting_an_attempt() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order 401", None).await;
+    let refused = status(401, "application/json", r#"{"title":"Unauthorized","status":401}"#);
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", refused, 1);
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!((report.sent, report.delivered), (2, 1), "{report:?}");
+    assert_eq!(world.amo().token_stats().refreshed, 1);
+    assert_eq!(world.amo().leads().len(), 1);
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("delivered", 1), "the 401 was not counted");
+}
+
+#[tokio::test]
+async fn an_account_refusal_leaves_the_row_pending_uncounted_and_pauses_delivery() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order 402", None).await;
+    insert(&client, "Order 402b", None).await;
+    let unpaid = status(402, "application/json", r#"{"title":"Payment Required","status":402}"#);
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", unpaid, 1);
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!((report.sent, report.delivered), (1, 0), "the second row waits: {report:?}");
+    assert!(report.waiting.as_deref().is_some_and(|w| w.contains("paused")), "{report:?}");
+    let rows = OutboxRow::all(&client).await;
+    assert_eq!((rows[0].state.as_str(), rows[0].attempts), ("pending", 0), "{rows:#?}");
+    assert!(rows[0].last_error.as_deref().is_some_and(|e| e.contains("402")), "{rows:#?}");
+    assert_eq!(rows[1].attempts, 0, "{rows:#?}");
+    assert!(world.amo().leads().is_empty());
+}
+
+#[tokio::test]
+async fn a_row_refused_as_not_executed_at_max_attempts_fails() {
+    let world = World::bitrix24().await;
+    let file = world.file().entity_type("lead").table_key("leads", "max_attempts", "1");
+    let (tenant, client) = connected(&world, file).await;
+    insert(&client, "Order limit", None).await;
+    world.portal().refuse_calls("crm.lead.add", 1, 503, "OPERATION_TIME_LIMIT", "Method is blocked");
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!(report.failed, 1, "{report:?}");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!(row.state, "failed");
+    assert!(
+        row.last_error.as_deref().is_some_and(|e| e.starts_with("gave up after 1 attempts: OPERATION_TIME_LIMIT")),
+        "{row:?}"
+    );
+    assert!(world.portal().leads().is_empty());
+}
+
+#[tokio::test]
+async fn leads_wait_while_the_portal_runs_the_simple_crm_which_has_none() {
+    let world = World::bitrix24().await;
+    let (tenant, client) = connected(&world, world.file().entity_type("lead")).await;
+    world.portal().set_crm_mode(2);
+    insert(&client, "Order simple", None).await;
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!(report.sent, 0, "{report:?}");
+    assert!(report.waiting.as_deref().is_some_and(|w| w.contains("simple CRM")), "{report:?}");
+    assert_eq!(OutboxRow::one(&client).await.state, "pending");
+}
+
+#[tokio::test]
+async fn a_lookup_that_cannot_decide_leaves_the_row_sending_and_never_sends_it_again() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order unsure", None).await;
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", Fault::DropAfterExecuting, 1);
+    deliver(&world, &tenant).await;
+    world.amo().faults().inject_for("GET", "/api/v4/leads", status(400, "application/json", "{}"), 1);
+    lookup_due(&client).await;
+
+    let unsure = deliver(&world, &tenant).await;
+    assert_eq!((unsure.looked_up, unsure.sent, unsure.delivered), (1, 0, 0), "{unsure:?}");
+    assert_eq!(OutboxRow::one(&client).await.state, "sending");
+    lookup_due(&client).await;
+    let sure = deliver(&world, &tenant).await;
+
+    assert_eq!((sure.looked_up, sure.delivered), (1, 1), "{sure:?}");
+    assert_eq!(world.amo().creates(), 1);
+}
+
+#[tokio::test]
+async fn a_deal_refused_after_its_contact_landed_fails_and_keeps_the_contact() {
+    let world = World::bitrix24().await;
+    let (tenant, client) = connected(&world, world.file().entity_type("deal")).await;
+    insert(&client, "Order refused", Some("+7 900 000 00 05")).await;
+    world.portal().refuse_calls("crm.deal.add", 1, 400, "", "Stage is not valid");
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!(report.failed, 1, "{report:?}");
+    let contacts = world.portal().contacts();
+    assert_eq!((contacts.len(), world.portal().deals().len()), (1, 0));
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.contact_id), ("failed", Some(contacts[0].id)), "{row:?}");
+    assert!(row.last_error.as_deref().is_some_and(|e| e.contains("Stage is not valid")), "{row:?}");
+}
+
+#[tokio::test]
+async fn a_row_naming_a_stage_that_is_not_synced_fails_without_a_request() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    client.execute("INSERT INTO crm_lead_outbox (title, stage_id) VALUES ('Lost', '999999')", &[]).await.unwrap();
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!((report.sent, report.failed), (0, 1), "{report:?}");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!(
+        (row.state.as_str(), row.last_error.as_deref()),
+        ("failed", Some("status 999999 is not a synced status"))
+    );
+    assert_eq!(world.amo().creates(), 0);
+}
