@@ -23,6 +23,8 @@ use crate::tokens::Owner;
 
 /// The lead fields are listed again after this.
 const FIELDS_FOR: Duration = Duration::from_secs(3600);
+/// After a 400, the fields are listed again at most this often.
+const RELIST_AFTER_400: Duration = Duration::from_secs(60);
 const UTM_CODES: [&str; 5] = ["UTM_SOURCE", "UTM_MEDIUM", "UTM_CAMPAIGN", "UTM_CONTENT", "UTM_TERM"];
 
 /// What the account's lead fields give delivery.
@@ -33,6 +35,9 @@ pub(super) struct Fields {
 }
 
 pub(super) struct Ready {
+    delivery: Delivery,
+    key_field_name: String,
+    relisted_at: Option<Instant>,
     slug: String,
     db: TenantDb,
     amo: AmoCrmConfig,
@@ -73,6 +78,9 @@ pub(super) async fn ready(
         }
     };
     Ok(Ready {
+        delivery: delivery.clone(),
+        key_field_name: leads.amocrm.key_field_name.clone(),
+        relisted_at: None,
         slug: tenant.slug.clone(),
         db: db.clone(),
         amo: amo.clone(),
@@ -142,6 +150,12 @@ impl Ready {
         };
         let api = AmoClient::new(&ctx.http, &self.amo.account).with_retry(ctx.retry);
         let answer = api.send_lead(&self.access.access, row, &target).await;
+        if let SendAnswer::Refused(message) = &answer
+            && message.starts_with("HTTP 400")
+            && let Some(fixed) = self.key_field_gone(&api).await
+        {
+            return fixed;
+        }
         if answer == SendAnswer::Unauthorized {
             // The row goes back to `pending`, due now; the next row (or this
             // one again) goes with the refreshed token.
@@ -151,6 +165,24 @@ impl Ready {
             }
         }
         answer
+    }
+
+    /// After a 400: is the key field gone (deleted in the account)? Then it
+    /// is found or created again and the row goes back, not counted.
+    async fn key_field_gone(&mut self, api: &AmoClient<'_>) -> Option<SendAnswer> {
+        if self.relisted_at.is_some_and(|at| at.elapsed() < RELIST_AFTER_400) {
+            return None;
+        }
+        self.relisted_at = Some(Instant::now());
+        let listed = api.lead_fields(&self.access.access).await.ok()?;
+        if listed.iter().any(|f| f.id == self.fields.key_field) {
+            return None;
+        }
+        let fields = key_field(api, &self.access, &self.db, &self.key_field_name).await.ok()?;
+        tracing::warn!(tenant = %self.slug, crm = "amocrm", field = fields.key_field, "the key field was gone; using a new one");
+        self.fields = fields.clone();
+        self.delivery.update(&self.slug, Crm::AmoCrm, |m| m.amo_fields = Some((Instant::now(), fields)));
+        Some(SendAnswer::Outdated("the lead field for delivery keys was gone; it is there again".into()))
     }
 
     pub(super) async fn find(&mut self, ctx: &Context, row: &OutboxRow) -> LookupAnswer {

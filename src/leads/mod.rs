@@ -207,9 +207,10 @@ fn send_outcome(answer: &SendAnswer) -> AttemptOutcome {
         SendAnswer::Created(_) => AttemptOutcome::Delivered,
         SendAnswer::Refused(_) => AttemptOutcome::Refused,
         SendAnswer::Ambiguous(_) => AttemptOutcome::Ambiguous,
-        SendAnswer::Unauthorized | SendAnswer::NotExecuted { .. } | SendAnswer::AccountRefused(_) => {
-            AttemptOutcome::Failed
-        }
+        SendAnswer::Unauthorized
+        | SendAnswer::Outdated(_)
+        | SendAnswer::NotExecuted { .. }
+        | SendAnswer::AccountRefused(_) => AttemptOutcome::Failed,
     }
 }
 

@@ -101,6 +101,9 @@ pub enum SendAnswer {
     Created(CreatedIds),
     /// AmoCRM 401: the token is refreshed and the row sent again.
     Unauthorized,
+    /// Refused for something fixed meanwhile (AmoCRM: the key field was
+    /// gone and is there again): sent again at once, not counted.
+    Outdated(String),
     /// Refused before anything ran (rate limit, time budget); not before
     /// `not_before` when the CRM said.
     NotExecuted {

@@ -88,6 +88,9 @@ pub fn after_send(answer: &SendAnswer, attempts: i32, max_attempts: u32) -> Tran
         SendAnswer::Unauthorized => {
             Transition::Pending { delay: Duration::ZERO, counted: false, error: None, pause: false }
         }
+        SendAnswer::Outdated(reason) => {
+            Transition::Pending { delay: Duration::ZERO, counted: false, error: Some(reason.clone()), pause: false }
+        }
         SendAnswer::NotExecuted { reason, .. } if exhausted => {
             Transition::Failed(format!("gave up after {attempts} attempts: {reason}"))
         }
@@ -148,6 +151,7 @@ mod tests {
         let not_executed = || SendAnswer::NotExecuted { reason: "429".into(), not_before: None };
         check(SendAnswer::Created(IDS), 1, Transition::Delivered(IDS));
         check(SendAnswer::Unauthorized, 1, pending(0, false, None, false));
+        check(SendAnswer::Outdated("field".into()), 3, pending(0, false, Some("field"), false));
         check(not_executed(), 1, pending(1, true, Some("429"), true));
         check(not_executed(), 2, pending(2, true, Some("429"), true));
         check(not_executed(), 3, Transition::Failed("gave up after 3 attempts: 429".into()));

@@ -486,3 +486,27 @@ async fn a_row_naming_a_stage_that_is_not_synced_fails_without_a_request() {
     );
     assert_eq!(world.amo().creates(), 0);
 }
+
+#[tokio::test]
+async fn a_key_field_deleted_in_the_account_is_created_again_and_the_row_sent_again_uncounted() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    let leads = tenant.leads.as_ref().unwrap();
+    // One process: its field listing is kept between passes.
+    let delivery = leads::Delivery::default();
+    insert(&client, "Before", None).await;
+    leads::pass(&world.ctx, &delivery, &tenant, leads, leads::PASS_LIMIT).await.unwrap();
+    let old: i64 = client.query_one("SELECT amocrm_lead_key_field_id FROM config", &[]).await.unwrap().get(0);
+    assert!(world.amo().remove_lead_custom_field(old));
+    let key = insert(&client, "After", None).await;
+
+    let report = leads::pass(&world.ctx, &delivery, &tenant, leads, leads::PASS_LIMIT).await.unwrap();
+
+    assert_eq!((report.sent, report.delivered), (2, 1), "a 400, then the send with the new field: {report:?}");
+    let new: i64 = client.query_one("SELECT amocrm_lead_key_field_id FROM config", &[]).await.unwrap().get(0);
+    assert_ne!(new, old);
+    let after = world.amo().leads().into_iter().find(|l| l.name == "After").unwrap();
+    assert_eq!(after.field_texts(&new.to_string()), [key]);
+    let rows = OutboxRow::all(&client).await;
+    assert_eq!((rows[1].state.as_str(), rows[1].attempts), ("delivered", 1), "{rows:#?}");
+}
