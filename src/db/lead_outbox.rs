@@ -147,18 +147,28 @@ pub struct Seen {
     pub attempts: i32,
 }
 
-/// `delivered` with the CRM's ids. False if the row had moved on.
-pub async fn mark_delivered(conn: &impl Conn, seen: Seen, entity_type: &str, ids: CreatedIds) -> Result<bool, DbError> {
-    execute(
-        conn,
-        "marking a lead delivered",
-        "UPDATE crm_lead_outbox SET state = 'delivered', crm_entity_type = $4, crm_entity_id = $5,
-             crm_contact_id = coalesce($6, crm_contact_id), delivered_at = now(), last_error = NULL
-         WHERE id = $1 AND state = $2 AND attempts = $3",
-        &[&seen.id, &seen.state.as_str(), &seen.attempts, &entity_type, &ids.entity_id, &ids.contact_id],
-    )
+/// `delivered` with the CRM's ids; how long after its insert, or `None`
+/// if the row had moved on.
+pub async fn mark_delivered(
+    conn: &impl Conn,
+    seen: Seen,
+    entity_type: &str,
+    ids: CreatedIds,
+) -> Result<Option<f64>, DbError> {
+    step(conn, "marking a lead delivered", async {
+        let row = conn
+            .pg()
+            .query_opt(
+                "UPDATE crm_lead_outbox SET state = 'delivered', crm_entity_type = $4, crm_entity_id = $5,
+                     crm_contact_id = coalesce($6, crm_contact_id), delivered_at = now(), last_error = NULL
+                 WHERE id = $1 AND state = $2 AND attempts = $3
+                 RETURNING extract(epoch FROM delivered_at - created_at)::float8",
+                &[&seen.id, &seen.state.as_str(), &seen.attempts, &entity_type, &ids.entity_id, &ids.contact_id],
+            )
+            .await?;
+        row.map(|r| col(&r, 0, TABLE)).transpose()
+    })
     .await
-    .map(|n| n == 1)
 }
 
 /// Back to `pending`, due after `delay`; an attempt not `counted` is taken back.

@@ -184,8 +184,9 @@ pub async fn pass(
         };
         let paused = matches!(transition, Transition::Pending { pause: true, .. });
         match settle(&db, seen, &transition, placement.as_ref(), &channel).await? {
-            Settled::Delivered(ids) => {
+            Settled::Delivered(ids, seconds) => {
                 report.delivered += 1;
+                ctx.metrics.lead_delivered(crm, seconds);
                 if let Channel::AmoCrm(ready) = &mut channel {
                     ready.add_comment(ctx, &db, seen, &row, ids).await;
                 }
@@ -275,7 +276,8 @@ async fn next_row(db: &TenantDb, channel: &Channel, crm: Crm) -> Result<Option<T
 }
 
 enum Settled {
-    Delivered(CreatedIds),
+    /// With the seconds from the row's insert.
+    Delivered(CreatedIds, f64),
     Failed,
     Other,
 }
@@ -297,8 +299,8 @@ async fn settle(
                 (None, Channel::Bitrix24(ready)) => ready.entity_type(),
             };
             match lead_outbox::mark_delivered(&session, seen, entity_type, *ids).await? {
-                true => Settled::Delivered(*ids),
-                false => Settled::Other,
+                Some(seconds) => Settled::Delivered(*ids, seconds),
+                None => Settled::Other,
             }
         }
         Transition::Pending { delay, counted, error, .. } => {

@@ -175,3 +175,8 @@ pub(super) struct AttemptLabels {
     pub(super) crm: Crm,
     pub(super) outcome: AttemptOutcome,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct CrmLabels {
+    pub(super) crm: Crm,
+}

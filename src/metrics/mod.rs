@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use labels::{
-    AttemptLabels, CrmResultLabels, CrmStatusLabels, FailureLabels, OutboxLabels, ResultLabels, StateLabels,
+    AttemptLabels, CrmLabels, CrmResultLabels, CrmStatusLabels, FailureLabels, OutboxLabels, ResultLabels, StateLabels,
     TenantCrmLabels, TenantLabels, WorkLabels,
 };
 pub use labels::{AttemptOutcome, RefreshResult, TenantState, WORK_KINDS};
@@ -28,6 +28,11 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// whose database and CRMs answer at once takes tens of milliseconds, one
 /// waiting out retries up to the two-minute deadline.
 const RECONCILE_BUCKETS: [f64; 13] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// Upper bounds of the insert → delivered buckets, in seconds: a woken pass
+/// delivers within a second, a polled one within its poll, a lost answer
+/// after the settle time's lookup.
+const DELIVERY_BUCKETS: [f64; 12] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0, 3600.0];
 
 /// Unix time in seconds, with a fractional part.
 type Timestamp = Gauge<f64, AtomicU64>;
@@ -48,6 +53,7 @@ pub struct Metrics {
     outbox_rows: Family<OutboxLabels, Gauge>,
     outbox_oldest_pending: Family<TenantLabels, Gauge<f64, AtomicU64>>,
     delivery_attempts: Family<AttemptLabels, Counter>,
+    delivery_seconds: Family<CrmLabels, Histogram>,
 }
 
 impl Metrics {
@@ -67,6 +73,8 @@ impl Metrics {
         let outbox_rows = Family::<OutboxLabels, Gauge>::default();
         let outbox_oldest_pending = Family::<TenantLabels, Gauge<f64, AtomicU64>>::default();
         let delivery_attempts = Family::<AttemptLabels, Counter>::default();
+        let delivery_seconds =
+            Family::<CrmLabels, Histogram>::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS));
         // Counters are registered without `_total`: the encoder appends it.
         registry.register("crm_connect_tenants", "Tenants by connection state", tenants.clone());
         registry.register(
@@ -129,6 +137,11 @@ impl Metrics {
              inconclusive)",
             delivery_attempts.clone(),
         );
+        registry.register(
+            "crm_connect_lead_delivery_seconds",
+            "Time from a lead's insert into the outbox to its delivered commit, by CRM",
+            delivery_seconds.clone(),
+        );
         let metrics = Metrics {
             registry,
             tenants,
@@ -145,6 +158,7 @@ impl Metrics {
             outbox_rows,
             outbox_oldest_pending,
             delivery_attempts,
+            delivery_seconds,
         };
         for crm in Crm::ALL {
             for outcome in AttemptOutcome::ALL {
@@ -246,6 +260,11 @@ impl Metrics {
             self.outbox_rows.get_or_create(&OutboxLabels { tenant: tenant.into(), state }).set(count);
         }
         self.outbox_oldest_pending.get_or_create(&TenantLabels { tenant: tenant.into() }).set(oldest_pending_seconds);
+    }
+
+    /// A lead delivered `seconds` after its insert.
+    pub fn lead_delivered(&self, crm: Crm, seconds: f64) {
+        self.delivery_seconds.get_or_create(&CrmLabels { crm }).observe(seconds.max(0.0));
     }
 
     /// One lead send or lookup and its outcome.

@@ -340,6 +340,7 @@ async fn the_daemon_delivers_at_once_on_a_wake_and_answers_202_to_any_slug() {
         text.contains("crm_connect_lead_delivery_attempts_total{crm=\"bitrix24\",outcome=\"ambiguous\"} 0"),
         "{text}"
     );
+    assert!(text.contains("crm_connect_lead_delivery_seconds_count{crm=\"amocrm\"} 1"), "{text}");
     assert_eq!(daemon.stop().await, std::process::ExitCode::SUCCESS);
 }
 
