@@ -304,7 +304,7 @@ async fn settle(
             }
         }
         Transition::Pending { delay, counted, error, .. } => {
-            lead_outbox::mark_pending(&session, seen, *delay, *counted, error.as_deref()).await?;
+            lead_outbox::mark_pending(&session, seen, jittered(*delay), *counted, error.as_deref()).await?;
             Settled::Other
         }
         Transition::Failed(message) => match lead_outbox::mark_failed(&session, seen, message).await? {
@@ -321,6 +321,13 @@ async fn settle(
             Settled::Other
         }
     })
+}
+
+/// A backoff spread by ±25 %, so that rows refused together (a rate
+/// limit) do not all come back in the same instant.
+fn jittered(delay: Duration) -> Duration {
+    let factor = 0.75 + rand::random::<f64>() * 0.5;
+    delay.mul_f64(factor).min(delivery::MAX_WAIT)
 }
 
 /// Runs passes over one tenant until nothing is due (`crm-connect deliver`).

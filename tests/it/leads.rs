@@ -511,3 +511,21 @@ async fn a_key_field_deleted_in_the_account_is_created_again_and_the_row_sent_ag
     let rows = OutboxRow::all(&client).await;
     assert_eq!((rows[1].state.as_str(), rows[1].attempts), ("delivered", 1), "{rows:#?}");
 }
+
+#[tokio::test]
+async fn an_amocrm_comment_becomes_one_note_on_the_delivered_lead() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    client
+        .execute("INSERT INTO crm_lead_outbox (title, comment) VALUES ('Noted', 'Call after 18:00')", &[])
+        .await
+        .unwrap();
+
+    deliver(&world, &tenant).await;
+    deliver(&world, &tenant).await;
+
+    let lead = world.amo().leads().into_iter().next().unwrap();
+    let notes = world.amo().notes();
+    assert_eq!(notes.len(), 1, "sent once: {notes:#?}");
+    assert_eq!((notes[0].entity_id, notes[0].text.as_deref()), (lead.id, Some("Call after 18:00")));
+}
