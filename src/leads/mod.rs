@@ -17,6 +17,7 @@ use chrono::Utc;
 use crate::config::{LeadsConfig, TenantConfig};
 use crate::context::Context;
 use crate::db::lead_outbox::{self, Seen};
+use crate::db::status::StatusUpdate;
 use crate::db::{self, DbError, TenantDb};
 use crate::failure::{Cause, FailureKind};
 use crate::metrics::AttemptOutcome;
@@ -139,6 +140,7 @@ pub async fn pass(
     let mut channel = match channel {
         Ok(channel) => channel,
         Err(cause) if cause.kind == FailureKind::Config => {
+            record_waiting(&db, crm, &cause.message).await?;
             report.waiting = Some(cause.message);
             return Ok(report);
         }
@@ -321,6 +323,20 @@ async fn settle(
             Settled::Other
         }
     })
+}
+
+/// Why delivery waits on the tenant's configuration, recorded as a mapping
+/// error is: the CRM's status row says it (state `error`) and an event,
+/// once per message.
+async fn record_waiting(db: &TenantDb, crm: Crm, message: &str) -> Result<(), DbError> {
+    let session = db.session().await?;
+    let rows = db::status::read_all(&session).await?;
+    if rows.iter().any(|r| r.crm == crm.as_str() && r.last_error.as_deref() == Some(message)) {
+        return Ok(());
+    }
+    let update = StatusUpdate { error: Some(message), ..StatusUpdate::state(crm, CrmState::Error) };
+    db::status::write(&session, &update).await?;
+    db::events::insert(&session, Some(crm), "leads_config_error", &serde_json::json!({ "message": message })).await
 }
 
 /// A backoff spread by ±25 %, so that rows refused together (a rate

@@ -529,3 +529,29 @@ async fn an_amocrm_comment_becomes_one_note_on_the_delivered_lead() {
     assert_eq!(notes.len(), 1, "sent once: {notes:#?}");
     assert_eq!((notes[0].entity_id, notes[0].text.as_deref()), (lead.id, Some("Call after 18:00")));
 }
+
+#[tokio::test]
+async fn defaults_matching_no_synced_stage_make_rows_wait_and_are_recorded_once_like_a_mapping_error() {
+    let world = World::amocrm().await;
+    let file =
+        world.file_with_code().table_key("leads.amocrm", "stage", r#"{ pipeline = "Nowhere", stage = "Nothing" }"#);
+    let (tenant, client) = connected(&world, file).await;
+    insert(&client, "Waiting", None).await;
+
+    let first = deliver(&world, &tenant).await;
+    let second = deliver(&world, &tenant).await;
+
+    assert!(first.waiting.as_deref().is_some_and(|w| w.starts_with("[leads.amocrm]: stage")), "{first:?}");
+    assert_eq!(second.sent, 0, "{second:?}");
+    assert_eq!(OutboxRow::one(&client).await.state, "pending");
+    let status = crate::support::rows::StatusRow::of(&client, "amocrm").await;
+    assert_eq!(status.state, "error");
+    assert_eq!(status.last_error, first.waiting);
+    let events: i64 = client
+        .query_one("SELECT count(*) FROM crm_connect_events WHERE kind = 'leads_config_error'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 1, "recorded once");
+    assert_eq!(world.amo().creates(), 0);
+}
