@@ -12,7 +12,6 @@ use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Running, eventually};
-use crate::support::fast_context;
 use crate::support::rows::OutboxRow;
 use crate::support::world::World;
 
@@ -232,22 +231,19 @@ async fn two_producers_inserting_one_delivery_key_make_one_lead() {
 }
 
 #[tokio::test]
-async fn two_delivery_processes_at_once_send_each_row_once() {
+async fn two_deliver_processes_at_once_send_each_row_once() {
     let world = World::amocrm().await;
-    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    let (_, client) = connected(&world, world.file_with_code()).await;
     for i in 0..10 {
         insert(&client, &format!("Order {i}"), None).await;
     }
-    // Separate contexts: separate pools and token vaults, as two processes.
-    // Together they exceed the account's rate limit now and then: a row
-    // refused with 429 waits, and the next round (its time brought
-    // forward) sends it.
-    let (a, b) = (fast_context(), fast_context());
-    let leads = tenant.leads.as_ref().unwrap();
-    let mut sent = 0;
+    // Together the two processes exceed the account's rate limit now and
+    // then: a row refused with 429 waits, and the next round (its time
+    // brought forward) sends it.
+    let args = ["--config", world.config(), "deliver"];
     for _round in 0..20 {
-        let (ra, rb) = tokio::join!(leads::until_done(&a, &tenant, leads), leads::until_done(&b, &tenant, leads));
-        sent += ra.unwrap().sent + rb.unwrap().sent;
+        let (a, b) = tokio::join!(crate::support::crm_connect(&args, &[]), crate::support::crm_connect(&args, &[]));
+        assert_eq!((a.code, b.code), (0, 0), "{a:?} {b:?}");
         if OutboxRow::all(&client).await.iter().all(|r| r.state == "delivered") {
             break;
         }
@@ -264,7 +260,32 @@ async fn two_delivery_processes_at_once_send_each_row_once() {
     names.sort();
     names.dedup();
     assert_eq!((leads.len(), names.len()), (10, 10), "each row once: {names:?}");
-    assert_eq!(world.amo().creates(), 10, "no create twice ({sent} sends, 429s included)");
+    assert_eq!(world.amo().creates(), 10, "no create twice");
+}
+
+#[tokio::test]
+async fn a_row_claimed_by_a_process_that_died_before_sending_is_proved_absent_and_sent_once() {
+    let world = World::bitrix24().await;
+    let (tenant, client) = connected(&world, world.file().entity_type("lead")).await;
+    insert(&client, "Claimed", None).await;
+    // What a claim committed just before a crash leaves: `sending`, one
+    // attempt, its lookup scheduled.
+    client
+        .execute(
+            "UPDATE crm_lead_outbox SET state = 'sending', crm = 'bitrix24', attempts = 1, last_attempt_at = now(),
+                 next_attempt_at = now() + interval '1 minute'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deliver(&world, &tenant).await, PassReport::default(), "not before its lookup");
+    lookup_due(&client).await;
+
+    let report = deliver(&world, &tenant).await;
+
+    assert_eq!((report.looked_up, report.sent, report.delivered), (1, 1, 1), "{report:?}");
+    assert_eq!(world.portal().leads().len(), 1);
+    assert_eq!(OutboxRow::one(&client).await.attempts, 2);
 }
 
 #[tokio::test]
