@@ -20,12 +20,23 @@
 //! - the Bitrix24 rate-limit ceiling: 20 tenants on one portal;
 //! - 1,000 tenants with every database on ONE cluster at PostgreSQL's stock
 //!   `max_connections = 100`, default flags: first start, restart,
-//!   connection errors, connections at once, memory, idle CPU.
+//!   connection errors, connections at once, memory, idle CPU;
+//! - the soak: the daemon's work loop over a million jobs;
+//! - lead delivery: 500 tenants with `[leads]` (half AmoCRM, half Bitrix24
+//!   deals), 10 leads each inserted at once with a wake per tenant, until
+//!   all are delivered (requests per lead, duplicates, rate limits); insert
+//!   → delivered latency with a wake and by the poll alone; the idle cost
+//!   of the delivering tenants at the default poll.
 //!
 //! A quick run (not the documented measurement), for instance:
 //! `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 BENCH_IDLE_TIMEOUT_SECS=5
-//! BENCH_EDITS=20 BENCH_OUT=/tmp/bench cargo run --release --example bench`.
+//! BENCH_EDITS=20 BENCH_OUT=/tmp/bench cargo run --release --example bench`;
+//! the delivery phase alone, small: `BENCH_PHASES=delivery BENCH_TENANTS=20
+//! BENCH_DELIVERY_TENANTS=20 BENCH_DELIVERY_LATENCY_LEADS=30 BENCH_IDLE_SECS=20
+//! BENCH_OUT=/tmp/bench cargo run --release --example bench`.
 
+#[path = "bench/delivery.rs"]
+mod delivery;
 #[path = "bench/fixture.rs"]
 mod fixture;
 #[path = "bench/phases.rs"]
@@ -53,7 +64,8 @@ pub struct Options {
     #[arg(long, env = "BENCH_TENANTS", value_delimiter = ',', default_value = "10,100,500")]
     pub tenants: Vec<usize>,
 
-    /// Seconds of idle CPU measured after each cold start
+    /// Seconds of idle CPU measured after each cold start, and of the
+    /// delivering tenants' idle cost
     #[arg(long, env = "BENCH_IDLE_SECS", default_value_t = 60)]
     pub idle_secs: u64,
 
@@ -86,6 +98,18 @@ pub struct Options {
     #[arg(long, env = "BENCH_SOAK_JOBS", default_value_t = 1_000_000)]
     pub soak_jobs: u64,
 
+    /// Tenants with `[leads]` in the delivery run (half AmoCRM, half Bitrix24 deals)
+    #[arg(long, env = "BENCH_DELIVERY_TENANTS", default_value_t = 500)]
+    pub delivery_tenants: usize,
+
+    /// Leads of each insert → delivered latency (with a wake, then by the poll)
+    #[arg(long, env = "BENCH_DELIVERY_LATENCY_LEADS", default_value_t = 100)]
+    pub delivery_latency_leads: usize,
+
+    /// `[leads].poll` of the tenant whose poll-only latency is measured, in seconds
+    #[arg(long, env = "BENCH_DELIVERY_POLL_SECS", default_value_t = 5)]
+    pub delivery_poll_secs: u64,
+
     /// Before starting, wait (up to 15 minutes) for the 1-minute load average to drop below this
     #[arg(long, env = "BENCH_MAX_LOAD")]
     pub max_load: Option<f64>,
@@ -96,7 +120,7 @@ pub struct Options {
         env = "BENCH_PHASES",
         value_enum,
         value_delimiter = ',',
-        default_value = "cold,edits,resync,runbook,ceiling,one-server,soak"
+        default_value = "cold,edits,resync,runbook,ceiling,one-server,soak,delivery"
     )]
     pub phases: Vec<Phase>,
 
@@ -125,6 +149,7 @@ pub enum Phase {
     Ceiling,
     OneServer,
     Soak,
+    Delivery,
 }
 
 impl Options {
@@ -149,6 +174,9 @@ impl Options {
             && self.one_server_tenants == defaults.one_server_tenants
             && self.soak_tenants == defaults.soak_tenants
             && self.soak_jobs == defaults.soak_jobs
+            && self.delivery_tenants == defaults.delivery_tenants
+            && self.delivery_latency_leads == defaults.delivery_latency_leads
+            && self.delivery_poll_secs == defaults.delivery_poll_secs
             && self.phases == defaults.phases
             && self.concurrency.is_none()
     }
@@ -192,7 +220,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let mut machine = system::machine();
 
     let largest = options.tenants.iter().copied().max().unwrap_or(2);
-    let databases = fixture::Databases::start(fixture::clusters_for(largest)).await?;
+    // The delivery run keeps a connection of its own open to each tenant.
+    let most = match options.runs(Phase::Delivery) {
+        true => largest.max(options.delivery_tenants + 1),
+        false => largest,
+    };
+    let databases = fixture::Databases::start(fixture::clusters_for(most)).await?;
     machine.postgres = databases.server_version().await?;
     system::log(&format!("{} PostgreSQL cluster(s) up ({})", databases.len(), machine.postgres));
 
@@ -238,6 +271,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
         false => None,
     };
 
+    // Leads: a burst on every tenant, the latency on one, the idle cost.
+    let delivery = match options.runs(Phase::Delivery) {
+        true => Some(delivery::delivery(&options, &binary, &databases).await?),
+        false => None,
+    };
+
     let results = report::Results {
         full_run: options.is_full_run(),
         options: options.clone(),
@@ -255,6 +294,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         ceiling,
         one_server,
         soak,
+        delivery,
     };
     drop(databases);
     std::fs::create_dir_all(&out)?;

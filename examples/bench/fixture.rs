@@ -296,7 +296,24 @@ pub struct Daemon {
     pub pid: u32,
     pub started: Instant,
     metrics_url: String,
+    wake_url: String,
     http: reqwest::Client,
+}
+
+/// `POST /leads/wake?tenant=SLUG` on a daemon's `--listen` address; cheap
+/// to clone into many tasks.
+#[derive(Clone)]
+pub struct Waker {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Waker {
+    /// Wakes `slug`'s delivery; returns the HTTP status (always 202).
+    pub async fn wake(&self, slug: &str) -> anyhow::Result<u16> {
+        let response = self.http.post(format!("{}?tenant={slug}", self.url)).send().await?;
+        Ok(response.status().as_u16())
+    }
 }
 
 impl Daemon {
@@ -321,6 +338,7 @@ impl Daemon {
             pid,
             started,
             metrics_url: format!("http://{listen}/metrics"),
+            wake_url: format!("http://{listen}/leads/wake"),
             http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
         })
     }
@@ -329,6 +347,10 @@ impl Daemon {
     pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
         let text = self.http.get(&self.metrics_url).send().await.ok()?.text().await.ok()?;
         Some(parse_metrics(&text))
+    }
+
+    pub fn waker(&self) -> Waker {
+        Waker { url: self.wake_url.clone(), http: self.http.clone() }
     }
 
     /// Polls `/metrics` every `every` until `connected` tenants are

@@ -211,7 +211,7 @@ fn unix_ms() -> u64 {
 
 /// The method name of a Bitrix24 request, the path of any other; never the
 /// webhook code.
-fn call_name(request: &RecordedRequest) -> String {
+pub fn call_name(request: &RecordedRequest) -> String {
     match request.path.strip_prefix("/rest/") {
         Some(rest) => rest.rsplit('/').next().unwrap_or_default().to_owned(),
         None => format!("{} {}", request.method, request.path),
@@ -221,7 +221,7 @@ fn call_name(request: &RecordedRequest) -> String {
 /// `<dir>/watched/tenants`: the daemon also watches the parent of its
 /// configuration directory, so nothing else (its log above all) may live
 /// there.
-fn tenants_dir(dir: &TempDir) -> anyhow::Result<PathBuf> {
+pub fn tenants_dir(dir: &TempDir) -> anyhow::Result<PathBuf> {
     let config = dir.join("watched").join("tenants");
     std::fs::create_dir_all(&config)?;
     Ok(config)
@@ -236,7 +236,7 @@ fn connection_errors_in(log: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn log_file(options: &Options, dir: &TempDir, name: &str) -> PathBuf {
+pub fn log_file(options: &Options, dir: &TempDir, name: &str) -> PathBuf {
     match &options.logs {
         Some(logs) => logs.join(format!("{name}.log")),
         None => dir.join(format!("{name}.log")),

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::Options;
+use crate::delivery::Delivery;
 use crate::phases::{Ceiling, ColdStart, Edits, Floor, Resync, Runbook, Soak};
 use crate::system::Machine;
 
@@ -36,6 +37,8 @@ pub struct Results {
     pub one_server: Option<(ColdStart, Floor)>,
     /// The daemon's work loop over a million jobs.
     pub soak: Option<Soak>,
+    /// Leads inserted, woken, polled, delivered; then the idle cost.
+    pub delivery: Option<Delivery>,
 }
 
 /// The one-server run's targets: connections come from `--db-connections`
@@ -250,12 +253,110 @@ pub fn rows(r: &Results) -> Vec<Row> {
         }
         None => rows.push(not_measured("Memory after 1,000,000 jobs vs after 10,000", "within 10 %")),
     }
+    delivery_rows(r.delivery.as_ref(), &mut rows);
     let elsewhere: usize =
         r.cold_starts.iter().chain(r.one_server.as_ref().map(|(c, _)| c)).map(|c| c.violations).sum::<usize>()
             + r.resync.as_ref().map_or(0, |s| s.violations)
             + r.runbook.as_ref().map_or(0, |b| b.violations);
     rows.push(row("Rate-limit violations in every other run", elsewhere.to_string(), "0", Some(elsewhere == 0)));
     rows
+}
+
+fn delivery_rows(d: Option<&Delivery>, rows: &mut Vec<Row>) {
+    let Some(d) = d else {
+        rows.push(not_measured("Lead delivery: create requests per lead (AmoCRM / Bitrix24 deal)", "1 / 1"));
+        rows.push(not_measured("Lead delivery: duplicates", "0"));
+        rows.push(not_measured("Lead delivery: insert → delivered with a wake, p99", "< 500 ms"));
+        rows.push(not_measured("Lead delivery: insert → delivered by the poll alone, p99", "≤ poll + 1 s"));
+        rows.push(not_measured("Lead delivery: idle CPU of the [leads] tenants at poll 30 s", "< 1 % of one core"));
+        return;
+    };
+    let n = d.tenants;
+    let burst = format!("{n} tenants × {} leads", d.leads_per_tenant);
+    let states = d.states.iter().map(|(state, rows)| format!("{rows} {state}")).collect::<Vec<_>>().join(", ");
+    rows.push(row(
+        format!("Lead delivery, {burst} inserted at once, a wake each (first INSERT → last delivered)"),
+        match d.all_delivered_secs {
+            Some(s) => format!("{s:.2} s"),
+            None => format!("not all delivered within {:.0} s ({states})", d.timeout_secs),
+        },
+        "—",
+        None,
+    ));
+    rows.push(row(
+        "Create requests per AmoCRM lead (`POST /api/v4/leads/complex`)",
+        format!("{:.2}", d.amocrm_creates_per_lead),
+        "1",
+        Some(d.amocrm_rows > 0 && d.amocrm_creates_per_lead == 1.0),
+    ));
+    rows.push(row(
+        "Requests per Bitrix24 deal with its contact (`batch`)",
+        format!("{:.2}", d.bitrix24_batches_per_deal),
+        "1",
+        Some(d.bitrix24_rows > 0 && d.bitrix24_batches_per_deal == 1.0),
+    ));
+    rows.push(row(
+        "All requests per lead, one-time key-field setup included (AmoCRM / Bitrix24)",
+        format!("{:.2} / {:.2}", d.amocrm_requests_per_lead, d.bitrix24_requests_per_deal),
+        "—",
+        None,
+    ));
+    let wrong = d.duplicates + d.strays + d.missing + d.mismatched_ids;
+    rows.push(row(
+        format!("Lead delivery duplicates, {burst} (CRM leads + deals vs rows, one per key)"),
+        format!(
+            "{} ({} in the CRMs for {} rows{})",
+            d.duplicates,
+            d.crm_entities,
+            d.rows,
+            match wrong - d.duplicates {
+                0 => String::new(),
+                k => format!("; {k} stray, missing or mismatched"),
+            }
+        ),
+        "0",
+        Some(wrong == 0 && d.crm_entities == d.rows),
+    ));
+    rows.push(row(
+        "Rate-limit violations during lead delivery",
+        d.violations.to_string(),
+        "0",
+        Some(d.violations == 0),
+    ));
+    let l = &d.latency;
+    let lost = |lost: usize| if lost > 0 { format!(", {lost} lost") } else { String::new() };
+    rows.push(row(
+        format!(
+            "Insert → delivered with a wake, p99 ({} leads, one AmoCRM tenant, {} loaded)",
+            l.wake.leads, l.tenants_loaded
+        ),
+        format!("{:.0} ms (p50 {:.0} ms){}", l.wake.p99_ms, l.wake.p50_ms, lost(l.wake.lost)),
+        "< 500 ms",
+        Some(l.wake.p99_ms < 500.0 && l.wake.lost == 0),
+    ));
+    let bound = l.poll_secs as f64 + 1.0;
+    rows.push(row(
+        format!("Insert → delivered by the poll alone, p99 ({} leads, poll {} s)", l.poll.leads, l.poll_secs),
+        format!("{:.2} s (p50 {:.2} s){}", l.poll.p99_ms / 1000.0, l.poll.p50_ms / 1000.0, lost(l.poll.lost)),
+        &format!("≤ poll + 1 s ({bound:.0} s)"),
+        Some(l.poll.p99_ms <= bound * 1000.0 && l.poll.lost == 0),
+    ));
+    let i = &d.idle;
+    rows.push(row(
+        format!(
+            "Idle CPU of {} [leads] tenants at poll {} s, all delivered, over {:.0} s",
+            i.tenants, i.poll_secs, i.window_secs
+        ),
+        format!("{:.2} %", i.daemon_cpu_percent),
+        "< 1 % of one core",
+        Some(i.daemon_cpu_percent < 1.0),
+    ));
+    rows.push(row(
+        "Their PostgreSQL cost over the same window: CPU, connections per second",
+        format!("{:.2} % of one core, {:.1} sessions/s", i.postgres_cpu_percent, i.sessions_per_sec),
+        "—",
+        None,
+    ));
 }
 
 fn met(m: Option<bool>) -> &'static str {
@@ -286,7 +387,8 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(
             md,
             "> **Not the documented full run**: phases {:?}, tenants {:?}, idle {} s, idle timeout {} s, {} edits, \
-             latency {} ms, {} runbook runs, {} tenants on one portal, concurrency {concurrency}.\n",
+             latency {} ms, {} runbook runs, {} tenants on one portal, {} delivery tenants, {} latency leads at \
+             poll {} s, concurrency {concurrency}.\n",
             o.phases,
             o.tenants,
             o.idle_secs,
@@ -294,7 +396,10 @@ pub fn markdown(r: &Results) -> String {
             o.edits,
             o.latency_ms,
             o.runbook_runs,
-            o.portal_tenants
+            o.portal_tenants,
+            o.delivery_tenants,
+            o.delivery_latency_leads,
+            o.delivery_poll_secs
         );
     }
 
@@ -586,6 +691,14 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(md, "Not measured in this run.");
     }
 
+    let _ = writeln!(md, "\n### Lead delivery\n");
+    match &r.delivery {
+        Some(d) => delivery_details(&mut md, d, r.machine.nproc),
+        None => {
+            let _ = writeln!(md, "Not measured in this run.");
+        }
+    }
+
     let _ = writeln!(md, "\n## Method\n");
     let method = [
         format!(
@@ -638,6 +751,27 @@ pub fn markdown(r: &Results) -> String {
         "Rate-limit ceiling: one Bitrix24 sandbox with the cloud portal's leaky bucket (50 requests, draining 2/s); \
          the rate is taken from the sandbox's request log."
             .to_owned(),
+        format!(
+            "Lead delivery: {} tenants with `[leads]` at the default poll (30 s), half AmoCRM (each its own account), \
+             half Bitrix24 deals (each its own portal), one more AmoCRM tenant for the latency, under `crm-connect run \
+             --listen …`. Once all are connected, the harness opens a connection to each tenant database, then, all \
+             at once, runs one INSERT of {} rows (title, contact name, phone, email) per tenant and after its commit \
+             `POST /leads/wake?tenant=SLUG`. The time runs from the first row's `created_at` to the last row's \
+             `delivered_at` (both PostgreSQL's clock); requests are counted by the sandboxes from the first INSERT on; \
+             duplicates compare each CRM's leads or deals, by the delivery key they carry (AmoCRM's \"crm-connect key\" \
+             field, Bitrix24's `ORIGIN_ID`), with the rows. Latency: insert → delivered from `created_at` and \
+             `delivered_at` of each row; with a wake, each insert waits for the previous row's delivery and comes \
+             {} ms after the previous wake (the daemon runs at most one extra pass per tenant per second); by the \
+             poll, the tenant's `[leads].poll` is {} s and the inserts are about {} ms apart, spread over every phase \
+             of the poll. Idle: the latency tenant's file removed, daemon and PostgreSQL CPU over {} s, \
+             connections per second from the tenant databases' `pg_stat_database.sessions`.",
+            o.delivery_tenants,
+            crate::delivery::LEADS_PER_TENANT,
+            r.delivery.as_ref().map_or(1000, |d| d.latency.wake_gap_ms),
+            o.delivery_poll_secs,
+            r.delivery.as_ref().map_or(500, |d| d.latency.poll_insert_gap_ms),
+            o.idle_secs
+        ),
     ];
     for line in method {
         let _ = writeln!(md, "- {line}");
@@ -651,13 +785,110 @@ pub fn markdown(r: &Results) -> String {
          Settings, as flags after `--` or environment variables: `BENCH_LATENCY_MS` (30), `BENCH_TENANTS` \
          (10,100,500), `BENCH_IDLE_SECS` (60), `BENCH_IDLE_TIMEOUT_SECS` (30), `BENCH_EDITS` (100), \
          `BENCH_RUNBOOK_RUNS` (5), `BENCH_PORTAL_TENANTS` (20), `BENCH_ONE_SERVER_TENANTS` (1000), \
-         `BENCH_SOAK_TENANTS` (5000), `BENCH_SOAK_JOBS` (1000000), \
-         `BENCH_PHASES` (cold,edits,resync,runbook,ceiling,one-server,soak), \
+         `BENCH_SOAK_TENANTS` (5000), `BENCH_SOAK_JOBS` (1000000), `BENCH_DELIVERY_TENANTS` (500), \
+         `BENCH_DELIVERY_LATENCY_LEADS` (100), `BENCH_DELIVERY_POLL_SECS` (5), \
+         `BENCH_PHASES` (cold,edits,resync,runbook,ceiling,one-server,soak,delivery), \
          `BENCH_CONCURRENCY` (the daemon's own), `BENCH_MAX_LOAD` (wait for a lower load average first), \
          `BENCH_LOGS` (keep the daemons' logs there), `BENCH_OUT` (where the two files go). A quick run: `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 \
          BENCH_IDLE_TIMEOUT_SECS=5 BENCH_EDITS=20 BENCH_OUT=/tmp/bench {COMMAND}`."
     );
     md
+}
+
+fn delivery_details(md: &mut String, d: &Delivery, nproc: usize) {
+    let calls = |map: &std::collections::BTreeMap<String, usize>| {
+        map.iter().map(|(name, n)| format!("{name} × {n}")).collect::<Vec<_>>().join(", ")
+    };
+    let states = d.states.iter().map(|(state, rows)| format!("{rows} {state}")).collect::<Vec<_>>().join(", ");
+    let _ = writeln!(
+        md,
+        "{} tenants ({} AmoCRM + {} Bitrix24 deals) × {} leads = {} rows, inserted at once with a wake per tenant \
+         ({:.2} s until every INSERT had committed and every wake been answered; {} wakes not answered 202). \
+         First INSERT → last delivered: {}; the harness saw `/metrics` count them all after {}. Rows now: {states}. \
+         Each row's insert → delivered in the burst: p50 {:.2} s, p99 {:.2} s, max {:.2} s. CPU meanwhile: daemon \
+         {:.2} s, PostgreSQL {:.2} s ({} CPUs).\n",
+        d.tenants,
+        d.amocrm_tenants,
+        d.bitrix24_tenants,
+        d.leads_per_tenant,
+        d.rows,
+        d.inserted_secs,
+        d.wakes_not_202,
+        secs(d.all_delivered_secs),
+        secs(d.seen_delivered_secs),
+        d.burst.p50_ms / 1000.0,
+        d.burst.p99_ms / 1000.0,
+        d.burst.max_ms / 1000.0,
+        d.daemon_cpu_secs,
+        d.postgres_cpu_secs,
+        nproc,
+    );
+    let _ = writeln!(md, "| | AmoCRM | Bitrix24 (deals) |\n| --- | --- | --- |");
+    let _ = writeln!(md, "| Rows | {} | {} |", d.amocrm_rows, d.bitrix24_rows);
+    let _ = writeln!(
+        md,
+        "| Create requests per lead | {:.2} (`POST /api/v4/leads/complex`) | {:.2} (`batch`: contact + deal) |",
+        d.amocrm_creates_per_lead, d.bitrix24_batches_per_deal
+    );
+    let _ = writeln!(
+        md,
+        "| All requests per lead | {:.2} | {:.2} |",
+        d.amocrm_requests_per_lead, d.bitrix24_requests_per_deal
+    );
+    let _ = writeln!(md, "| Requests, all tenants | {} | {} |", calls(&d.amocrm_calls), calls(&d.bitrix24_calls));
+    let _ = writeln!(
+        md,
+        "\nIn the CRMs: {} leads and deals for {} rows; {} duplicates (an entity beyond the first with its key), \
+         {} strays (no key, or one that is no row's), {} rows whose key no entity carries, {} delivered rows whose \
+         `crm_entity_id` is not their entity's; the Bitrix24 portals counted {} creations (a contact and a deal \
+         per row). {} rate-limit violations over the phase.\n",
+        d.crm_entities,
+        d.rows,
+        d.duplicates,
+        d.strays,
+        d.missing,
+        d.mismatched_ids,
+        d.bitrix24_sandbox_creates,
+        d.violations
+    );
+    let l = &d.latency;
+    let _ = writeln!(
+        md,
+        "| Insert → delivered, one AmoCRM tenant, {} loaded | Leads | p50 | p99 | min | max | mean | Lost |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |",
+        l.tenants_loaded
+    );
+    for (how, x) in [
+        (format!("A wake after each insert, {} ms between wakes", l.wake_gap_ms), &l.wake),
+        (
+            format!("The poll alone (`poll = \"{}s\"`), inserts ~{} ms apart", l.poll_secs, l.poll_insert_gap_ms),
+            &l.poll,
+        ),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {how} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {} |",
+            x.leads, x.p50_ms, x.p99_ms, x.min_ms, x.max_ms, x.mean_ms, x.lost
+        );
+    }
+    let i = &d.idle;
+    let _ = writeln!(
+        md,
+        "\nIdle, everything delivered, {} tenants at `poll = \"{}s\"` over {:.0} s: daemon CPU {:.2} % of one core \
+         (RSS {:.1} MB); PostgreSQL CPU {:.2} s ({:.2} % of one core); {} sessions opened to the tenant databases \
+         ({:.1} per second, {:.2} per tenant per poll); {} of the daemon's connections open at the end.",
+        i.tenants,
+        i.poll_secs,
+        i.window_secs,
+        i.daemon_cpu_percent,
+        i.rss_mb,
+        i.postgres_cpu_secs,
+        i.postgres_cpu_percent,
+        i.sessions,
+        i.sessions_per_sec,
+        i.sessions_per_sec * i.poll_secs as f64 / i.tenants.max(1) as f64,
+        i.connections_at_end
+    );
 }
 
 pub fn json(r: &Results) -> Value {
