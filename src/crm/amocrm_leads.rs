@@ -3,8 +3,6 @@
 //! lookup of a key, the note. A create is sent once, never retried here:
 //! its answer is classified ([`SendAnswer`]) and the delivery rules decide.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -195,41 +193,29 @@ impl AmoClient<'_> {
 
 /// The one item of a `leads/complex` request.
 fn lead_body(row: &OutboxRow, target: &AmoLeadTarget<'_>) -> Value {
-    let mut fields: Vec<Value> = Vec::new();
-    // Columns win over `extra` for the same field.
-    let mut filled: HashMap<String, ()> = HashMap::new();
-    let mut push = |key: FieldKey, values: Value, filled: &mut HashMap<String, ()>| {
-        let (name, mut entry) = match key {
-            FieldKey::Id(id) => (id.to_string(), json!({ "field_id": id })),
-            FieldKey::Code(code) => (code.clone(), json!({ "field_code": code })),
-        };
-        entry["values"] = values;
-        filled.insert(name, ());
-        fields.push(entry);
-    };
-    push(FieldKey::Id(target.key_field_id), json!([{ "value": row.delivery_key }]), &mut filled);
+    // By field id (digits) or code; columns win over `extra` for the same field.
+    let mut fields: Vec<(String, Value)> =
+        vec![(target.key_field_id.to_string(), json!([{ "value": row.delivery_key }]))];
     for (code, value) in UTM_CODES.iter().zip(&row.utm) {
         if let Some(value) = value.as_deref().filter(|v| !v.is_empty())
             && target.utm_codes.iter().any(|c| c == code)
         {
-            push(FieldKey::Code(code.to_string()), json!([{ "value": value }]), &mut filled);
+            fields.push((code.to_string(), json!([{ "value": value }])));
         }
     }
-    if let Some(extra) = row.extra.as_object() {
-        for (key, value) in extra {
-            let field = match key.trim().parse::<i64>() {
-                Ok(id) => FieldKey::Id(id),
-                Err(_) => FieldKey::Code(key.clone()),
-            };
-            let name = match &field {
-                FieldKey::Id(id) => id.to_string(),
-                FieldKey::Code(code) => code.clone(),
-            };
-            if !filled.contains_key(&name) {
-                push(field, field_values(value), &mut filled);
-            }
+    for (key, value) in row.extra.as_object().into_iter().flatten() {
+        let name = key.trim().parse::<i64>().map_or_else(|_| key.clone(), |id| id.to_string());
+        if !fields.iter().any(|(filled, _)| *filled == name) {
+            fields.push((name, field_values(value)));
         }
     }
+    let fields: Vec<Value> = fields
+        .into_iter()
+        .map(|(name, values)| match name.parse::<i64>() {
+            Ok(id) => json!({ "field_id": id, "values": values }),
+            Err(_) => json!({ "field_code": name, "values": values }),
+        })
+        .collect();
     let mut lead = json!({
         "name": row.name().unwrap_or_default(),
         "pipeline_id": target.pipeline_id,
@@ -262,11 +248,6 @@ fn lead_body(row: &OutboxRow, target: &AmoLeadTarget<'_>) -> Value {
         lead["_embedded"] = json!({ "contacts": [{ "name": name, "custom_fields_values": contact_fields }] });
     }
     lead
-}
-
-enum FieldKey {
-    Id(i64),
-    Code(String),
 }
 
 /// `extra`'s value for one field: a scalar, an array of scalars, or an

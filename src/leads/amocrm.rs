@@ -71,7 +71,8 @@ pub(super) async fn ready(
         Some((at, fields)) if at.elapsed() < FIELDS_FOR => fields,
         _ => {
             let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
-            let fields = key_field(&api, &access, db, &leads.amocrm.key_field_name).await?;
+            let listed = api.lead_fields(&access.access).await?;
+            let fields = key_field(&api, &access, db, &leads.amocrm.key_field_name, listed).await?;
             let kept = fields.clone();
             delivery.update(&tenant.slug, Crm::AmoCrm, |m| m.amo_fields = Some((Instant::now(), kept)));
             fields
@@ -93,12 +94,17 @@ pub(super) async fn ready(
     })
 }
 
-/// The key field: the stored one if the account still has it, else a text
-/// field of that name, else one created — only after a complete listing,
-/// and stored only if no other process stored one meanwhile (else that one
-/// is adopted).
-async fn key_field(api: &AmoClient<'_>, access: &Tokens, db: &TenantDb, name: &str) -> Result<Fields, Cause> {
-    let listed: Vec<LeadField> = api.lead_fields(&access.access).await?;
+/// The key field among the `listed` fields (a complete listing): the stored
+/// one if the account still has it, else a text field of that name, else one
+/// created — stored only if no other process stored one meanwhile (else that
+/// one is adopted).
+async fn key_field(
+    api: &AmoClient<'_>,
+    access: &Tokens,
+    db: &TenantDb,
+    name: &str,
+    listed: Vec<LeadField>,
+) -> Result<Fields, Cause> {
     let utm_codes =
         listed.iter().filter_map(|f| f.code.clone()).filter(|code| UTM_CODES.contains(&code.as_str())).collect();
     let stored = config_row::lead_key_field(&db.session().await?).await?;
@@ -178,7 +184,7 @@ impl Ready {
         if listed.iter().any(|f| f.id == self.fields.key_field) {
             return None;
         }
-        let fields = key_field(api, &self.access, &self.db, &self.key_field_name).await.ok()?;
+        let fields = key_field(api, &self.access, &self.db, &self.key_field_name, listed).await.ok()?;
         tracing::warn!(tenant = %self.slug, crm = "amocrm", field = fields.key_field, "the key field was gone; using a new one");
         self.fields = fields.clone();
         self.delivery.update(&self.slug, Crm::AmoCrm, |m| m.amo_fields = Some((Instant::now(), fields)));
