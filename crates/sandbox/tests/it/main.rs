@@ -2,6 +2,7 @@
 //! the real services answer, faults included.
 
 mod amocrm;
+mod amocrm_events;
 mod amocrm_leads;
 mod bitrix24;
 mod bitrix24_leads;
