@@ -5,5 +5,6 @@ mod amocrm;
 mod amocrm_events;
 mod amocrm_leads;
 mod bitrix24;
+mod bitrix24_history;
 mod bitrix24_leads;
 mod playground;
