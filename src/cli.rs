@@ -96,6 +96,10 @@ pub enum Command {
     Authorize(AuthorizeArgs),
     /// Print the AmoCRM authorisation URL with a single-use state, for the daemon's OAuth callback
     AuthUrl(TenantArg),
+    /// Print the tab-completion script for a shell, e.g. `source <(crm-connect completions bash)`
+    Completions(CompletionsArgs),
+    /// Write the manual pages, crm-connect.1 and one per subcommand, into a directory
+    Man(ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +154,18 @@ pub struct AuthorizeArgs {
     /// The one-time code from the AmoCRM integration (valid 20 minutes)
     #[arg(long, value_parser = parse_secret, hide_env_values = true)]
     pub code: Secret,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// E.g. /usr/local/share/man/man1; created if missing, pages of the same names replaced
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -58,5 +58,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::TestLead(args) => commands::test_lead::run(&cli.global, args).await,
         Command::Authorize(args) => commands::authorize::run(&cli.global, args).await,
         Command::AuthUrl(args) => commands::auth_url::run(&cli.global, args).await,
+        Command::Completions(args) => commands::completions::run(args),
+        Command::Man(args) => commands::man::run(args),
     }
 }

@@ -3,7 +3,9 @@
 
 pub mod auth_url;
 pub mod authorize;
+pub mod completions;
 pub mod deliver;
+pub mod man;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod stages;

@@ -2,6 +2,7 @@
 
 mod amocrm;
 mod bitrix24;
+mod cli_docs;
 mod daemon;
 mod demo;
 mod dry_run;
