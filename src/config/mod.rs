@@ -180,6 +180,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
             severity: Severity::Warning,
             file: path.to_path_buf(),
             position: None,
+            key: None,
             message: "no tenant files (*.toml) found".into(),
         });
     }
@@ -205,7 +206,8 @@ pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
 pub fn parse_file(path: &Path, text: &str, options: &LoadOptions) -> FileReport {
     let mut problems = problem::Problems::new(path, text);
     let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
-    let (slug, tenant) = if syntax_errors.is_empty() {
+    let parsed = syntax_errors.is_empty();
+    let (slug, tenant) = if parsed {
         tenant::read_tenant(path, &doc, options, &mut problems)
     } else {
         // A recovered document is a guess; checking it would report
@@ -215,7 +217,7 @@ pub fn parse_file(path: &Path, text: &str, options: &LoadOptions) -> FileReport 
         }
         (None, None)
     };
-    let mut problems = problems.list;
+    let mut problems = problems.into_list(parsed.then(|| doc.get_ref()));
     // In reading order; problems without a position (the file as a whole) last.
     problems.sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
     let slug_position = slug.as_ref().and_then(|(_, span)| span.as_ref()).map(|s| problem::position(text, s.start));
@@ -245,6 +247,7 @@ fn reject_duplicate_slugs(files: &mut [FileReport]) {
             severity: Severity::Error,
             file: file.path.clone(),
             position: file.slug_position,
+            key: file.slug_position.map(|_| "tenant.slug".to_string()),
             message: format!(
                 "slug `{}` is also used by {}; each tenant needs a file of its own",
                 file.slug.as_deref().unwrap_or_default(),
