@@ -82,6 +82,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Check every tenant file offline; exit 0 if valid (warnings allowed), 1 if not
     Validate,
+    /// Print the JSON Schema of a tenant file, for editors and CI
+    Schema,
     /// Reconcile every tenant once (config, tokens, stages), then exit; 1 if any tenant failed
     Sync(SyncArgs),
     /// Per tenant and CRM: state, token expiry, last stage sync, stage count, last error

@@ -51,6 +51,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         #[cfg(feature = "demo")]
         Command::Demo(args) => commands::demo::run(&cli.global, args).await,
         Command::Validate => commands::validate::run(&cli.global),
+        Command::Schema => commands::schema::run(),
         Command::Sync(args) => commands::sync::run(&cli.global, args).await,
         Command::Status(args) => commands::status::run(&cli.global, args).await,
         Command::Stages(args) => commands::stages::run(&cli.global, args).await,

@@ -2,10 +2,12 @@
 //! (every problem, with its position), and the typed model the rest of the
 //! program works from. No network and no database here.
 
+mod accepts;
 mod document;
 mod files;
 mod leads;
 mod problem;
+mod schema;
 mod secret_source;
 mod stages;
 mod tenant;
@@ -21,6 +23,7 @@ pub use leads::{
     PipelineRef,
 };
 pub use problem::{Problem, Severity};
+pub use schema::json_schema;
 pub use secret_source::{Environment, SOURCE_KEYS};
 pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
 pub use tenant::{DEFAULT_STAGE_RESYNC, DEFAULT_TOKEN_REFRESH_MARGIN, SCHEMA};
