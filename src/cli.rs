@@ -81,7 +81,7 @@ pub enum Command {
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
     /// Check every tenant file offline; exit 0 if valid (warnings allowed), 1 if not
-    Validate,
+    Validate(ValidateArgs),
     /// Print the JSON Schema of a tenant file, for editors and CI
     Schema,
     /// Reconcile every tenant once (config, tokens, stages), then exit; 1 if any tenant failed
@@ -98,6 +98,21 @@ pub enum Command {
     Authorize(AuthorizeArgs),
     /// Print the AmoCRM authorisation URL with a single-use state, for the daemon's OAuth callback
     AuthUrl(TenantArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// `text`: a line per problem and a summary; `json`: an array of problems;
+    /// `github`: a GitHub Actions annotation per problem (summary on stderr)
+    #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
+    pub format: ValidateFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ValidateFormat {
+    Text,
+    Json,
+    Github,
 }
 
 #[derive(Debug, Args)]
