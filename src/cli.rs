@@ -103,7 +103,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// `text`: a line per problem and a summary; `json`: an array of problems;
-    /// `github`: a GitHub Actions annotation per problem (summary on stderr)
+    /// `github`: a GitHub Actions annotation per problem (with json and github
+    /// the summary goes to stderr)
     #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
     pub format: ValidateFormat,
 }
