@@ -81,7 +81,9 @@ pub enum Command {
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
     /// Check every tenant file offline; exit 0 if valid (warnings allowed), 1 if not
-    Validate,
+    Validate(ValidateArgs),
+    /// Print the JSON Schema of a tenant file, for editors and CI
+    Schema,
     /// Reconcile every tenant once (config, tokens, stages), then exit; 1 if any tenant failed
     Sync(SyncArgs),
     /// Per tenant and CRM: state, token expiry, last stage sync, stage count, last error
@@ -100,6 +102,22 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Write the manual pages, crm-connect.1 and one per subcommand, into a directory
     Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// `text`: a line per problem and a summary; `json`: an array of problems;
+    /// `github`: a GitHub Actions annotation per problem (with json and github
+    /// the summary goes to stderr)
+    #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
+    pub format: ValidateFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ValidateFormat {
+    Text,
+    Json,
+    Github,
 }
 
 #[derive(Debug, Args)]

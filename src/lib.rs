@@ -50,7 +50,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Run => daemon::run(cli.global.clone(), daemon::Hooks::default(), daemon::signals()).await,
         #[cfg(feature = "demo")]
         Command::Demo(args) => commands::demo::run(&cli.global, args).await,
-        Command::Validate => commands::validate::run(&cli.global),
+        Command::Validate(args) => commands::validate::run(&cli.global, args),
+        Command::Schema => commands::schema::run(),
         Command::Sync(args) => commands::sync::run(&cli.global, args).await,
         Command::Status(args) => commands::status::run(&cli.global, args).await,
         Command::Stages(args) => commands::stages::run(&cli.global, args).await,

@@ -113,6 +113,26 @@ pub(crate) fn wrong_type(path: &str, expected: &str, found: &DeValue<'_>) -> Str
     format!("`{path}` must be {expected}, found {}", found.type_str())
 }
 
+/// The dotted path of the innermost key whose name or value holds the byte
+/// at `offset`: what a problem reported there is about. An array ends the
+/// path (an item of `amocrm.stages.fail` is `amocrm.stages.fail`).
+pub(crate) fn key_at(table: &DeTable<'_>, offset: usize) -> Option<String> {
+    let mut found = None;
+    for (key, value) in table.iter() {
+        // A table's own span may be its header alone, so look inside every
+        // table, not only the one whose span holds the offset.
+        if let DeValue::Table(inner) = value.get_ref()
+            && let Some(path) = key_at(inner, offset)
+        {
+            return Some(format!("{}.{path}", key.get_ref()));
+        }
+        if key.span().contains(&offset) || value.span().contains(&offset) {
+            found = Some(key.get_ref().to_string());
+        }
+    }
+    found
+}
+
 /// The closest of `known` to `key`, if any is close enough to be a typo.
 pub(crate) fn did_you_mean<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
     known
@@ -125,7 +145,23 @@ pub(crate) fn did_you_mean<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> 
 
 #[cfg(test)]
 mod tests {
-    use super::did_you_mean;
+    use super::{did_you_mean, key_at};
+
+    #[test]
+    fn the_key_at_an_offset_is_the_innermost_one() {
+        let text = "[tenant]\nslug = \"a\"\n[amocrm]\nsubdomain = \"x\"\n[amocrm.stages]\nfail = [1, { pipeline = \"p\" }]\n[leads.amocrm]\nstage = { pipeline = \"p\", stage = \"s\" }\n";
+        let doc = toml::de::DeTable::parse(text).unwrap();
+        let at = |needle: &str| key_at(doc.get_ref(), text.find(needle).unwrap());
+        assert_eq!(at("slug"), Some("tenant.slug".into()));
+        assert_eq!(at("\"a\""), Some("tenant.slug".into()));
+        assert_eq!(at("[amocrm]"), Some("amocrm".into()));
+        assert_eq!(at("subdomain"), Some("amocrm.subdomain".into()));
+        assert_eq!(at("{ pipeline = \"p\" }"), Some("amocrm.stages.fail".into()), "arrays end the path");
+        assert_eq!(at("[leads.amocrm]"), Some("leads.amocrm".into()));
+        assert_eq!(at("stage = {"), Some("leads.amocrm.stage".into()));
+        assert_eq!(at("stage = \"s\""), Some("leads.amocrm.stage.stage".into()));
+        assert_eq!(key_at(doc.get_ref(), text.len() + 10), None);
+    }
 
     #[test]
     fn suggestions_catch_typos_only() {

@@ -44,5 +44,5 @@ pub(crate) fn read(path: &Path) -> Result<String, Problem> {
 }
 
 fn problem(path: &Path, message: String) -> Problem {
-    Problem { severity: Severity::Error, file: path.to_path_buf(), position: None, message }
+    Problem { severity: Severity::Error, file: path.to_path_buf(), position: None, key: None, message }
 }

@@ -23,11 +23,11 @@ pub const DEFAULT_LEADS_POLL: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 20;
 pub const DEFAULT_KEY_FIELD_NAME: &str = "crm-connect key";
 
-const MIN_POLL: Duration = Duration::from_secs(1);
+pub(crate) const MIN_POLL: Duration = Duration::from_secs(1);
 /// Durations are capped at validation, so that no timer arithmetic on them
 /// can overflow; a wake-up or `crm-connect deliver` covers anything sooner.
-const MAX_POLL: Duration = Duration::from_secs(86_400);
-const MAX_ATTEMPTS: u32 = 1000;
+pub(crate) const MAX_POLL: Duration = Duration::from_secs(86_400);
+pub(crate) const MAX_ATTEMPTS: u32 = 1000;
 /// AmoCRM's won and lost statuses: the same ids in every pipeline, so one
 /// alone does not say where a lead goes.
 const EVERY_PIPELINE_STATUSES: [i64; 2] = [142, 143];

@@ -2,10 +2,12 @@
 //! (every problem, with its position), and the typed model the rest of the
 //! program works from. No network and no database here.
 
+mod accepts;
 mod document;
 mod files;
 mod leads;
 mod problem;
+mod schema;
 mod secret_source;
 mod stages;
 mod tenant;
@@ -21,6 +23,7 @@ pub use leads::{
     PipelineRef,
 };
 pub use problem::{Problem, Severity};
+pub use schema::json_schema;
 pub use secret_source::{Environment, SOURCE_KEYS};
 pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
 pub use tenant::{DEFAULT_STAGE_RESYNC, DEFAULT_TOKEN_REFRESH_MARGIN, SCHEMA};
@@ -180,6 +183,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
             severity: Severity::Warning,
             file: path.to_path_buf(),
             position: None,
+            key: None,
             message: "no tenant files (*.toml) found".into(),
         });
     }
@@ -205,7 +209,8 @@ pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
 pub fn parse_file(path: &Path, text: &str, options: &LoadOptions) -> FileReport {
     let mut problems = problem::Problems::new(path, text);
     let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
-    let (slug, tenant) = if syntax_errors.is_empty() {
+    let parsed = syntax_errors.is_empty();
+    let (slug, tenant) = if parsed {
         tenant::read_tenant(path, &doc, options, &mut problems)
     } else {
         // A recovered document is a guess; checking it would report
@@ -215,7 +220,7 @@ pub fn parse_file(path: &Path, text: &str, options: &LoadOptions) -> FileReport 
         }
         (None, None)
     };
-    let mut problems = problems.list;
+    let mut problems = problems.into_list(parsed.then(|| doc.get_ref()));
     // In reading order; problems without a position (the file as a whole) last.
     problems.sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
     let slug_position = slug.as_ref().and_then(|(_, span)| span.as_ref()).map(|s| problem::position(text, s.start));
@@ -245,6 +250,7 @@ fn reject_duplicate_slugs(files: &mut [FileReport]) {
             severity: Severity::Error,
             file: file.path.clone(),
             position: file.slug_position,
+            key: file.slug_position.map(|_| "tenant.slug".to_string()),
             message: format!(
                 "slug `{}` is also used by {}; each tenant needs a file of its own",
                 file.slug.as_deref().unwrap_or_default(),

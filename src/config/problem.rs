@@ -5,10 +5,23 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use toml::de::DeTable;
+
+use super::document::key_at;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
     Error,
     Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +30,10 @@ pub struct Problem {
     pub file: PathBuf,
     /// 1-based line and column (in characters).
     pub position: Option<(usize, usize)>,
+    /// The dotted path of the key (or table) at `position`, e.g.
+    /// `amocrm.client_id`; `None` for the file as a whole and for syntax
+    /// errors, whose document is not trusted.
+    pub key: Option<String>,
     pub message: String,
 }
 
@@ -28,10 +45,7 @@ impl Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let severity = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
+        let severity = self.severity.as_str();
         match self.position {
             Some((line, column)) => write!(f, "{}:{line}:{column}: {severity}: {}", self.file.display(), self.message),
             None => write!(f, "{}: {severity}: {}", self.file.display(), self.message),
@@ -39,16 +53,19 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Collects the problems of one file and turns byte spans into positions.
+/// Collects the problems of one file and turns byte spans into positions
+/// and, once the file is read, into the keys they point at.
 pub(crate) struct Problems<'a> {
     file: &'a Path,
     text: &'a str,
-    pub(crate) list: Vec<Problem>,
+    list: Vec<Problem>,
+    /// Where each problem of `list` starts, as a byte offset.
+    offsets: Vec<Option<usize>>,
 }
 
 impl<'a> Problems<'a> {
     pub(crate) fn new(file: &'a Path, text: &'a str) -> Self {
-        Problems { file, text, list: Vec::new() }
+        Problems { file, text, list: Vec::new(), offsets: Vec::new() }
     }
 
     pub(crate) fn error(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
@@ -64,8 +81,21 @@ impl<'a> Problems<'a> {
     }
 
     fn push(&mut self, severity: Severity, span: Option<Range<usize>>, message: String) {
-        let position = span.map(|s| position(self.text, s.start));
-        self.list.push(Problem { severity, file: self.file.to_path_buf(), position, message });
+        let position = span.as_ref().map(|s| position(self.text, s.start));
+        self.offsets.push(span.map(|s| s.start));
+        self.list.push(Problem { severity, file: self.file.to_path_buf(), position, key: None, message });
+    }
+
+    /// The problems, each with the key at its position in `document` (the
+    /// file as read; `None` when it could not be parsed).
+    pub(crate) fn into_list(self, document: Option<&DeTable<'_>>) -> Vec<Problem> {
+        let mut list = self.list;
+        if let Some(document) = document {
+            for (problem, offset) in list.iter_mut().zip(self.offsets) {
+                problem.key = offset.and_then(|offset| key_at(document, offset));
+            }
+        }
+        list
     }
 }
 

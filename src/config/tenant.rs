@@ -20,7 +20,7 @@ use crate::secret::Secret;
 pub const ROOT_KEYS: &[&str] = &["tenant", "schedule", "amocrm", "bitrix24", "leads"];
 pub const TENANT_KEYS: &[&str] = &["slug", "database_url"];
 /// Durations are capped at validation: no arithmetic on them can overflow.
-const MAX_TOKEN_REFRESH_MARGIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+pub(crate) const MAX_TOKEN_REFRESH_MARGIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
 
 pub const SCHEDULE_KEYS: &[&str] = &["stage_resync", "token_refresh_margin"];
 pub const AMOCRM_KEYS: &[&str] = &[
@@ -37,7 +37,9 @@ pub const AMOCRM_KEYS: &[&str] = &[
 ];
 pub const BITRIX24_KEYS: &[&str] = &["webhook_url", "entity_type", "test_category_id", "stages"];
 
-/// Every table of a tenant file with its keys, for the example-drift test.
+/// Every table of a tenant file with its keys: what the readers check
+/// unknown keys against, the example is tested against and the JSON Schema
+/// (`schema.rs`) is generated from.
 pub const SCHEMA: &[(&str, &[&str])] = &[
     ("", ROOT_KEYS),
     ("tenant", TENANT_KEYS),
@@ -106,10 +108,7 @@ fn read_slug(file: &Path, tenant: Option<&Table>, problems: &mut Problems) -> Op
         if valid_slug(slug.get_ref()) {
             return Some((slug.get_ref().to_string(), Some(slug.span())));
         }
-        problems.error(
-            Some(slug.span()),
-            format!("`tenant.slug` {:?} must match ^[a-z0-9][a-z0-9_]{{0,47}}$", slug.get_ref()),
-        );
+        problems.error(Some(slug.span()), format!("`tenant.slug` {:?} must match {SLUG_PATTERN}", slug.get_ref()));
         return None;
     }
     if tenant.is_some_and(|t| t.get("slug").is_some()) {
@@ -121,10 +120,13 @@ fn read_slug(file: &Path, tenant: Option<&Table>, problems: &mut Problems) -> Op
     }
     problems.error(
         None,
-        format!("the file name {stem:?} is not a valid slug (^[a-z0-9][a-z0-9_]{{0,47}}$): rename the file or set `tenant.slug`"),
+        format!("the file name {stem:?} is not a valid slug ({SLUG_PATTERN}): rename the file or set `tenant.slug`"),
     );
     None
 }
+
+/// What `valid_slug` accepts, as a regular expression for messages and the schema.
+pub(crate) const SLUG_PATTERN: &str = "^[a-z0-9][a-z0-9_]{0,47}$";
 
 pub(crate) fn valid_slug(s: &str) -> bool {
     let mut chars = s.chars();

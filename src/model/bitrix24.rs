@@ -14,6 +14,8 @@ pub enum EntityType {
 }
 
 impl EntityType {
+    pub const ALL: [EntityType; 2] = [EntityType::Deal, EntityType::Lead];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EntityType::Deal => "deal",
@@ -22,11 +24,7 @@ impl EntityType {
     }
 
     pub fn parse(s: &str) -> Option<EntityType> {
-        match s {
-            "deal" => Some(EntityType::Deal),
-            "lead" => Some(EntityType::Lead),
-            _ => None,
-        }
+        EntityType::ALL.into_iter().find(|e| e.as_str() == s)
     }
 }
 

@@ -14,6 +14,7 @@ mod migrations;
 mod pools;
 mod robustness;
 mod scale;
+mod schema;
 mod server;
 mod stage_lists;
 mod support;

@@ -242,3 +242,81 @@ fn no_input_makes_validation_panic() {
     }
     assert!(checked > 1000, "checked only {checked} inputs");
 }
+
+/// A directory whose name holds the separators of a workflow command's
+/// properties, with an error and a warning at a position and an error
+/// without one.
+fn three_problems() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("tenants,a:b").tempdir().unwrap();
+    write(
+        dir.path(),
+        "acme.toml",
+        "[amocrm]\nsubdomain = \"acme\"\nclient_id = \"id\"\nclient_secret = \"s\"\nredirect_uri = \"https://example.com/oauth\"\nclinet_id = \"x\"\n",
+    );
+    std::fs::write(dir.path().join("latin.toml"), b"slug = \"caf\xe9\"\n").unwrap();
+    dir
+}
+
+const NO_CODE: &str = "[amocrm] has neither `authorization_code` nor `long_lived_token`: it stays \"needs authorization\" unless tokens are already stored";
+const TYPO: &str = "unknown key `amocrm.clinet_id`, did you mean `client_id`?";
+const NOT_UTF8: &str = "is not UTF-8 (invalid byte at offset 11)";
+const SUMMARY: &str = "2 file(s), 0 valid, 2 invalid: 2 error(s), 1 warning(s)";
+
+#[tokio::test]
+async fn text_is_the_default_format_a_line_per_problem_and_a_summary() {
+    let dir = three_problems();
+    let (acme, latin) = (dir.path().join("acme.toml"), dir.path().join("latin.toml"));
+    let config = dir.path().to_str().unwrap();
+    let expected = format!(
+        "{acme}:1:1: warning: {NO_CODE}\n{acme}:6:1: error: {TYPO}\n{latin}: error: {NOT_UTF8}\n{SUMMARY}\n",
+        acme = acme.display(),
+        latin = latin.display()
+    );
+    for args in [&["validate", "--config", config][..], &["validate", "--format", "text", "--config", config]] {
+        let run = crm_connect(args, &[]).await;
+        assert_eq!((run.code, run.stdout.as_str(), run.stderr.as_str()), (1, expected.as_str(), ""), "{args:?}");
+    }
+}
+
+#[tokio::test]
+async fn json_is_an_array_of_problems_with_file_position_severity_and_key() {
+    let dir = three_problems();
+    let (acme, latin) = (dir.path().join("acme.toml"), dir.path().join("latin.toml"));
+    let run = crm_connect(&["validate", "--format", "json", "--config", dir.path().to_str().unwrap()], &[]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let printed: serde_json::Value = serde_json::from_str(&run.stdout).expect("stdout is JSON alone");
+    let expected = serde_json::json!([
+        {"file": acme, "line": 1, "column": 1, "severity": "warning", "key": "amocrm", "message": NO_CODE},
+        {"file": acme, "line": 6, "column": 1, "severity": "error", "key": "amocrm.clinet_id", "message": TYPO},
+        {"file": latin, "line": null, "column": null, "severity": "error", "key": null, "message": NOT_UTF8},
+    ]);
+    assert_eq!(printed, expected);
+    assert_eq!(run.stderr, format!("{SUMMARY}\n"));
+
+    let valid = tempfile::tempdir().unwrap();
+    write(valid.path(), "acme.toml", VALID_AMOCRM);
+    let run = crm_connect(&["validate", "--format", "json", "--config", valid.path().to_str().unwrap()], &[]).await;
+    assert_eq!((run.code, run.stdout.as_str()), (0, "[]\n"), "{run:?}");
+}
+
+#[tokio::test]
+async fn github_prints_a_workflow_command_per_problem_with_properties_escaped() {
+    let dir = three_problems();
+    let run = crm_connect(&["validate", "--format", "github", "--config", dir.path().to_str().unwrap()], &[]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    // `,` and `:` separate a command's properties, so a path escapes them.
+    let escaped = dir.path().display().to_string().replace(':', "%3A").replace(',', "%2C");
+    assert!(escaped.contains("tenants%2Ca%3Ab"), "{escaped}");
+    let expected = format!(
+        "::warning file={escaped}/acme.toml,line=1,col=1::{NO_CODE}\n\
+         ::error file={escaped}/acme.toml,line=6,col=1::{TYPO}\n\
+         ::error file={escaped}/latin.toml::{NOT_UTF8}\n"
+    );
+    assert_eq!(run.stdout, expected);
+    assert_eq!(run.stderr, format!("{SUMMARY}\n"));
+
+    let valid = tempfile::tempdir().unwrap();
+    write(valid.path(), "acme.toml", VALID_AMOCRM);
+    let run = crm_connect(&["validate", "--format", "github", "--config", valid.path().to_str().unwrap()], &[]).await;
+    assert_eq!((run.code, run.stdout.as_str()), (0, ""), "{run:?}");
+}
