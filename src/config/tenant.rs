@@ -326,14 +326,49 @@ impl CronExpr {
             6 => source.trim().to_string(),
             n => return Err(format!("expected 5 fields (or 6 with seconds first), found {n}")),
         };
-        let cron = croner::parser::CronParser::builder()
-            .seconds(croner::parser::Seconds::Required)
-            .dom_and_dow(true)
-            .build()
-            .parse(&with_seconds)
-            .map_err(|e| e.to_string())?;
+        let cron = cron_parser().parse(&with_seconds).map_err(|e| e.to_string())?;
         // "0 0 31 2 *" parses but would never fire: a schedule that stalls silently.
         cron.find_next_occurrence(&chrono::Utc::now(), false).map_err(|_| "it never fires".to_string())?;
         Ok(CronExpr { source: source.trim().to_string(), with_seconds })
+    }
+
+    /// The time between the last run at or before `now` and the next run
+    /// after it (UTC, as the scheduler runs it): how old the last sync may
+    /// grow at this moment while every run succeeds. Runs need not be evenly
+    /// spaced (weekdays only, say), so the answer depends on `now`.
+    pub fn interval_at(&self, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+        let cron = cron_parser().parse(&self.with_seconds).ok()?;
+        let last = cron.find_previous_occurrence(&now, true).ok()?;
+        let next = cron.find_next_occurrence(&now, false).ok()?;
+        next.signed_duration_since(last).to_std().ok()
+    }
+}
+
+/// The parser and options the scheduler uses.
+fn cron_parser() -> croner::parser::CronParser {
+    croner::parser::CronParser::builder().seconds(croner::parser::Seconds::Required).dom_and_dow(true).build()
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn a_schedule_interval_is_the_gap_between_the_runs_around_now() {
+        let at =
+            |d: u32, h: u32, m: u32| chrono::Utc.with_ymd_and_hms(2026, 3, d, h, m, 0).single().expect("a valid time");
+        let interval = |expr: &str, now| CronExpr::parse(expr).expect("a valid expression").interval_at(now);
+        assert_eq!(interval("*/15 * * * *", at(6, 10, 7)), Some(Duration::from_secs(900)));
+        assert_eq!(interval("*/15 * * * *", at(6, 10, 15)), Some(Duration::from_secs(900)));
+        assert_eq!(interval("*/10 * * * * *", at(6, 10, 7)), Some(Duration::from_secs(10)));
+        // 2026-03-06 is a Friday: before its run, Thursday's and Friday's
+        // are around; from its run until Monday's, Friday's and Monday's.
+        let weekdays = "0 9 * * 1-5";
+        assert_eq!(interval(weekdays, at(6, 8, 0)), Some(Duration::from_secs(86_400)));
+        assert_eq!(interval(weekdays, at(6, 9, 0)), Some(Duration::from_secs(3 * 86_400)));
+        assert_eq!(interval(weekdays, at(8, 12, 0)), Some(Duration::from_secs(3 * 86_400)));
+        assert_eq!(interval(weekdays, at(9, 9, 0)), Some(Duration::from_secs(86_400)));
     }
 }

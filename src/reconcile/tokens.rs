@@ -129,9 +129,10 @@ fn usable(stored: &StoredTokens) -> RefreshStep {
 /// When a stored token needs attention next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NextCheck {
-    /// Refresh at this moment; `capped` when the margin was not shorter
-    /// than the token's lifetime and half the lifetime is used instead.
-    Refresh { at: DateTime<Utc>, capped: bool },
+    /// Refresh at this moment, before the token `expires`; `capped` when
+    /// the margin was not shorter than the token's lifetime and half the
+    /// lifetime is used instead.
+    Refresh { at: DateTime<Utc>, expires: DateTime<Utc>, capped: bool },
     /// A token without a refresh token (long-lived): nothing to do until it
     /// expires, then `needs_authorization`.
     Expires(DateTime<Utc>),
@@ -156,7 +157,26 @@ pub fn next_check(stored: &StoredTokens, margin: Duration) -> NextCheck {
         _ => (margin, false),
     };
     let at = expires_at.checked_sub_signed(margin).unwrap_or(DateTime::<Utc>::MIN_UTC);
-    NextCheck::Refresh { at, capped }
+    NextCheck::Refresh { at, expires: expires_at, capped }
+}
+
+impl NextCheck {
+    /// When the stored access token expires; `None` when none is stored.
+    pub fn expires_at(&self) -> Option<DateTime<Utc>> {
+        match *self {
+            NextCheck::Refresh { expires, .. } | NextCheck::Expires(expires) => Some(expires),
+            NextCheck::Nothing => None,
+        }
+    }
+
+    /// How long before expiry the refresh is due: the margin in force,
+    /// capped or not; `None` when no refresh is planned.
+    pub fn margin(&self) -> Option<chrono::Duration> {
+        match *self {
+            NextCheck::Refresh { at, expires, .. } => Some(expires.signed_duration_since(at)),
+            NextCheck::Expires(_) | NextCheck::Nothing => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -201,10 +221,25 @@ mod tests {
         let check = |stored: &StoredTokens, m: Duration, expected: NextCheck| {
             assert_eq!(next_check(stored, m), expected, "margin {m:?}");
         };
-        check(&stored(issued, day, true), margin(1), NextCheck::Refresh { at: day - hours(1), capped: false });
-        check(&stored(issued, day, true), margin(25), NextCheck::Refresh { at: issued + hours(12), capped: true });
+        check(
+            &stored(issued, day, true),
+            margin(1),
+            NextCheck::Refresh { at: day - hours(1), expires: day, capped: false },
+        );
+        check(
+            &stored(issued, day, true),
+            margin(25),
+            NextCheck::Refresh { at: issued + hours(12), expires: day, capped: true },
+        );
         check(&stored(issued, day, false), margin(25), NextCheck::Expires(day));
         check(&StoredTokens::default(), margin(1), NextCheck::Nothing);
+        let margin_in_force = |m: Duration| next_check(&stored(issued, day, true), m).margin();
+        assert_eq!(margin_in_force(margin(1)), Some(hours(1)));
+        assert_eq!(margin_in_force(margin(25)), Some(hours(12)));
+        assert_eq!(next_check(&stored(issued, day, false), margin(25)).margin(), None);
+        assert_eq!(next_check(&stored(issued, day, false), margin(25)).expires_at(), Some(day));
+        assert_eq!(next_check(&stored(issued, day, true), margin(1)).expires_at(), Some(day));
+        assert_eq!(NextCheck::Nothing.expires_at(), None);
         // A margin of 300,000 years neither overflows nor loops.
         let absurd = Duration::from_secs(300_000 * 365 * 86_400);
         let opaque = StoredTokens {
