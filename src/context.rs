@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::crm::{Http, RetryPolicy};
 use crate::db::{PoolSettings, Pools};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ServerConnections};
 use crate::tokens::{TokenService, Vault};
 
 #[derive(Clone)]
@@ -47,8 +47,16 @@ impl Context {
     /// Must be called inside a tokio runtime (the pools start a task).
     pub fn new(pool_settings: PoolSettings) -> Context {
         let metrics = Arc::new(Metrics::new());
+        let pools = Pools::new(pool_settings).counting_busy_retries(metrics.db_busy_retries());
+        let watched = pools.clone();
+        metrics.watch_db_servers(move || {
+            let servers = watched.servers().into_iter();
+            servers
+                .map(|s| ServerConnections { server: s.server, open: s.open, budget: s.budget, waiting: s.waiting })
+                .collect()
+        });
         Context {
-            pools: Pools::new(pool_settings).counting_busy_retries(metrics.db_busy_retries()),
+            pools,
             http: Http::new(Arc::clone(&metrics)),
             vault: Vault::default(),
             retry: RetryPolicy::default(),

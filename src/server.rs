@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
@@ -114,9 +114,17 @@ async fn leads_wake(State(state): State<AppState>, RawQuery(raw): RawQuery) -> R
     StatusCode::ACCEPTED.into_response()
 }
 
-async fn metrics_page(State(state): State<AppState>) -> Response {
-    let mut response = state.ctx.metrics.encode().into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
+/// OpenMetrics, or the classic text format for a client that asks only
+/// for that (`Accept: text/plain`).
+async fn metrics_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let (text, content_type) = if metrics::wants_classic_text(accept) {
+        (state.ctx.metrics.encode_classic(), metrics::CLASSIC_CONTENT_TYPE)
+    } else {
+        (state.ctx.metrics.encode(), metrics::CONTENT_TYPE)
+    };
+    let mut response = text.into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 

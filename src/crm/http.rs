@@ -14,7 +14,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::CrmError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RateLimit};
 use crate::model::Crm;
 
 /// Bodies past this are refused: no CRM answer we read comes near it.
@@ -129,10 +129,12 @@ impl Http {
     ) -> Result<RawResponse, CrmError> {
         let key = (portal.to_string(), method.to_string());
         let until = self.paused.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
-        if let Some(until) = until {
+        if let Some(until) = until.filter(|until| *until > Instant::now()) {
+            let started = Instant::now();
             tokio::time::sleep_until(until.into()).await;
+            self.metrics.rate_limit_wait(Crm::Bitrix24, RateLimit::MethodPause, started.elapsed());
         }
-        self.bitrix24.until_key_ready(&key.0).await;
+        self.within_quota(&self.bitrix24, &key.0, Crm::Bitrix24).await;
         let response = send(request).await;
         self.metrics.crm_request(Crm::Bitrix24, response.as_ref().ok().map(|r| r.status));
         response
@@ -146,10 +148,21 @@ impl Http {
 
     /// Waits for the AmoCRM account's budget, then sends.
     pub async fn send_amocrm(&self, account: &str, request: reqwest::RequestBuilder) -> Result<RawResponse, CrmError> {
-        self.amocrm.until_key_ready(&account.to_string()).await;
+        self.within_quota(&self.amocrm, &account.to_string(), Crm::AmoCrm).await;
         let response = send(request).await;
         self.metrics.crm_request(Crm::AmoCrm, response.as_ref().ok().map(|r| r.status));
         response
+    }
+
+    /// Takes a place in the account's budget, waiting for one if need be
+    /// (the wait counted).
+    async fn within_quota(&self, limiter: &DefaultKeyedRateLimiter<String>, key: &String, crm: Crm) {
+        if limiter.check_key(key).is_ok() {
+            return;
+        }
+        let started = Instant::now();
+        limiter.until_key_ready(key).await;
+        self.metrics.rate_limit_wait(crm, RateLimit::Quota, started.elapsed());
     }
 }
 

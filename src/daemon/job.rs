@@ -38,6 +38,9 @@ pub(crate) struct Outcome {
     pub(crate) next_token_check: Option<NextCheck>,
     /// A pair obtained by this process waits to be stored.
     pub(crate) tokens_pending: bool,
+    /// When the tenant's stages of each of its CRMs were last synced, as
+    /// its database says after a reconcile or resync (empty if unread).
+    pub(crate) stages_synced_at: Vec<(Crm, DateTime<Utc>)>,
 }
 
 impl Outcome {
@@ -93,6 +96,7 @@ impl Job {
                     elapsed: None,
                     next_token_check: None,
                     tokens_pending: ctx.vault.contains(&config.slug),
+                    stages_synced_at: Vec::new(),
                 }
             }
         };
@@ -113,11 +117,19 @@ impl Job {
             None => None,
         };
         // `status` shows the next resync from the first reconcile on.
-        if matches!(self.work, Work::Resync | Work::Reconcile) {
-            record_schedule(ctx, config, self.schedule).await;
-        }
+        let stages_synced_at = match self.work {
+            Work::Resync | Work::Reconcile => after_sync(ctx, config, self.schedule).await,
+            Work::Refresh => Vec::new(),
+        };
         let tokens_pending = ctx.vault.contains(&config.slug);
-        Outcome { work: self.work, applied, elapsed: Some(started.elapsed()), next_token_check, tokens_pending }
+        Outcome {
+            work: self.work,
+            applied,
+            elapsed: Some(started.elapsed()),
+            next_token_check,
+            tokens_pending,
+            stages_synced_at,
+        }
     }
 }
 
@@ -151,16 +163,29 @@ async fn next_token_check(ctx: &Context, config: &TenantConfig) -> Option<NextCh
     ctx.tokens().next_check(Owner::of(config, amo, &db)).await.ok()
 }
 
-async fn record_schedule(
+/// Records the schedule and reads back when each CRM's stages were last
+/// synced, in one session.
+async fn after_sync(
     ctx: &Context,
     config: &TenantConfig,
     (last, next): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-) {
-    let Ok(db) = ctx.pools.get(&config.slug, &config.database_url) else { return };
-    let Ok(session) = db.session().await else { return };
+) -> Vec<(Crm, DateTime<Utc>)> {
+    let Ok(db) = ctx.pools.get(&config.slug, &config.database_url) else { return Vec::new() };
+    let Ok(session) = db.session().await else { return Vec::new() };
     if let Err(e) = db::schedule::write(&session, "stage_resync", last, next).await {
         tracing::debug!(tenant = %config.slug, error = %e, "cannot record the schedule");
     }
+    let rows = match db::status::read_all(&session).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!(tenant = %config.slug, error = %e, "cannot read when stages were synced");
+            return Vec::new();
+        }
+    };
+    let crms = config.crms();
+    rows.into_iter()
+        .filter_map(|row| Some((*crms.iter().find(|crm| crm.as_str() == row.crm)?, row.stages_synced_at?)))
+        .collect()
 }
 
 /// A removed tenant's CRMs become `unmanaged`; nothing is deleted.

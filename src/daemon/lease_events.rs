@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::schedule::timer;
 use super::tenant::Work;
 use super::{Daemon, Event, lease};
+use crate::metrics::TenantState;
 
 impl Daemon {
     /// Asks the tenant's database whether this process holds its lease;
@@ -60,13 +61,21 @@ impl Daemon {
         match (tenant.holds_lease, holds) {
             (false, true) => {
                 tenant.holds_lease = true;
+                tenant.state = TenantState::Pending;
                 tracing::info!(tenant = slug, "took the lease: this daemon runs the tenant");
+                self.publish_lease(slug);
                 self.request(slug, Work::Reconcile);
             }
             (true, false) => self.lose_lease(slug),
             // Another daemon runs it: this one's first pass is done with it.
-            (false, false) => self.first_pass.done_with(slug, self.tenants.len()),
-            _ => {}
+            (false, false) => {
+                if std::mem::replace(&mut tenant.state, TenantState::Standby) != TenantState::Standby {
+                    self.publish_lease(slug);
+                }
+                self.first_pass.done_with(slug, self.tenants.len());
+            }
+            // Renewed: the state is the work's to tell.
+            (true, true) => {}
         }
     }
 
@@ -87,9 +96,11 @@ impl Daemon {
         let Some(tenant) = self.tenants.get_mut(slug) else { return };
         tenant.holds_lease = false;
         tenant.lease_until = None;
+        tenant.state = TenantState::Standby;
         let was_running = tenant.running.is_some();
         tenant.stop_work();
         tracing::info!(tenant = slug, "lost the lease: standing by");
+        self.publish_lease(slug);
         // Its first work, stopped, will not report: the pass counts it done.
         if was_running {
             self.first_pass.done_with(slug, self.tenants.len());

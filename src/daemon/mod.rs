@@ -13,6 +13,7 @@ mod first_pass;
 mod job;
 mod lease;
 mod lease_events;
+mod observe;
 mod policy;
 mod registry;
 mod reload;
@@ -21,7 +22,7 @@ mod systemd;
 mod tenant;
 mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -247,6 +248,8 @@ impl Daemon {
             due.push(tenant.config.slug.clone());
         }
         for slug in due {
+            // An expression's runs need not be evenly spaced (weekdays only, say).
+            self.publish_schedule(&slug, now);
             self.request(&slug, Work::Resync);
         }
     }
@@ -316,32 +319,6 @@ impl Daemon {
         if let Some(work) = queued {
             self.request(slug, work);
         }
-    }
-
-    fn record(&self, slug: &str, outcome: &Outcome) {
-        let metrics = &self.ctx.metrics;
-        metrics.job_done(outcome.work.as_str());
-        if let (Work::Reconcile, Some(elapsed)) = (outcome.work, outcome.elapsed) {
-            metrics.reconcile_duration(elapsed.as_secs_f64());
-        }
-        for (crm, result) in &outcome.applied.crms {
-            if matches!(outcome.work, Work::Reconcile | Work::Resync) {
-                metrics.stage_sync(*crm, result.is_ok());
-                if result.is_ok() {
-                    metrics.stage_synced(slug, *crm, Utc::now());
-                }
-            }
-        }
-        self.publish_states();
-    }
-
-    fn publish_states(&self) {
-        let mut counts: BTreeMap<TenantState, i64> = BTreeMap::new();
-        for tenant in self.tenants.values() {
-            *counts.entry(tenant.state).or_default() += 1;
-        }
-        let counts: Vec<(TenantState, i64)> = counts.into_iter().collect();
-        self.ctx.metrics.set_tenant_states(&counts);
     }
 
     /// Shuts down in the order that loses nothing: no new OAuth callback

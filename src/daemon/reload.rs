@@ -12,6 +12,7 @@ use super::registry::{self, Digest, InForce, Reread, TenantChange};
 use super::tenant::{Tenant, Work};
 use super::{Daemon, lease};
 use crate::config::{self, FileReport, LoadOptions, TenantConfig};
+use crate::metrics::TenantState;
 
 /// Reading the files (secret files among them) gives up after this: a
 /// secret file on a hung network mount must not stop the daemon.
@@ -109,8 +110,10 @@ impl Daemon {
             }
         }
         self.view.set(config);
+        self.publish_schedule(&slug, chrono::Utc::now());
         if is_new {
             self.first_pass.add(&slug);
+            self.ctx.metrics.tenant_state(&slug, TenantState::Pending);
         }
         tracing::info!(tenant = %slug, new = is_new, "reconciling");
         if self.global.lease.is_some() && is_new {

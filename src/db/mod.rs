@@ -25,5 +25,5 @@ pub mod status;
 pub use error::DbError;
 pub use maintenance::ensure_database;
 pub use migrate::migrate;
-pub use pool::{PoolSettings, Pools, TenantDb};
+pub use pool::{PoolSettings, Pools, ServerUse, TenantDb};
 pub use session::{Conn, Session, Tx};

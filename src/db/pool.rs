@@ -56,6 +56,8 @@ const BUSY_RETRY_FOR: Duration = Duration::from_secs(300);
 /// One PostgreSQL server's connection budget.
 struct Budget {
     permits: Arc<Semaphore>,
+    /// The permits it started with (`--db-connections`).
+    size: usize,
     /// Tasks waiting for a permit now.
     waiting: AtomicUsize,
     /// Told when a task starts waiting: idle connections are closed for it.
@@ -227,9 +229,11 @@ impl Pools {
     fn budget(&self, config: &tokio_postgres::Config) -> Arc<Budget> {
         let server = describe_server(config);
         let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let size = self.settings.server_connections.max(1);
         let budget = budgets.entry(server).or_insert_with(|| {
             Arc::new(Budget {
-                permits: Arc::new(Semaphore::new(self.settings.server_connections.max(1))),
+                permits: Arc::new(Semaphore::new(size)),
+                size,
                 waiting: AtomicUsize::new(0),
                 wanted: self.wanted.clone(),
             })
@@ -290,6 +294,34 @@ impl Pools {
     pub fn open_connections(&self) -> usize {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(_, db, _)| db.open_connections()).sum()
     }
+
+    /// Every server's budget as it stands now, by `host:port`.
+    pub fn servers(&self) -> Vec<ServerUse> {
+        let budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut servers: Vec<ServerUse> = budgets
+            .iter()
+            .map(|(server, budget)| ServerUse {
+                server: server.clone(),
+                open: budget.size.saturating_sub(budget.permits.available_permits()),
+                budget: budget.size,
+                waiting: budget.waiting.load(Ordering::SeqCst),
+            })
+            .collect();
+        servers.sort_by(|a, b| a.server.cmp(&b.server));
+        servers
+    }
+}
+
+/// One PostgreSQL server's connection budget as it stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerUse {
+    /// `host:port` (or `socket-directory:port`).
+    pub server: String,
+    /// Connections open or being opened: each holds a permit.
+    pub open: usize,
+    pub budget: usize,
+    /// Tasks waiting for a permit.
+    pub waiting: usize,
 }
 
 /// While others wait for a server's budget, a connection of that server
@@ -360,7 +392,12 @@ mod tests {
     use super::*;
 
     fn budget(permits: usize) -> Budget {
-        Budget { permits: Arc::new(Semaphore::new(permits)), waiting: AtomicUsize::new(0), wanted: Arc::default() }
+        Budget {
+            permits: Arc::new(Semaphore::new(permits)),
+            size: permits,
+            waiting: AtomicUsize::new(0),
+            wanted: Arc::default(),
+        }
     }
 
     #[tokio::test]

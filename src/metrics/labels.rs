@@ -9,16 +9,26 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use crate::model::{Crm, CrmState, FailureKind};
 
 /// A tenant as `crm_connect_tenants` counts it: `pending` until its first
-/// outcome, then the worst state of its CRMs.
+/// outcome, then the worst state of its CRMs; `standby` while another
+/// daemon holds its lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TenantState {
     Pending,
     Is(CrmState),
+    Standby,
 }
 
 impl TenantState {
     pub(super) fn all() -> impl Iterator<Item = TenantState> {
-        std::iter::once(TenantState::Pending).chain(CrmState::ALL.map(TenantState::Is))
+        std::iter::once(TenantState::Pending)
+            .chain(CrmState::ALL.map(TenantState::Is))
+            .chain(std::iter::once(TenantState::Standby))
+    }
+
+    /// The states a tenant in force can be in: `unmanaged` is what a
+    /// removed tenant's database says, and a removed tenant has no series.
+    pub(super) fn in_force() -> impl Iterator<Item = TenantState> {
+        TenantState::all().filter(|s| *s != TenantState::Is(CrmState::Unmanaged))
     }
 }
 
@@ -45,6 +55,7 @@ impl EncodeLabelValue for TenantState {
         match self {
             TenantState::Pending => "pending".encode(encoder),
             TenantState::Is(state) => state.as_str().encode(encoder),
+            TenantState::Standby => "standby".encode(encoder),
         }
     }
 }
@@ -179,4 +190,44 @@ pub(super) struct AttemptLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct CrmLabels {
     pub(super) crm: Crm,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct TenantStateLabels {
+    pub(super) tenant: String,
+    pub(super) state: TenantState,
+}
+
+/// What a CRM request waited for before it was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RateLimit {
+    /// This process's own per-account (per-portal) request budget.
+    Quota,
+    /// A Bitrix24 method paused after `OPERATION_TIME_LIMIT`.
+    MethodPause,
+}
+
+impl EncodeLabelValue for RateLimit {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        match self {
+            RateLimit::Quota => "quota".encode(encoder),
+            RateLimit::MethodPause => "method_pause".encode(encoder),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct LimitLabels {
+    pub(super) crm: Crm,
+    pub(super) limit: RateLimit,
+}
+
+/// The waits that can happen, each counted from zero.
+pub(super) const LIMITS: [(Crm, RateLimit); 3] =
+    [(Crm::AmoCrm, RateLimit::Quota), (Crm::Bitrix24, RateLimit::Quota), (Crm::Bitrix24, RateLimit::MethodPause)];
+
+/// A PostgreSQL server as `host:port` (or `socket-directory:port`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct ServerLabels {
+    pub(super) server: String,
 }

@@ -1,12 +1,17 @@
 //! The Prometheus metrics the daemon exposes on `/metrics`; one registry,
 //! carried in the `Context` rather than kept as a global. Labels hold CRM
-//! names, states, results, HTTP statuses and tenant slugs — never a secret.
+//! names, states, results, HTTP statuses, PostgreSQL servers (`host:port`)
+//! and tenant slugs — never a secret. `tenant.rs` holds the series of one
+//! tenant each, `text.rs` the classic text format.
 
 mod labels;
+mod tenant;
+mod text;
 
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,10 +19,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use labels::{
-    AttemptLabels, CrmLabels, CrmResultLabels, CrmStatusLabels, FailureLabels, OutboxLabels, ResultLabels, StateLabels,
-    TenantCrmLabels, TenantLabels, WorkLabels,
+    AttemptLabels, CrmLabels, CrmResultLabels, CrmStatusLabels, FailureLabels, LIMITS, LimitLabels, OutboxLabels,
+    ResultLabels, ServerLabels, StateLabels, TenantLabels, WorkLabels,
 };
-pub use labels::{AttemptOutcome, RefreshResult, TenantState, WORK_KINDS};
+pub use labels::{AttemptOutcome, RateLimit, RefreshResult, TenantState, WORK_KINDS};
+use tenant::TenantFamilies;
+pub use text::{CLASSIC_CONTENT_TYPE, wants_classic_text};
 
 use crate::model::{Crm, FailureKind};
 
@@ -36,6 +43,23 @@ const DELIVERY_BUCKETS: [f64; 12] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 
 /// Unix time in seconds, with a fractional part.
 type Timestamp = Gauge<f64, AtomicU64>;
+/// A length of time in seconds, with a fractional part.
+type Seconds = Gauge<f64, AtomicU64>;
+
+/// One PostgreSQL server's connections as the pools see them now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConnections {
+    /// `host:port` (or `socket-directory:port`).
+    pub server: String,
+    /// Open or being opened: each holds a place in the budget.
+    pub open: usize,
+    /// `--db-connections`.
+    pub budget: usize,
+    /// Work waiting for a place in the budget.
+    pub waiting: usize,
+}
+
+type ServerSource = Box<dyn Fn() -> Vec<ServerConnections> + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
@@ -47,13 +71,18 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     jobs: Family<WorkLabels, Counter>,
     db_busy_retries: Counter,
-    last_stage_sync: Family<TenantCrmLabels, Timestamp>,
-    schedule_last_run: Family<TenantLabels, Timestamp>,
-    schedule_next_run: Family<TenantLabels, Timestamp>,
+    per_tenant: TenantFamilies,
     outbox_rows: Family<OutboxLabels, Gauge>,
-    outbox_oldest_pending: Family<TenantLabels, Gauge<f64, AtomicU64>>,
+    outbox_oldest_pending: Family<TenantLabels, Seconds>,
     delivery_attempts: Family<AttemptLabels, Counter>,
     delivery_seconds: Family<CrmLabels, Histogram>,
+    rate_limit_waits: Family<LimitLabels, Counter>,
+    rate_limit_wait_seconds: Family<LimitLabels, Counter<f64, AtomicU64>>,
+    db_connections: Family<ServerLabels, Gauge>,
+    db_connection_budget: Family<ServerLabels, Gauge>,
+    db_connection_waiters: Family<ServerLabels, Gauge>,
+    /// Read at every encoding: the pools' connections are a state, not events.
+    db_servers: OnceLock<ServerSource>,
 }
 
 impl Metrics {
@@ -67,14 +96,16 @@ impl Metrics {
         let reconcile_duration = Histogram::new(RECONCILE_BUCKETS);
         let jobs = Family::<WorkLabels, Counter>::default();
         let db_busy_retries = Counter::default();
-        let last_stage_sync = Family::<TenantCrmLabels, Timestamp>::default();
-        let schedule_last_run = Family::<TenantLabels, Timestamp>::default();
-        let schedule_next_run = Family::<TenantLabels, Timestamp>::default();
         let outbox_rows = Family::<OutboxLabels, Gauge>::default();
-        let outbox_oldest_pending = Family::<TenantLabels, Gauge<f64, AtomicU64>>::default();
+        let outbox_oldest_pending = Family::<TenantLabels, Seconds>::default();
         let delivery_attempts = Family::<AttemptLabels, Counter>::default();
         let delivery_seconds =
             Family::<CrmLabels, Histogram>::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS));
+        let rate_limit_waits = Family::<LimitLabels, Counter>::default();
+        let rate_limit_wait_seconds = Family::<LimitLabels, Counter<f64, AtomicU64>>::default();
+        let db_connections = Family::<ServerLabels, Gauge>::default();
+        let db_connection_budget = Family::<ServerLabels, Gauge>::default();
+        let db_connection_waiters = Family::<ServerLabels, Gauge>::default();
         // Counters are registered without `_total`: the encoder appends it.
         registry.register("crm_connect_tenants", "Tenants by connection state", tenants.clone());
         registry.register(
@@ -106,21 +137,7 @@ impl Metrics {
              tried again",
             db_busy_retries.clone(),
         );
-        registry.register(
-            "crm_connect_last_stage_sync_timestamp_seconds",
-            "When a tenant's stages of a CRM were last synced, unix time",
-            last_stage_sync.clone(),
-        );
-        registry.register(
-            "crm_connect_schedule_last_run_timestamp_seconds",
-            "When a tenant's scheduled stage resync last ran, unix time",
-            schedule_last_run.clone(),
-        );
-        registry.register(
-            "crm_connect_schedule_next_run_timestamp_seconds",
-            "When a tenant's scheduled stage resync runs next, unix time",
-            schedule_next_run.clone(),
-        );
+        let per_tenant = TenantFamilies::register(&mut registry);
         registry.register(
             "crm_connect_outbox_rows",
             "Outbox rows waiting, by tenant and state (pending, sending), as the last delivery pass found them",
@@ -142,6 +159,32 @@ impl Metrics {
             "Time from a lead's insert into the outbox to its delivered commit, by CRM",
             delivery_seconds.clone(),
         );
+        registry.register(
+            "crm_connect_rate_limit_waits",
+            "CRM requests that waited before they were sent, by CRM and limit (quota: this process's budget per \
+             account or portal; method_pause: a Bitrix24 method out of its time budget)",
+            rate_limit_waits.clone(),
+        );
+        registry.register(
+            "crm_connect_rate_limit_wait_seconds",
+            "Time CRM requests spent waiting for a rate limit, by CRM and limit",
+            rate_limit_wait_seconds.clone(),
+        );
+        registry.register(
+            "crm_connect_db_connections",
+            "Connections to a PostgreSQL server open or being opened, over all its tenant databases",
+            db_connections.clone(),
+        );
+        registry.register(
+            "crm_connect_db_connection_budget",
+            "Connections this process may hold to a PostgreSQL server (--db-connections)",
+            db_connection_budget.clone(),
+        );
+        registry.register(
+            "crm_connect_db_connection_waiters",
+            "Work waiting for a place in a PostgreSQL server's connection budget",
+            db_connection_waiters.clone(),
+        );
         let metrics = Metrics {
             registry,
             tenants,
@@ -152,18 +195,26 @@ impl Metrics {
             reconcile_duration,
             jobs,
             db_busy_retries,
-            last_stage_sync,
-            schedule_last_run,
-            schedule_next_run,
+            per_tenant,
             outbox_rows,
             outbox_oldest_pending,
             delivery_attempts,
             delivery_seconds,
+            rate_limit_waits,
+            rate_limit_wait_seconds,
+            db_connections,
+            db_connection_budget,
+            db_connection_waiters,
+            db_servers: OnceLock::new(),
         };
         for crm in Crm::ALL {
             for outcome in AttemptOutcome::ALL {
                 let _ = metrics.delivery_attempts.get_or_create(&AttemptLabels { crm, outcome });
             }
+        }
+        for (crm, limit) in LIMITS {
+            let _ = metrics.rate_limit_waits.get_or_create(&LimitLabels { crm, limit });
+            let _ = metrics.rate_limit_wait_seconds.get_or_create(&LimitLabels { crm, limit });
         }
         metrics.set_tenant_states(&[]);
         for result in RefreshResult::ALL {
@@ -234,26 +285,6 @@ impl Metrics {
         self.reconcile_duration.observe(seconds);
     }
 
-    pub fn stage_synced(&self, tenant: &str, crm: Crm, at: DateTime<Utc>) {
-        let labels = TenantCrmLabels { tenant: tenant.into(), crm: crm.as_str().into() };
-        self.last_stage_sync.get_or_create(&labels).set(unix_seconds(at));
-    }
-
-    /// A tenant's schedule; a time that is `None` removes its series.
-    pub fn schedule(&self, tenant: &str, last: Option<DateTime<Utc>>, next: Option<DateTime<Utc>>) {
-        let labels = TenantLabels { tenant: tenant.into() };
-        for (family, at) in [(&self.schedule_last_run, last), (&self.schedule_next_run, next)] {
-            match at {
-                Some(at) => {
-                    family.get_or_create(&labels).set(unix_seconds(at));
-                }
-                None => {
-                    family.remove(&labels);
-                }
-            }
-        }
-    }
-
     /// What a delivery pass found in a tenant's outbox.
     pub fn outbox(&self, tenant: &str, pending: i64, sending: i64, oldest_pending_seconds: f64) {
         for (state, count) in [("pending", pending), ("sending", sending)] {
@@ -272,22 +303,33 @@ impl Metrics {
         self.delivery_attempts.get_or_create(&AttemptLabels { crm, outcome }).inc();
     }
 
-    /// Drops every series labelled with the tenant (its file was removed).
-    pub fn forget_tenant(&self, tenant: &str) {
-        for state in ["pending", "sending"] {
-            self.outbox_rows.remove(&OutboxLabels { tenant: tenant.into(), state });
+    /// One CRM request waited `waited` for a rate limit.
+    pub fn rate_limit_wait(&self, crm: Crm, limit: RateLimit, waited: Duration) {
+        let labels = LimitLabels { crm, limit };
+        self.rate_limit_waits.get_or_create(&labels).inc();
+        self.rate_limit_wait_seconds.get_or_create(&labels).inc_by(waited.as_secs_f64());
+    }
+
+    /// Where the connections of each PostgreSQL server are read from at
+    /// every encoding (the pools); the first source given stays.
+    pub fn watch_db_servers(&self, source: impl Fn() -> Vec<ServerConnections> + Send + Sync + 'static) {
+        let _ = self.db_servers.set(Box::new(source));
+    }
+
+    fn read_db_servers(&self) {
+        let Some(source) = self.db_servers.get() else { return };
+        for server in source() {
+            let labels = ServerLabels { server: server.server };
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.db_connections.get_or_create(&labels).set(count(server.open));
+            self.db_connection_budget.get_or_create(&labels).set(count(server.budget));
+            self.db_connection_waiters.get_or_create(&labels).set(count(server.waiting));
         }
-        self.outbox_oldest_pending.remove(&TenantLabels { tenant: tenant.into() });
-        for crm in [Crm::AmoCrm, Crm::Bitrix24] {
-            self.last_stage_sync.remove(&TenantCrmLabels { tenant: tenant.into(), crm: crm.as_str().into() });
-        }
-        let labels = TenantLabels { tenant: tenant.into() };
-        self.schedule_last_run.remove(&labels);
-        self.schedule_next_run.remove(&labels);
     }
 
     /// The OpenMetrics text exposition, served as [`CONTENT_TYPE`].
     pub fn encode(&self) -> String {
+        self.read_db_servers();
         let mut text = String::new();
         // Writing into a String fails only if a metric's own encoder does,
         // which the built-in metric types never do.
@@ -295,6 +337,11 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         text
+    }
+
+    /// The same in the classic text format, served as [`CLASSIC_CONTENT_TYPE`].
+    pub fn encode_classic(&self) -> String {
+        text::classic(&self.encode())
     }
 }
 
@@ -304,23 +351,17 @@ impl Default for Metrics {
     }
 }
 
-fn unix_seconds(at: DateTime<Utc>) -> f64 {
-    at.timestamp_millis() as f64 / 1000.0
-}
-
 #[cfg(test)]
-mod tests {
-    use chrono::TimeZone;
-
+pub(super) mod tests {
     use crate::model::CrmState;
 
     use super::*;
 
-    fn lines(metrics: &Metrics) -> Vec<String> {
+    pub(crate) fn lines(metrics: &Metrics) -> Vec<String> {
         metrics.encode().lines().map(String::from).collect()
     }
 
-    fn has(lines: &[String], line: &str) -> bool {
+    pub(crate) fn has(lines: &[String], line: &str) -> bool {
         lines.iter().any(|l| l == line)
     }
 
@@ -333,13 +374,18 @@ mod tests {
             "# TYPE crm_connect_stage_syncs counter",
             "# TYPE crm_connect_reconcile_duration_seconds histogram",
             "crm_connect_tenants{state=\"connected\"} 0",
+            "crm_connect_tenants{state=\"standby\"} 0",
             "crm_connect_token_refreshes_total{result=\"rejected\"} 0",
             "crm_connect_stage_syncs_total{crm=\"bitrix24\",result=\"ok\"} 0",
             "crm_connect_reconcile_duration_seconds_count 0",
+            "crm_connect_rate_limit_waits_total{crm=\"amocrm\",limit=\"quota\"} 0",
+            "crm_connect_rate_limit_wait_seconds_total{crm=\"bitrix24\",limit=\"method_pause\"} 0.0",
         ] {
             assert!(has(&lines, line), "missing {line:?} in {lines:#?}");
         }
         assert_eq!(lines.last().map(String::as_str), Some("# EOF"));
+        // No source of database servers: no series, and no family shown.
+        assert!(!lines.iter().any(|l| l.contains("crm_connect_db_connection")), "{lines:#?}");
     }
 
     #[test]
@@ -354,9 +400,8 @@ mod tests {
         m.crm_request(Crm::AmoCrm, Some(200));
         m.crm_request(Crm::AmoCrm, None);
         m.reconcile_duration(0.3);
-        let at = Utc.timestamp_opt(1_700_000_000, 0).single().expect("a valid time");
-        m.stage_synced("acme", Crm::AmoCrm, at);
-        m.schedule("acme", Some(at), Some(at + chrono::Duration::seconds(900)));
+        m.rate_limit_wait(Crm::Bitrix24, RateLimit::Quota, Duration::from_millis(500));
+        m.rate_limit_wait(Crm::Bitrix24, RateLimit::Quota, Duration::from_millis(250));
         let lines = lines(&m);
         for line in [
             "crm_connect_tenants{state=\"connected\"} 3",
@@ -373,13 +418,10 @@ mod tests {
             "crm_connect_reconcile_duration_seconds_bucket{le=\"0.25\"} 0",
             "crm_connect_reconcile_duration_seconds_bucket{le=\"0.5\"} 1",
             "crm_connect_reconcile_duration_seconds_bucket{le=\"120.0\"} 1",
-            "crm_connect_last_stage_sync_timestamp_seconds{tenant=\"acme\",crm=\"amocrm\"} 1700000000.0",
-            "crm_connect_schedule_last_run_timestamp_seconds{tenant=\"acme\"} 1700000000.0",
-            "crm_connect_schedule_next_run_timestamp_seconds{tenant=\"acme\"} 1700000900.0",
+            "crm_connect_rate_limit_waits_total{crm=\"bitrix24\",limit=\"quota\"} 2",
+            "crm_connect_rate_limit_wait_seconds_total{crm=\"bitrix24\",limit=\"quota\"} 0.75",
+            "crm_connect_rate_limit_waits_total{crm=\"amocrm\",limit=\"quota\"} 0",
             "# TYPE crm_connect_crm_requests counter",
-            "# TYPE crm_connect_last_stage_sync_timestamp_seconds gauge",
-            "# TYPE crm_connect_schedule_last_run_timestamp_seconds gauge",
-            "# TYPE crm_connect_schedule_next_run_timestamp_seconds gauge",
         ] {
             assert!(has(&lines, line), "missing {line:?} in {lines:#?}");
         }
@@ -392,21 +434,27 @@ mod tests {
     }
 
     #[test]
-    fn a_forgotten_tenant_leaves_no_series() {
+    fn database_servers_are_read_at_every_encoding() {
         let m = Metrics::new();
-        let at = Utc::now();
-        m.stage_synced("acme", Crm::AmoCrm, at);
-        m.stage_synced("acme", Crm::Bitrix24, at);
-        m.stage_synced("other", Crm::AmoCrm, at);
-        m.schedule("acme", Some(at), Some(at));
-        m.forget_tenant("acme");
-        let text = m.encode();
-        assert!(!text.contains("tenant=\"acme\""), "{text}");
-        assert!(text.contains("tenant=\"other\""), "{text}");
-
-        m.schedule("other", None, Some(at));
-        let text = m.encode();
-        assert!(!text.contains("crm_connect_schedule_last_run_timestamp_seconds{"), "{text}");
-        assert!(text.contains("crm_connect_schedule_next_run_timestamp_seconds{tenant=\"other\"}"), "{text}");
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(3));
+        let seen = open.clone();
+        m.watch_db_servers(move || {
+            vec![ServerConnections {
+                server: "db1:5432".into(),
+                open: seen.load(std::sync::atomic::Ordering::SeqCst),
+                budget: 10,
+                waiting: 2,
+            }]
+        });
+        let lines = lines(&m);
+        for line in [
+            "crm_connect_db_connections{server=\"db1:5432\"} 3",
+            "crm_connect_db_connection_budget{server=\"db1:5432\"} 10",
+            "crm_connect_db_connection_waiters{server=\"db1:5432\"} 2",
+        ] {
+            assert!(has(&lines, line), "missing {line:?} in {lines:#?}");
+        }
+        open.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert!(has(&self::lines(&m), "crm_connect_db_connections{server=\"db1:5432\"} 0"));
     }
 }
