@@ -11,6 +11,7 @@ mod faults;
 mod layering;
 mod leads;
 mod migrations;
+mod monitoring;
 mod pools;
 mod robustness;
 mod scale;
