@@ -13,7 +13,7 @@ use toml::de::DeValue;
 use super::document::{Table, as_i64, wrong_type};
 use super::problem::Problems;
 use super::stages::{AmoStageRef, Bitrix24StageRef, normalize_name, read_ref};
-use crate::model::{Crm, EntityType};
+use crate::model::{Crm, EntityType, category_of_stage};
 
 pub const LEADS_KEYS: &[&str] = &["crm", "poll", "max_attempts", "amocrm", "bitrix24"];
 pub const LEADS_AMOCRM_KEYS: &[&str] = &["pipeline", "stage", "responsible_user_id", "key_field_name"];
@@ -278,19 +278,6 @@ fn check_category_and_stage(category: &PipelineRef, stage: &Spanned<Bitrix24Stag
     );
 }
 
-/// The category of a deal STAGE_ID: n for `C<n>:…`, 0 without the prefix;
-/// `None` when the number does not fit.
-fn category_of_stage(id: &str) -> Option<i64> {
-    let prefixed = id
-        .strip_prefix('C')
-        .and_then(|rest| rest.split_once(':'))
-        .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    match prefixed {
-        Some((n, _)) => n.parse().ok(),
-        None => Some(0),
-    }
-}
-
 /// `pipeline` / `category`: an id (at least `min_id`) or a non-empty name.
 fn read_pipeline(t: &Table, key: &str, min_id: i64, problems: &mut Problems) -> Option<Spanned<PipelineRef>> {
     let value = t.get(key)?;
@@ -323,9 +310,10 @@ fn read_user(t: &Table, problems: &mut Problems) -> Option<i64> {
 }
 
 /// `[bitrix24].entity_type` as written, without reporting (reading
-/// `[bitrix24]` does): `category` is checked against it even when
-/// `[bitrix24]` has other errors. Deal by default, as there.
-fn entity_type_as_written(root: &Table) -> EntityType {
+/// `[bitrix24]` does): `category` is checked against it, and
+/// `[funnel].entities` defaults to it, even when `[bitrix24]` has other
+/// errors. Deal by default, as there.
+pub(super) fn entity_type_as_written(root: &Table) -> EntityType {
     root.get("bitrix24")
         .and_then(|b| b.get_ref().as_table())
         .and_then(|b| b.get("entity_type"))
@@ -557,11 +545,6 @@ mod tests {
             ],
         );
         check(&format!("[leads.bitrix]\n{B24}"), &["1:8: error: unknown key `leads.bitrix`, did you mean `bitrix24`?"]);
-        // Not read yet: an unknown table like any other.
-        check(
-            &format!("[funnel]\npoll = \"1m\"\n{AMO}"),
-            &["1:2: error: unknown key `funnel`, expected one of: tenant, schedule, amocrm, bitrix24, leads"],
-        );
     }
 
     #[test]
@@ -720,14 +703,5 @@ mod tests {
                 "8:1: error: unknown key `leads.amocrm.key_feild_name`, did you mean `key_field_name`?",
             ],
         );
-    }
-
-    #[test]
-    fn the_category_of_a_stage_id() {
-        for (id, category) in [("NEW", Some(0)), ("C1:NEW", Some(1)), ("C17:UC_X", Some(17)), ("CONVERTED", Some(0))] {
-            assert_eq!(category_of_stage(id), category, "{id}");
-        }
-        assert_eq!(category_of_stage("C:NEW"), Some(0));
-        assert_eq!(category_of_stage("C99999999999999999999:NEW"), None);
     }
 }
