@@ -28,6 +28,14 @@ impl EntityType {
             _ => None,
         }
     }
+
+    /// `entityTypeId` in the REST API.
+    pub fn type_id(self) -> i64 {
+        match self {
+            EntityType::Lead => 1,
+            EntityType::Deal => 2,
+        }
+    }
 }
 
 /// A Bitrix24 inbound webhook, `https://HOST/rest/USER_ID/CODE/`, kept whole:

@@ -22,7 +22,7 @@ impl B24Client<'_> {
         let params = json!({ "halt": 0, "cmd": cmd });
         retrying(self.retry, || async {
             let envelope = self.call_once("batch", &params).await?;
-            let answer = BatchAnswer::parse(envelope.result);
+            let answer = BatchAnswer { date: envelope.date, ..BatchAnswer::parse(envelope.result) };
             let mut failed: Vec<(&String, &(String, String))> = answer.errors.iter().collect();
             if failed.is_empty() {
                 return Ok(answer);
@@ -65,7 +65,7 @@ impl B24Client<'_> {
             commands.iter().map(|(key, command)| (key.clone(), Value::String(command.clone()))).collect();
         let params = json!({ "halt": u8::from(halt), "cmd": cmd });
         let envelope = self.call_once("batch", &params).await?;
-        Ok(BatchAnswer::parse(envelope.result))
+        Ok(BatchAnswer { date: envelope.date, ..BatchAnswer::parse(envelope.result) })
     }
 }
 
@@ -78,6 +78,8 @@ pub(super) struct BatchAnswer {
     total: HashMap<String, i64>,
     /// Each command's `time` block.
     times: HashMap<String, Value>,
+    /// The portal's clock when it answered (the `Date` header).
+    pub(super) date: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl BatchAnswer {
@@ -100,6 +102,7 @@ impl BatchAnswer {
             next: numbers(result.get("result_next")),
             total: numbers(result.get("result_total")),
             times: map(result.get("result_time")).into_iter().collect(),
+            date: None,
         }
     }
 

@@ -21,14 +21,6 @@ const CREATED: i64 = 1;
 /// `TYPE_ID` of a move to another pipeline (deal category).
 const TO_PIPELINE: i64 = 5;
 
-/// `entityTypeId` of an entity in the REST API.
-pub fn entity_type_id(entity: EntityType) -> i64 {
-    match entity {
-        EntityType::Lead => 1,
-        EntityType::Deal => 2,
-    }
-}
-
 /// Where a stream starts on its first enable: after `highest_id` (the
 /// highest ID now, or with `since` the highest before that day; `None`
 /// when there is none, or the portal refused to filter by time); complete
@@ -237,7 +229,6 @@ mod tests {
         assert_eq!(start(Some(57), t(NOW), None), (57, t(NOW)));
         assert_eq!(start(Some(12), t(NOW), Some(since)), (12, start_of(since)));
         assert_eq!(start(Some(-3), t(NOW), None), (0, t(NOW)));
-        assert_eq!((entity_type_id(EntityType::Lead), entity_type_id(EntityType::Deal)), (1, 2));
     }
 
     /// Reads answers (record ids with their ages) from a cursor at `last_id`
