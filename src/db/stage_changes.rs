@@ -17,8 +17,10 @@ const TABLE: &str = "crm_stage_changes";
 
 /// The advisory lock every inserting transaction takes first ("crm-funl"
 /// in ASCII): held to the commit, it makes ids commit in the order they
-/// were assigned. Cursor writes take it too (`cursors::advance`), so a
-/// transaction holding it never waits for another's cursor row.
+/// were assigned. Cursor writes take it too (`cursors`), so a transaction
+/// holding it never waits for another's cursor row. The one lock that may
+/// come before it is a delivery's own outbox row, which funnel writers
+/// never lock.
 pub const INSERT_LOCK: i64 = 0x6372_6d2d_6675_6e6c;
 
 /// Takes the insert lock until the transaction ends; taking it again in
