@@ -95,6 +95,16 @@ fn halve(window: EventWindow, window_end: DateTime<Utc>) -> Option<EventWindow> 
     (part > 1).then(|| EventWindow { from: window.from, to: window_end + chrono::Duration::seconds(part / 2) })
 }
 
+/// What a status means: won and lost have these ids in every pipeline,
+/// whatever they are called; every other status is a step of the process.
+pub fn semantic(status_id: i64) -> Semantics {
+    match status_id {
+        AMOCRM_WON => Semantics::Success,
+        AMOCRM_LOST => Semantics::Failure,
+        _ => Semantics::Process,
+    }
+}
+
 /// The (pipeline, status) an event moved its lead to: the stage whose flags
 /// the row copies.
 pub fn stage_key(event: &AmoStatusEvent) -> (i64, i64) {
@@ -115,12 +125,7 @@ pub fn change(event: &AmoStatusEvent, flags: Option<StageFlags>, found: &Found) 
         pipeline_to: Some(after.pipeline_id.to_string()),
         stage_to: after.status_id.to_string(),
         change_kind: if before.pipeline_id == after.pipeline_id { ChangeKind::Moved } else { ChangeKind::Pipeline },
-        // Won and lost have these ids in every pipeline, whatever they are called.
-        semantic: Some(match after.status_id {
-            AMOCRM_WON => Semantics::Success,
-            AMOCRM_LOST => Semantics::Failure,
-            _ => Semantics::Process,
-        }),
+        semantic: Some(semantic(after.status_id)),
         flags,
         changed_at: event.created_at,
         changed_by_user_id: Some(event.created_by),

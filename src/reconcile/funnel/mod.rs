@@ -11,6 +11,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 
+use crate::model::{ChangeKind, Crm, EntityType, LeadPlacement, Semantics, StageChange, StageFlags, outbox_source_id};
+
 /// What ingestion looked up about the entities of a batch of changes, by
 /// the CRM's entity id; an entity not in a map gets NULL.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,6 +44,48 @@ impl ServerClock {
     /// clock itself before any answer was dated.
     pub fn now(&self, local: DateTime<Utc>) -> DateTime<Utc> {
         self.offset.and_then(|offset| local.checked_add_signed(offset)).unwrap_or(local)
+    }
+}
+
+/// The `created` row a delivery writes in its `delivered` transaction
+/// (`outbox:<id>`): the stage and responsible user it sent, at its send
+/// (`last_attempt_at`); nobody is named as having made the change.
+/// `semantic` and `flags` are those of the stage sent to, when known (for
+/// AmoCRM, [`amocrm::semantic`] of the status).
+pub fn delivered_change(
+    outbox_id: i64,
+    entity_id: i64,
+    placement: &LeadPlacement,
+    responsible_user_id: Option<i64>,
+    sent_at: DateTime<Utc>,
+    semantic: Option<Semantics>,
+    flags: Option<StageFlags>,
+) -> StageChange {
+    let (crm, entity_type, pipeline_to, stage_to) = match placement {
+        LeadPlacement::AmoCrm { pipeline_id, status_id } => {
+            (Crm::AmoCrm, EntityType::Lead, Some(pipeline_id.to_string()), status_id.to_string())
+        }
+        LeadPlacement::Bitrix24Lead { status_id } => (Crm::Bitrix24, EntityType::Lead, None, status_id.clone()),
+        LeadPlacement::Bitrix24Deal { category_id, stage_id } => {
+            (Crm::Bitrix24, EntityType::Deal, Some(category_id.to_string()), stage_id.clone())
+        }
+    };
+    StageChange {
+        crm,
+        source_event_id: outbox_source_id(outbox_id),
+        entity_type,
+        entity_id,
+        pipeline_from: None,
+        stage_from: None,
+        pipeline_to,
+        stage_to,
+        change_kind: ChangeKind::Created,
+        semantic,
+        flags,
+        changed_at: sent_at,
+        changed_by_user_id: None,
+        responsible_user_id,
+        outbox_id: Some(outbox_id),
     }
 }
 
@@ -83,6 +127,43 @@ mod tests {
         // Nothing overflows, whatever a header said.
         clock.observe(DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC);
         assert_eq!(clock.now(t(0)), t(0));
+    }
+
+    #[test]
+    fn a_delivery_writes_the_created_row_of_the_stage_it_sent_to() {
+        let flags = Some(StageFlags { qualified: false, success: false, fail: false });
+        let amo = LeadPlacement::AmoCrm { pipeline_id: 3, status_id: 31 };
+        let row = delivered_change(12, 501, &amo, Some(7), t(0), Some(Semantics::Process), flags);
+        assert_eq!(
+            row,
+            StageChange {
+                crm: Crm::AmoCrm,
+                source_event_id: "outbox:12".into(),
+                entity_type: EntityType::Lead,
+                entity_id: 501,
+                pipeline_from: None,
+                stage_from: None,
+                pipeline_to: Some("3".into()),
+                stage_to: "31".into(),
+                change_kind: ChangeKind::Created,
+                semantic: Some(Semantics::Process),
+                flags,
+                changed_at: t(0),
+                changed_by_user_id: None,
+                responsible_user_id: Some(7),
+                outbox_id: Some(12),
+            }
+        );
+        let check = |placement: LeadPlacement, expected: (Crm, &str, Option<&str>, &str)| {
+            let row = delivered_change(1, 2, &placement, None, t(0), None, None);
+            let got = (row.crm, row.entity_type.as_str(), row.pipeline_to.as_deref(), row.stage_to.as_str());
+            assert_eq!(got, expected, "{placement:?}");
+        };
+        check(LeadPlacement::Bitrix24Lead { status_id: "NEW".into() }, (Crm::Bitrix24, "lead", None, "NEW"));
+        check(
+            LeadPlacement::Bitrix24Deal { category_id: 0, stage_id: "NEW".into() },
+            (Crm::Bitrix24, "deal", Some("0"), "NEW"),
+        );
     }
 
     #[test]
