@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use toml::de::DeValue;
 
-use super::document::{Table, Value, wrong_type};
+use super::document::{Table, Value, read_poll, wrong_type};
 use super::leads::entity_type_as_written;
 use super::problem::Problems;
 use crate::model::{Crm, EntityType};
@@ -19,8 +19,6 @@ pub const DEFAULT_FUNNEL_POLL: Duration = Duration::from_secs(60);
 /// A poll makes at least one request per CRM: more often would spend the
 /// account's budget on nothing.
 const MIN_POLL: Duration = Duration::from_secs(10);
-/// Capped so that no timer arithmetic on it can overflow.
-const MAX_POLL: Duration = Duration::from_secs(86_400);
 
 /// Funnel history of one tenant (`[funnel]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,28 +46,16 @@ pub(crate) fn read_funnel(root: &Table, problems: &mut Problems) -> Option<Funne
         problems
             .error(Some(t.span()), "[funnel] needs [amocrm] or [bitrix24]: there is no CRM to read stage changes from");
     }
-    let poll = read_poll(&t, problems);
+    let poll = read_poll(&t, "poll", DEFAULT_FUNNEL_POLL, MIN_POLL, problems);
     let since = match t.get("since") {
         Some(value) => read_since(value, chrono::Utc::now().date_naive(), problems).map(Some),
         None => Some(None),
     };
     let entities = read_entities(&t, root, configured.contains(&Crm::Bitrix24), problems);
-    has_crm.then_some(())?;
+    if !has_crm {
+        return None;
+    }
     Some(FunnelConfig { poll: poll?, since: since?, entities: entities? })
-}
-
-fn read_poll(t: &Table, problems: &mut Problems) -> Option<Duration> {
-    let Some(text) = t.str("poll", problems) else {
-        return t.get("poll").is_none().then_some(DEFAULT_FUNNEL_POLL);
-    };
-    let message = match humantime::parse_duration(text.get_ref()) {
-        Ok(d) if (MIN_POLL..=MAX_POLL).contains(&d) => return Some(d),
-        Ok(d) if d < MIN_POLL => "`funnel.poll` must be at least 10s".to_string(),
-        Ok(_) => "`funnel.poll` must be at most 1 day".to_string(),
-        Err(e) => format!("`funnel.poll` {:?} is not a duration like \"30s\", \"1m\" or \"5m\": {e}", text.get_ref()),
-    };
-    problems.error(Some(text.span()), message);
-    None
 }
 
 /// `since`: `"YYYY-MM-DD"`, or a bare TOML date, not after `today` (UTC).

@@ -10,7 +10,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::document::{Table, as_i64, wrong_type};
+use super::document::{Table, as_i64, read_poll, wrong_type};
 use super::problem::Problems;
 use super::stages::{AmoStageRef, Bitrix24StageRef, normalize_name, read_ref};
 use crate::model::{Crm, EntityType, category_of_stage};
@@ -24,9 +24,6 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 20;
 pub const DEFAULT_KEY_FIELD_NAME: &str = "crm-connect key";
 
 const MIN_POLL: Duration = Duration::from_secs(1);
-/// Durations are capped at validation, so that no timer arithmetic on them
-/// can overflow; a wake-up or `crm-connect deliver` covers anything sooner.
-const MAX_POLL: Duration = Duration::from_secs(86_400);
 const MAX_ATTEMPTS: u32 = 1000;
 /// AmoCRM's won and lost statuses: the same ids in every pipeline, so one
 /// alone does not say where a lead goes.
@@ -107,7 +104,7 @@ pub(crate) fn read_leads(root: &Table, problems: &mut Problems) -> Option<LeadsC
     // reported on its own, and [leads] is still checked against it.
     let configured: Vec<Crm> = Crm::ALL.into_iter().filter(|crm| root.get(crm.as_str()).is_some()).collect();
     let crm = read_target(&t, &configured, problems);
-    let poll = read_poll(&t, problems);
+    let poll = read_poll(&t, "poll", DEFAULT_LEADS_POLL, MIN_POLL, problems);
     let max_attempts = read_max_attempts(&t, problems);
 
     let amocrm_table = t.table("amocrm", "leads.amocrm", problems);
@@ -157,20 +154,6 @@ fn read_target(t: &Table, configured: &[Crm], problems: &mut Problems) -> Option
         return None;
     }
     Some(crm)
-}
-
-fn read_poll(t: &Table, problems: &mut Problems) -> Option<Duration> {
-    let Some(text) = t.str("poll", problems) else {
-        return t.get("poll").is_none().then_some(DEFAULT_LEADS_POLL);
-    };
-    let message = match humantime::parse_duration(text.get_ref()) {
-        Ok(d) if (MIN_POLL..=MAX_POLL).contains(&d) => return Some(d),
-        Ok(d) if d < MIN_POLL => "`leads.poll` must be at least 1s".to_string(),
-        Ok(_) => "`leads.poll` must be at most 1 day".to_string(),
-        Err(e) => format!("`leads.poll` {:?} is not a duration like \"30s\", \"1m\" or \"5m\": {e}", text.get_ref()),
-    };
-    problems.error(Some(text.span()), message);
-    None
 }
 
 fn read_max_attempts(t: &Table, problems: &mut Problems) -> Option<u32> {

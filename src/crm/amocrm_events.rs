@@ -79,13 +79,21 @@ fn parse_events(response: &RawResponse, window: EventWindow) -> Result<(Vec<AmoS
         return Ok((Vec::new(), false));
     }
     let page: Value = response.json()?;
-    let events = page
-        .get("_embedded")
-        .and_then(|e| e.get("events"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| CrmError::Malformed("the events page has no `_embedded.events` list".into()))?;
-    let events = events.iter().enumerate().map(|(i, e)| parse_event(i, e, window)).collect::<Result<_, _>>()?;
+    let events = embedded(&page, "events")?
+        .iter()
+        .enumerate()
+        .map(|(i, e)| parse_event(i, e, window))
+        .collect::<Result<_, _>>()?;
     Ok((events, has_next(&page)))
+}
+
+/// A page's `_embedded.<key>` list.
+fn embedded<'p>(page: &'p Value, key: &str) -> Result<&'p [Value], CrmError> {
+    page.get("_embedded")
+        .and_then(|e| e.get(key))
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .ok_or_else(|| CrmError::Malformed(format!("the page has no `_embedded.{key}` list")))
 }
 
 fn has_next(page: &Value) -> bool {
@@ -152,11 +160,7 @@ fn parse_responsible(response: &RawResponse, asked: &[i64]) -> Result<HashMap<i6
         return Ok(HashMap::new());
     }
     let page: Value = response.json()?;
-    let leads = page
-        .get("_embedded")
-        .and_then(|e| e.get("leads"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| CrmError::Malformed("the leads page has no `_embedded.leads` list".into()))?;
+    let leads = embedded(&page, "leads")?;
     let mut users = HashMap::new();
     for lead in leads {
         let lead = lead.as_object().ok_or_else(|| CrmError::Malformed("a listed lead is not an object".into()))?;

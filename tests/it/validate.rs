@@ -69,6 +69,29 @@ stage_resync = "61 * * * *"
     assert!(!run.output().contains("panicked") && !run.output().contains("backtrace"), "{run:?}");
 }
 
+/// Validates a directory of these files (name, text, the lines expected
+/// for it): each file's lines are exactly the expected ones, each matched
+/// as a prefix after `path:`. The run, for its summary.
+async fn validate_files(cases: &[(&str, String, &[&str])]) -> crate::support::Run {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, _) in cases {
+        write(dir.path(), name, text);
+    }
+
+    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
+
+    assert_eq!(run.code, 1, "{run:?}");
+    for (name, _, expected) in cases {
+        let at = format!("{}:", dir.path().join(name).display());
+        let lines: Vec<&str> = run.stdout.lines().filter_map(|l| l.strip_prefix(&at)).collect();
+        assert_eq!(lines.len(), expected.len(), "{name}: {lines:#?}");
+        for (line, expected) in lines.iter().zip(*expected) {
+            assert!(line.starts_with(expected), "{name}: {line:?} does not start with {expected:?}");
+        }
+    }
+    run
+}
+
 #[tokio::test]
 async fn leads_problems_are_reported_with_their_positions_beside_the_others() {
     const B24: &str = "[bitrix24]\nwebhook_url = \"https://acme.bitrix24.ru/rest/1/abc/\"\n";
@@ -117,22 +140,7 @@ async fn leads_problems_are_reported_with_their_positions_beside_the_others() {
         // [leads] beside a valid [funnel].
         ("funnel.toml", format!("[leads]\n[funnel]\npoll = \"1m\"\n{VALID_AMOCRM}"), &[]),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    for (name, text, _) in cases {
-        write(dir.path(), name, text);
-    }
-
-    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
-
-    assert_eq!(run.code, 1, "{run:?}");
-    for (name, _, expected) in cases {
-        let at = format!("{}:", dir.path().join(name).display());
-        let lines: Vec<&str> = run.stdout.lines().filter_map(|l| l.strip_prefix(&at)).collect();
-        assert_eq!(lines.len(), expected.len(), "{name}: {lines:#?}");
-        for (line, expected) in lines.iter().zip(*expected) {
-            assert!(line.starts_with(expected), "{name}: {line:?} does not start with {expected:?}");
-        }
-    }
+    let run = validate_files(cases).await;
     assert!(run.stdout.contains("6 file(s), 2 valid, 4 invalid"), "{}", run.stdout);
 }
 
@@ -176,22 +184,7 @@ async fn funnel_problems_are_reported_with_their_positions_beside_the_others() {
             &[],
         ),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    for (name, text, _) in cases {
-        write(dir.path(), name, text);
-    }
-
-    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
-
-    assert_eq!(run.code, 1, "{run:?}");
-    for (name, _, expected) in cases {
-        let at = format!("{}:", dir.path().join(name).display());
-        let lines: Vec<&str> = run.stdout.lines().filter_map(|l| l.strip_prefix(&at)).collect();
-        assert_eq!(lines.len(), expected.len(), "{name}: {lines:#?}");
-        for (line, expected) in lines.iter().zip(*expected) {
-            assert!(line.starts_with(expected), "{name}: {line:?} does not start with {expected:?}");
-        }
-    }
+    let run = validate_files(cases).await;
     assert!(run.stdout.contains("4 file(s), 1 valid, 3 invalid"), "{}", run.stdout);
 }
 
