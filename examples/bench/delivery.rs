@@ -145,6 +145,12 @@ pub struct Idle {
     /// The daemon's connections to them at the window's end.
     pub connections_at_end: usize,
     pub rss_mb: f64,
+    /// CPU of one fresh connection as an idle poll makes it (opened as the
+    /// daemon opens it, one outbox summary, closed), in this process.
+    pub connection_cpu_ms: f64,
+    /// That cost at the window's sessions per second: the floor the
+    /// contract's one short connection per idle poll puts under the idle CPU.
+    pub connection_floor_percent: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -497,6 +503,8 @@ pub async fn delivery(options: &Options, binary: &Path, databases: &Databases) -
     let connections_at_end = databases.connections(&prefix).await?.0;
     let rss_mb = system::rss_kib(pid).map_or(f64::NAN, |k| k as f64 * 1024.0 / 1e6);
     let idle_pg_secs = idle_pg_after.saturating_sub(idle_pg_before) as f64 / ticks_per_sec;
+    let connection_cpu_ms = connection_cpu_ms(&latency_url, CONNECTION_SAMPLES).await?;
+    let sessions_per_sec = sessions as f64 / idle_secs;
     let idle = Idle {
         tenants: count,
         poll_secs: DEFAULT_POLL_SECS,
@@ -507,13 +515,20 @@ pub async fn delivery(options: &Options, binary: &Path, databases: &Databases) -
         postgres_cpu_secs: idle_pg_secs,
         postgres_cpu_percent: idle_pg_secs / idle_secs * 100.0,
         sessions,
-        sessions_per_sec: sessions as f64 / idle_secs,
+        sessions_per_sec,
         connections_at_end,
         rss_mb,
+        connection_cpu_ms,
+        connection_floor_percent: connection_cpu_ms * sessions_per_sec / 10.0,
     };
     log(&format!(
-        "lead delivery, {count} tenants idle: daemon {:.2} % CPU, PostgreSQL {:.2} % CPU, {:.1} sessions/s",
-        idle.daemon_cpu_percent, idle.postgres_cpu_percent, idle.sessions_per_sec
+        "lead delivery, {count} tenants idle: daemon {:.2} % CPU, PostgreSQL {:.2} % CPU, {:.1} sessions/s; \
+         one connection {:.3} ms CPU, {:.2} % at that rate",
+        idle.daemon_cpu_percent,
+        idle.postgres_cpu_percent,
+        idle.sessions_per_sec,
+        idle.connection_cpu_ms,
+        idle.connection_floor_percent
     ));
     let violations = tenants.iter().map(Tenant::violations).sum::<usize>() + latency_sandbox.violations();
     daemon.stop().await;
@@ -553,6 +568,29 @@ pub async fn delivery(options: &Options, binary: &Path, databases: &Databases) -
         latency,
         idle,
     })
+}
+
+/// Fresh connections timed for the floor.
+pub const CONNECTION_SAMPLES: usize = 1000;
+
+/// CPU milliseconds of this process per fresh connection that reads the
+/// outbox summary and closes, as an idle poll does — one after the other,
+/// through the daemon's own pool and connector (`sslmode` as the URL says).
+async fn connection_cpu_ms(url: &str, samples: usize) -> anyhow::Result<f64> {
+    use crm_connect::db::{PoolSettings, Pools, lead_outbox};
+    let pools = Pools::new(PoolSettings::default());
+    let db = pools.get("connection-floor", &crm_connect::secret::Secret::new(url))?;
+    let me = std::process::id();
+    let before = system::cpu_ticks(me);
+    for _ in 0..samples {
+        let session = db.session().await?;
+        lead_outbox::summary(&session).await?;
+        drop(session);
+        db.close_idle();
+    }
+    let after = system::cpu_ticks(me);
+    let ticks = after.zip(before).map_or(f64::NAN, |(a, b)| a.saturating_sub(b) as f64);
+    Ok(ticks / system::clock_ticks_per_sec() as f64 * 1000.0 / samples as f64)
 }
 
 /// Insert → delivered on the latency tenant: with a wake after each

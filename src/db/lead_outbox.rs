@@ -28,11 +28,13 @@ pub struct Summary {
 }
 
 /// One statement on the partial index: an idle outbox costs exactly this.
+/// Sent unprepared (parse, bind and execute in one message), so that it
+/// takes one round trip on the fresh connection each idle poll opens.
 pub async fn summary(conn: &impl Conn) -> Result<Summary, DbError> {
     step(conn, "reading the outbox", async {
         let row = conn
             .pg()
-            .query_one(
+            .query_typed_one(
                 "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'sending'),
                         min(created_at) FILTER (WHERE state = 'pending'), min(next_attempt_at),
                         coalesce(min(next_attempt_at) <= now(), false)

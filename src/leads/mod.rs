@@ -9,9 +9,11 @@ mod amocrm;
 mod bitrix24;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
 
 use crate::config::{LeadsConfig, TenantConfig};
@@ -161,7 +163,8 @@ pub async fn pass(
                     Channel::Bitrix24(ready) => ready.send(ctx, &row, &placement).await,
                 };
                 if contact.is_some() {
-                    lead_outbox::note(&db.session().await?, seen, contact, None).await?;
+                    outcome_written(|| async { lead_outbox::note(&db.session().await?, seen, contact, None).await })
+                        .await?;
                 }
                 ctx.metrics.delivery_attempt(crm, send_outcome(&answer));
                 match &answer {
@@ -185,7 +188,8 @@ pub async fn pass(
             }
         };
         let paused = matches!(transition, Transition::Pending { pause: true, .. });
-        match settle(&db, seen, &transition, placement.as_ref(), &channel).await? {
+        let settled = outcome_written(|| settle(&db, seen, &transition, placement.as_ref(), &channel)).await?;
+        match settled {
             Settled::Delivered(ids, seconds) => {
                 report.delivered += 1;
                 ctx.metrics.lead_delivered(crm, seconds);
@@ -275,6 +279,24 @@ async fn next_row(db: &TenantDb, channel: &Channel, crm: Crm) -> Result<Option<T
         tx.commit().await?;
         return Ok(Some(taken));
     }
+}
+
+/// Writes what a CRM answered, trying again while the database is
+/// unreachable: the answer exists only in memory until it is written. Given
+/// up after about ten seconds, the row's lookup settles it later. Each write
+/// is conditional on the state it saw, so one that committed unseen is not
+/// applied twice.
+async fn outcome_written<T, F, Fut>(write: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(6)
+        .with_jitter();
+    write.retry(backoff).sleep(tokio::time::sleep).when(DbError::is_transient).await
 }
 
 enum Settled {

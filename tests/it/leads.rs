@@ -12,6 +12,7 @@ use crm_connect_sandbox::tenant_file::TenantFile;
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Running, eventually};
+use crate::support::proxy::Proxy;
 use crate::support::rows::OutboxRow;
 use crate::support::world::World;
 
@@ -320,6 +321,69 @@ async fn a_process_killed_between_the_create_and_its_commit_leaves_one_lead_afte
     assert_eq!(world.amo().leads().len(), 1, "exactly one lead");
     let row = OutboxRow::one(&client).await;
     assert_eq!((row.state.as_str(), row.entity_id), ("delivered", Some(world.amo().leads()[0].id)));
+}
+
+#[tokio::test]
+async fn the_database_down_after_the_crm_created_the_lead_is_waited_out_in_memory_and_no_lookup_is_needed() {
+    let world = World::amocrm().await;
+    let proxy = Proxy::in_front_of(&world.db.url).await;
+    let file = world.file_with_code().database_url(&proxy.url_for(&world.db.url));
+    let (tenant, client) = connected(&world, file).await;
+    insert(&client, "Order 8", None).await;
+    // The CRM creates the lead at once; its answer comes a moment later,
+    // when the database is already gone.
+    let late = Fault::LateAnswer(Duration::from_millis(300));
+    world.amo().faults().inject_for("POST", "/api/v4/leads/complex", late, 1);
+    let requests_before = world.amo().requests().len();
+
+    let pass = {
+        let (ctx, tenant) = (world.ctx.clone(), tenant.clone());
+        tokio::spawn(async move { leads::until_done(&ctx, &tenant, tenant.leads.as_ref().unwrap()).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while world.amo().leads().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the CRM never got the create");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.down();
+    // The outcome is being written: the database refuses it for a while.
+    proxy.refused_at_least(2).await;
+    proxy.up();
+    let report = pass.await.unwrap().unwrap();
+
+    assert_eq!((report.sent, report.looked_up, report.delivered), (1, 0, 1), "{report:?}");
+    let leads = world.amo().leads();
+    assert_eq!(leads.len(), 1, "{leads:#?}");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.entity_id, row.attempts), ("delivered", Some(leads[0].id), 1));
+    let after: Vec<String> =
+        world.amo().requests()[requests_before..].iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    let create = ["GET /api/v4/leads/custom_fields", "POST /api/v4/leads/custom_fields", "POST /api/v4/leads/complex"];
+    assert_eq!(after, create, "the key field made, one create, and no lookup");
+}
+
+#[tokio::test]
+async fn the_database_down_before_a_claim_leaves_the_rows_as_they_were_and_sends_nothing() {
+    let world = World::bitrix24().await;
+    let proxy = Proxy::in_front_of(&world.db.url).await;
+    let file = world.file().entity_type("lead").database_url(&proxy.url_for(&world.db.url));
+    let (_, client) = connected(&world, file).await;
+    insert(&client, "Order 9", Some("+7 900 000 00 09")).await;
+    let requests_before = world.portal().requests().len();
+    proxy.down();
+
+    let run = crate::support::crm_connect(&["--config", world.config(), "deliver"], &[]).await;
+
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.starts_with("acme: error: cannot connect to 127.0.0.1:"), "{run:?}");
+    assert_eq!(world.portal().requests().len(), requests_before, "nothing was sent");
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 0));
+
+    proxy.up();
+    let run = crate::support::crm_connect(&["--config", world.config(), "deliver"], &[]).await;
+    assert_eq!((run.code, run.stdout.as_str()), (0, "acme: 1 delivered, 0 failed, 0 pending, 0 sending\n"), "{run:?}");
+    assert_eq!(world.portal().leads().len(), 1);
 }
 
 async fn delivered(client: &Client) -> bool {

@@ -1,14 +1,15 @@
 //! The AmoCRM API v4 sandbox: OAuth 2.0 with single-use codes and rotating
 //! refresh tokens, the account, pipelines with their system statuses (paged
 //! on demand, endlessly if asked), and the 7 requests per second limit,
-//! answered the way the vendor documents them. Leads, their contacts, custom
-//! fields and notes are in `leads`.
+//! answered the way the vendor documents them, every answer dated by the
+//! sandbox clock. Leads, their contacts, custom fields and notes are in
+//! `leads`; the events feed (funnel history) in `events`.
 
 use std::collections::HashMap;
 use std::io;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
@@ -19,10 +20,12 @@ use serde_json::{Value, json};
 
 use super::faults::RecordedRequest;
 use super::recorder::Recorder;
-use super::{Bound, Front, Handler, Server, lock, respond};
+use super::{Bound, Clock, Front, Handler, Server, lock, respond};
 
+mod events;
 mod leads;
 
+pub use events::{AmoEventOrder, LeadMove, SandboxEvent};
 pub use leads::{SandboxContact, SandboxCustomField, SandboxFieldValue, SandboxLead, SandboxNote, validation_refusal};
 
 /// How long an authorization code can be exchanged.
@@ -137,11 +140,13 @@ impl AmoSandbox {
     /// Binds 127.0.0.1 on a free port and starts serving.
     pub async fn start(config: AmoSandboxConfig) -> io::Result<AmoSandbox> {
         let bound = Bound::loopback().await?;
-        let front = Arc::new(Front::new(config.rate_limit_per_sec).with_latency(config.latency));
+        let clock = Arc::new(Clock::default());
+        let front = Front::new(config.rate_limit_per_sec).with_latency(config.latency).with_clock(Arc::clone(&clock));
+        let front = Arc::new(front);
         let shared = Arc::new(Shared {
             base_url: bound.base_url().to_owned(),
             config,
-            state: Mutex::new(State::new(AmoSandbox::default_pipelines())),
+            state: Mutex::new(State::new(AmoSandbox::default_pipelines(), clock)),
         });
         let answering = Arc::clone(&shared);
         let handler: Arc<Handler> = Arc::new(move |request: &RecordedRequest| answering.route(request));
@@ -179,11 +184,16 @@ impl AmoSandbox {
         token
     }
 
-    /// Moves the sandbox clock, which code and token expiry follow; the
-    /// rate limit keeps to real time.
+    /// Moves the sandbox clock, which code and token expiry, the times of
+    /// new leads and events and the `Date` header of every answer follow;
+    /// the rate limit keeps to real time.
     pub fn advance_clock(&self, by: Duration) {
-        let mut state = lock(&self.shared.state);
-        state.clock_offset = state.clock_offset.saturating_add(by);
+        lock(&self.shared.state).clock.advance(by);
+    }
+
+    /// The sandbox clock in unix seconds: what the `Date` header says now.
+    pub fn now_unix(&self) -> i64 {
+        lock(&self.shared.state).now()
     }
 
     /// From now on the token endpoint writes `expires_in` as `value` (a
@@ -264,7 +274,7 @@ struct ServedPipeline {
 }
 
 struct State {
-    clock_offset: Duration,
+    clock: Arc<Clock>,
     codes: HashMap<String, AuthCode>,
     /// Access token → expiry, unix seconds.
     access: HashMap<String, i64>,
@@ -273,6 +283,8 @@ struct State {
     pipelines: Vec<ServedPipeline>,
     /// Leads, contacts, notes and the account's custom fields.
     crm: leads::Store,
+    /// The account's events: lead additions, status and responsible changes.
+    events: events::Store,
     stats: TokenStats,
     /// What the token endpoint writes as `expires_in`, when not the number.
     expires_in_wire: Option<serde_json::Value>,
@@ -280,14 +292,15 @@ struct State {
 }
 
 impl State {
-    fn new(pipelines: Vec<SandboxPipeline>) -> State {
+    fn new(pipelines: Vec<SandboxPipeline>, clock: Arc<Clock>) -> State {
         State {
-            clock_offset: Duration::ZERO,
+            clock,
             codes: HashMap::new(),
             access: HashMap::new(),
             refresh: HashMap::new(),
             pipelines: served_pipelines(pipelines),
             crm: leads::Store::new(),
+            events: events::Store::default(),
             stats: TokenStats::default(),
             expires_in_wire: None,
             endless_pipeline_pages: false,
@@ -296,8 +309,7 @@ impl State {
 
     /// The sandbox clock in unix seconds.
     fn now(&self) -> i64 {
-        let real = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        secs(real.saturating_add(self.clock_offset))
+        secs(self.clock.since_epoch())
     }
 
     fn access_valid(&self, token: &str) -> bool {
@@ -354,6 +366,8 @@ impl Shared {
             "/api/v4/account" if method == "GET" => self.authorized(request, |shared, _| shared.account()),
             "/api/v4/leads/pipelines" if method == "GET" => self.authorized(request, Shared::pipelines),
             "/oauth2/access_token" | "/api/v4/account" | "/api/v4/leads/pipelines" => respond(405, "", Body::empty()),
+            "/api/v4/events" if method == "GET" => self.authorized(request, Shared::list_events),
+            "/api/v4/events" => respond(405, "", Body::empty()),
             _ => self.route_leads(request).unwrap_or_else(|| respond(404, "", Body::empty())),
         }
     }

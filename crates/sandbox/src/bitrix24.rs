@@ -2,7 +2,9 @@
 //! stages, lead statuses, `batch` (with `$result[…]` references), the
 //! leaky-bucket and per-method time limits, a renamed portal, a webhook
 //! user without read rights and lists that break off, answered the way a
-//! cloud portal answers them. Leads, deals and contacts are in `leads`.
+//! cloud portal answers them, every answer dated by the sandbox clock.
+//! Leads, deals and contacts are in `leads`, their stage history in
+//! `history`, the newer `crm.item.list` in `items`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,7 +12,7 @@ use std::io;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, header};
@@ -22,10 +24,13 @@ use serde_json::{Map, Value, json};
 
 use super::faults::{Fault, RecordedRequest};
 use super::recorder::Recorder;
-use super::{Bound, Front, Gate, Handler, Limit, Server, lock, respond};
+use super::{Bound, Clock, Front, Gate, Handler, Limit, Server, lock, respond};
 
+mod history;
+mod items;
 mod leads;
 
+pub use history::{B24HistoryRecord, HistoryEntity, HistoryReservation, StageChange};
 pub use leads::{B24Contact, B24Deal, B24Lead};
 
 /// What Bitrix24 labels every REST answer with, errors included.
@@ -158,11 +163,13 @@ impl B24Sandbox {
         let old = Bound::loopback().await?;
         let new = Bound::loopback().await?;
         let limit = Limit::LeakyBucket { capacity: config.bucket_capacity, drain_per_sec: config.drain_per_sec };
-        let front = Arc::new(Front::limited(limit, bucket_full).with_latency(config.latency));
+        let clock = Arc::new(Clock::default());
+        let front = Front::limited(limit, bucket_full).with_latency(config.latency).with_clock(Arc::clone(&clock));
+        let front = Arc::new(front);
         let shared = Arc::new(Shared {
             base_url: old.base_url().to_owned(),
             config: config.clone(),
-            state: Mutex::new(State::new(config.scopes, config.page_size)),
+            state: Mutex::new(State::new(config.scopes, config.page_size, clock)),
         });
         let answering = Arc::clone(&shared);
         let handler: Arc<Handler> = Arc::new(move |request: &RecordedRequest| answering.route(request));
@@ -321,11 +328,16 @@ impl B24Sandbox {
         lock(&self.shared.state).lists_break_off = on;
     }
 
-    /// Moves the sandbox clock, which `time`, `operating_reset_at` and
-    /// blocked methods follow; the leaky bucket keeps to real time.
+    /// Moves the sandbox clock, which `time`, `operating_reset_at`,
+    /// blocked methods, the times of new records and the `Date` header of
+    /// every answer follow; the leaky bucket keeps to real time.
     pub fn advance_clock(&self, by: Duration) {
-        let mut state = lock(&self.shared.state);
-        state.clock_offset = state.clock_offset.saturating_add(by);
+        lock(&self.shared.state).clock.advance(by);
+    }
+
+    /// The sandbox clock in whole unix seconds.
+    pub fn now_unix(&self) -> i64 {
+        lock(&self.shared.state).now().floor() as i64
     }
 }
 
@@ -383,12 +395,14 @@ impl Operating {
 }
 
 struct State {
-    clock_offset: Duration,
+    clock: Arc<Clock>,
     scopes: Vec<String>,
     categories: Vec<B24Category>,
     lead_statuses: Vec<B24Stage>,
     /// Leads, deals and contacts, and the portal's CRM mode.
     crm: leads::Store,
+    /// Every lead's and deal's stage history.
+    history: history::Store,
     /// Method name → its current window.
     operating: HashMap<String, Operating>,
     /// Method name → when (sandbox unix seconds) its forced block ends.
@@ -401,13 +415,14 @@ struct State {
 }
 
 impl State {
-    fn new(scopes: Vec<String>, page_size: usize) -> State {
+    fn new(scopes: Vec<String>, page_size: usize, clock: Arc<Clock>) -> State {
         State {
-            clock_offset: Duration::ZERO,
+            clock,
             scopes,
             categories: served_categories(B24Sandbox::default_categories()),
             lead_statuses: B24Sandbox::default_lead_statuses(),
             crm: leads::Store::new(),
+            history: history::Store::default(),
             operating: HashMap::new(),
             blocked: HashMap::new(),
             blocked_command_time: BlockedCommandTime::default(),
@@ -419,8 +434,7 @@ impl State {
 
     /// The sandbox clock in unix seconds.
     fn now(&self) -> f64 {
-        let real = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        real.saturating_add(self.clock_offset).as_secs_f64()
+        self.clock.since_epoch().as_secs_f64()
     }
 
     /// `method`'s window, reopened if ten minutes have passed.
@@ -680,6 +694,8 @@ fn is_known(method: &str) -> bool {
             | "crm.dealcategory.stage.list"
             | "crm.status.list"
     ) || leads::is_known(method)
+        || history::is_known(method)
+        || items::is_known(method)
 }
 
 fn run(state: &mut State, method: &str, params: &Map<String, Value>, config: &B24SandboxConfig) -> Outcome {
@@ -704,6 +720,8 @@ fn run(state: &mut State, method: &str, params: &Map<String, Value>, config: &B2
         "crm.dealcategory.stage.list" => Ok(Success::single(stage_list(state, params))),
         "crm.status.list" => status_list(state, params),
         _ if leads::is_known(method) => leads::run(state, method, params, config),
+        _ if history::is_known(method) => history::run(state, params),
+        _ if items::is_known(method) => items::run(state, params),
         _ => Err(Failure::method_not_found()),
     }
 }

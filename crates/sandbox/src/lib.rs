@@ -7,6 +7,7 @@ pub mod amocrm;
 pub mod bitrix24;
 pub mod faults;
 pub mod files;
+pub mod hook;
 pub mod playground;
 pub mod postgres;
 pub mod recorder;
@@ -19,7 +20,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -28,6 +29,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::serve::{IncomingStream, Listener};
+use chrono::{DateTime, Utc};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -49,6 +51,34 @@ pub(crate) type Handler = dyn Fn(&RecordedRequest) -> Response + Send + Sync;
 /// A listener's answer ahead of the rate limit (a redirect, say), or `None`
 /// to let the request through to the limit and the handler.
 pub(crate) type Gate = dyn Fn(&RecordedRequest) -> Option<Response> + Send + Sync;
+
+/// A sandbox's own time: the real clock moved on by `advance_clock`. Its
+/// state and the `Date` header of its answers read the same one, so a client
+/// that takes server time from the header sees the jumps a test makes.
+#[derive(Debug, Default)]
+pub(crate) struct Clock {
+    offset: Mutex<Duration>,
+}
+
+impl Clock {
+    /// Time since the Unix epoch on this clock.
+    pub(crate) fn since_epoch(&self) -> Duration {
+        let real = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        real.saturating_add(*lock(&self.offset))
+    }
+
+    pub(crate) fn advance(&self, by: Duration) {
+        let mut offset = lock(&self.offset);
+        *offset = offset.saturating_add(by);
+    }
+
+    /// `Sun, 06 Nov 1994 08:49:37 GMT`: RFC 7231's IMF-fixdate, to the second.
+    fn http_date(&self) -> String {
+        let secs = i64::try_from(self.since_epoch().as_secs()).unwrap_or(i64::MAX);
+        let moment: DateTime<Utc> = DateTime::from_timestamp(secs, 0).unwrap_or_default();
+        moment.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+    }
+}
 
 /// A response with a body and, unless empty, a content type.
 pub(crate) fn respond(status: u16, content_type: &str, body: impl Into<Body>) -> Response {
@@ -150,6 +180,9 @@ pub(crate) struct Front {
     /// How long every answered request waits before its answer goes out,
     /// as a CRM across a network would take; zero answers at once.
     latency: Duration,
+    /// Where the `Date` header of every answer comes from; without one the
+    /// HTTP server writes the real time.
+    clock: Option<Arc<Clock>>,
 }
 
 impl Front {
@@ -166,7 +199,15 @@ impl Front {
             rate: RateLimit::new(limit),
             refusal,
             latency: Duration::ZERO,
+            clock: None,
         }
+    }
+
+    /// The same front, dating every answer (faults and refusals too, as the
+    /// CRM's web server does) by `clock`.
+    pub(crate) fn with_clock(mut self, clock: Arc<Clock>) -> Front {
+        self.clock = Some(clock);
+        self
     }
 
     /// The same front, answering every request `latency` late (a dropped
@@ -182,11 +223,16 @@ impl Front {
 
     async fn answer(&self, request: Request, connection: &Connection, serving: &Serving) -> Response {
         let (mut recorded, readable) = read_request(request).await;
-        let (status, response) = if readable {
+        let (status, mut response) = if readable {
             self.answer_readable(&recorded, connection, serving).await
         } else {
             (400, respond(400, "", Body::empty()))
         };
+        if let Some(clock) = &self.clock
+            && let Ok(date) = HeaderValue::from_str(&clock.http_date())
+        {
+            response.headers_mut().insert(header::DATE, date);
+        }
         if status != 0 && !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }

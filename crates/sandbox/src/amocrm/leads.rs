@@ -167,7 +167,7 @@ pub fn validation_refusal(path: &str, detail: &str) -> Fault {
 
 /// Leads, contacts, notes and the account's fields, with their knobs.
 pub(super) struct Store {
-    leads: Vec<SandboxLead>,
+    pub(super) leads: Vec<SandboxLead>,
     contacts: Vec<SandboxContact>,
     /// Companies are only created and linked: their names.
     companies: Vec<(i64, String)>,
@@ -220,6 +220,15 @@ impl Store {
             index_delay_secs: 0,
             ignore_created_at_filter: false,
         }
+    }
+
+    /// Stores `lead` under the next id, which it returns.
+    pub(super) fn insert_lead(&mut self, mut lead: SandboxLead) -> i64 {
+        lead.id = self.next_lead_id;
+        self.next_lead_id += 1;
+        let id = lead.id;
+        self.leads.push(lead);
+        id
     }
 
     /// A tag is the account's from the first lead that carries it on.
@@ -442,7 +451,9 @@ impl Shared {
                 "_links": { "self": self.link(&format!("/api/v4/leads/{}", lead.id)) },
             }),
         };
-        crm.leads.push(lead);
+        // A lead created into a stage has no status event: only `lead_added`.
+        state.events.lead_added(lead.id, CURRENT_USER_ID, now);
+        state.crm.leads.push(lead);
         answer
     }
 
@@ -797,7 +808,7 @@ fn positive(value: Option<String>, fallback: usize) -> Option<usize> {
 
 /// The lowest-sorted ordinary status of a pipeline: where a lead sent
 /// without a status lands.
-fn first_status(pipelines: &[ServedPipeline], pipeline_id: i64) -> Option<i64> {
+pub(super) fn first_status(pipelines: &[ServedPipeline], pipeline_id: i64) -> Option<i64> {
     let served = pipelines.iter().find(|served| served.pipeline.id == pipeline_id)?;
     served
         .statuses

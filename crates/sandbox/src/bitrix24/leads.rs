@@ -3,15 +3,16 @@
 //! deals without phone or email), `crm.{lead,deal,contact}.list` with
 //! column filters, `select`, `order` and pages of 50 (ids as strings), the
 //! portal's CRM mode (`crm.settings.mode.get`; no leads in simple mode),
-//! and the `$result[…]` references between the commands of a `batch`.
+//! and the `$result[…]` references between the commands of a `batch`. A
+//! new lead or deal starts its stage history (`history`).
 
 use std::collections::VecDeque;
 
 use serde_json::{Map, Value, json};
 
 use super::{
-    B24Sandbox, B24SandboxConfig, Failure, Outcome, State, Success, as_int, as_text, lock, method_name, paginate,
-    portal_date,
+    B24Sandbox, B24SandboxConfig, Failure, Outcome, State, Success, as_int, as_text, history, lock, method_name,
+    paginate, portal_date,
 };
 
 const FIRST_LEAD_ID: i64 = 1;
@@ -163,7 +164,7 @@ impl B24Contact {
 
 /// The three entity kinds the sandbox stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Entity {
+pub(super) enum Entity {
     Lead,
     Deal,
     Contact,
@@ -219,9 +220,9 @@ struct Row {
 
 /// Leads, deals and contacts, with their knobs.
 pub(super) struct Store {
-    deals: Vec<B24Deal>,
-    leads: Vec<B24Lead>,
-    contacts: Vec<B24Contact>,
+    pub(super) deals: Vec<B24Deal>,
+    pub(super) leads: Vec<B24Lead>,
+    pub(super) contacts: Vec<B24Contact>,
     /// Every entity's creation time by kind and id.
     created: Vec<(Entity, i64, f64)>,
     next_deal_id: i64,
@@ -261,7 +262,7 @@ impl Store {
         self.refusals.remove(index).map(|(_, failure)| failure)
     }
 
-    fn created_at(&self, entity: Entity, id: i64) -> f64 {
+    pub(super) fn created_at(&self, entity: Entity, id: i64) -> f64 {
         self.created.iter().find(|(kind, known, _)| *kind == entity && *known == id).map_or(0.0, |(_, _, at)| *at)
     }
 
@@ -369,6 +370,20 @@ fn add(state: &mut State, entity: Entity, params: &Map<String, Value>, config: &
         };
         fields.insert(name.clone(), value);
     }
+    let id = insert(state, entity, fields, config)?;
+    state.crm.creates += 1;
+    Ok(Success::single(json!(id)))
+}
+
+/// Stores an entity from fields it accepts: its contacts linked, its
+/// responsible user, title and place (a deal's category and stage, a lead's
+/// status) settled; a lead or deal starts its stage history. Returns its id.
+pub(super) fn insert(
+    state: &mut State,
+    entity: Entity,
+    mut fields: Map<String, Value>,
+    config: &B24SandboxConfig,
+) -> Result<i64, Failure> {
     if let Some(contact) = fields.remove("CONTACT_ID") {
         let mut ids = existing_contacts(state, &contact);
         let more = fields.get("CONTACT_IDS").map(|more| listed(more).iter().filter_map(as_int).collect::<Vec<_>>());
@@ -395,6 +410,7 @@ fn add(state: &mut State, entity: Entity, params: &Map<String, Value>, config: &
             fields.insert("STAGE_ID".to_owned(), json!(stage));
             let contact_ids = contact_ids(&fields);
             crm.deals.push(B24Deal { id, title, category_id, stage_id: sent_stage, contact_ids, fields });
+            history::record_created(state, history::HistoryEntity::Deal, id, Some(category_id), &stage, now);
             id
         }
         Entity::Lead => {
@@ -411,6 +427,7 @@ fn add(state: &mut State, entity: Entity, params: &Map<String, Value>, config: &
             fields.insert("TITLE".to_owned(), json!(title));
             fields.insert("STATUS_ID".to_owned(), json!(status));
             crm.leads.push(B24Lead { id, title, fields });
+            history::record_created(state, history::HistoryEntity::Lead, id, None, &status, now);
             id
         }
         Entity::Contact => {
@@ -421,10 +438,8 @@ fn add(state: &mut State, entity: Entity, params: &Map<String, Value>, config: &
             id
         }
     };
-    let crm = &mut state.crm;
-    crm.created.push((entity, id, now));
-    crm.creates += 1;
-    Ok(Success::single(json!(id)))
+    state.crm.created.push((entity, id, now));
+    Ok(id)
 }
 
 /// The category and stage a deal lands in: `CATEGORY_ID` (0 when absent),
@@ -486,7 +501,7 @@ fn multi_field(next_id: &mut i64, name: &str, value: &Value) -> Value {
 }
 
 /// A list, a form's `{"0": …, "1": …}` in key order, or one scalar.
-fn listed(value: &Value) -> Vec<Value> {
+pub(super) fn listed(value: &Value) -> Vec<Value> {
     match value {
         Value::Array(items) => items.clone(),
         Value::Object(entries) => {
@@ -625,9 +640,9 @@ fn project(row: &Map<String, Value>, selection: &Selection) -> Map<String, Value
 
 /// Whether a row passes every condition of a column filter. A key may
 /// carry an operator (`=`, `!`/`!=`, `>`, `>=`, `<`, `<=`, `%` for
-/// "contains"); a list of values means any of them. A field the row lacks
-/// is empty.
-fn matches_filter(row: &Map<String, Value>, filter: Option<&Value>) -> bool {
+/// "contains", `@` / `!@` for "in" / "not in"); a list of values means any
+/// of them. A field the row lacks is empty.
+pub(super) fn matches_filter(row: &Map<String, Value>, filter: Option<&Value>) -> bool {
     let Some(Value::Object(filter)) = filter else {
         return true;
     };
@@ -649,12 +664,12 @@ fn matches_filter(row: &Map<String, Value>, filter: Option<&Value>) -> bool {
             _ => actual == *option,
         };
         let any = options.iter().any(hit);
-        if matches!(operator, "!" | "!=") { !any } else { any }
+        if matches!(operator, "!" | "!=" | "!@") { !any } else { any }
     })
 }
 
-fn split_operator(key: &str) -> (&str, &str) {
-    for operator in [">=", "<=", "!=", "=", "!", ">", "<", "%"] {
+pub(super) fn split_operator(key: &str) -> (&str, &str) {
+    for operator in ["!@", ">=", "<=", "!=", "=", "!", ">", "<", "%", "@"] {
         if let Some(field) = key.strip_prefix(operator) {
             return (operator, field);
         }

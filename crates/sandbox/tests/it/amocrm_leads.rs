@@ -12,54 +12,54 @@ use serde_json::{Value, json};
 const COMPLEX: &str = "/api/v4/leads/complex";
 const FIELDS: &str = "/api/v4/leads/custom_fields";
 /// The main pipeline of the default account and one of its statuses.
-const PIPELINE: i64 = 7_000_001;
-const STATUS: i64 = 61_000_002;
+pub(crate) const PIPELINE: i64 = 7_000_001;
+pub(crate) const STATUS: i64 = 61_000_002;
 
-struct Amo {
-    sandbox: AmoSandbox,
+pub(crate) struct Amo {
+    pub(crate) sandbox: AmoSandbox,
     token: String,
     client: reqwest::Client,
 }
 
 impl Amo {
-    async fn start(config: AmoSandboxConfig) -> Amo {
+    pub(crate) async fn start(config: AmoSandboxConfig) -> Amo {
         let sandbox = AmoSandbox::start(config).await.unwrap();
         // Long enough to outlive every clock jump of these tests.
         let token = sandbox.issue_long_lived_token(Duration::from_secs(30 * 86_400));
         Amo { sandbox, token, client: reqwest::Client::new() }
     }
 
-    async fn unlimited() -> Amo {
+    pub(crate) async fn unlimited() -> Amo {
         Amo::start(AmoSandboxConfig { rate_limit_per_sec: 0, ..AmoSandboxConfig::default() }).await
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.sandbox.base_url())
     }
 
-    async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, reqwest::Error> {
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, reqwest::Error> {
         self.client.post(self.url(path)).bearer_auth(&self.token).json(body).send().await
     }
 
-    async fn post_ok(&self, path: &str, body: &Value) -> Value {
+    pub(crate) async fn post_ok(&self, path: &str, body: &Value) -> Value {
         let answer = self.post(path, body).await.unwrap();
         assert_eq!(answer.status(), 200, "{path}");
         answer.json().await.unwrap()
     }
 
-    async fn get(&self, path_and_query: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, path_and_query: &str) -> reqwest::Response {
         self.client.get(self.url(path_and_query)).bearer_auth(&self.token).send().await.unwrap()
     }
 
     /// The leads of a `GET /api/v4/leads` that must find some.
-    async fn list(&self, path_and_query: &str) -> Value {
+    pub(crate) async fn list(&self, path_and_query: &str) -> Value {
         let answer = self.get(path_and_query).await;
         assert_eq!(answer.status(), 200, "{path_and_query}");
         answer.json().await.unwrap()
     }
 
     /// Creates one lead named `name` through `/leads/complex`; its id.
-    async fn create(&self, name: &str) -> i64 {
+    pub(crate) async fn create(&self, name: &str) -> i64 {
         let body = self.post_ok(COMPLEX, &json!([{ "name": name, "pipeline_id": PIPELINE }])).await;
         body[0]["id"].as_i64().unwrap()
     }

@@ -8,27 +8,27 @@ use crm_connect_sandbox::bitrix24::{B24Sandbox, B24SandboxConfig, query_limit_ex
 use crm_connect_sandbox::faults::Fault;
 use serde_json::{Value, json};
 
-fn unlimited() -> B24SandboxConfig {
+pub(crate) fn unlimited() -> B24SandboxConfig {
     B24SandboxConfig { bucket_capacity: 0, ..B24SandboxConfig::default() }
 }
 
-async fn portal(config: B24SandboxConfig) -> B24Sandbox {
+pub(crate) async fn portal(config: B24SandboxConfig) -> B24Sandbox {
     B24Sandbox::start(config).await.unwrap()
 }
 
-async fn call(portal: &B24Sandbox, method: &str, params: &Value) -> Result<(u16, Value), reqwest::Error> {
+pub(crate) async fn call(portal: &B24Sandbox, method: &str, params: &Value) -> Result<(u16, Value), reqwest::Error> {
     let answer = reqwest::Client::new().post(format!("{}{method}", portal.webhook_url())).json(params).send().await?;
     let status = answer.status().as_u16();
     Ok((status, answer.json().await?))
 }
 
-async fn ok(portal: &B24Sandbox, method: &str, params: &Value) -> Value {
+pub(crate) async fn ok(portal: &B24Sandbox, method: &str, params: &Value) -> Value {
     let (status, body) = call(portal, method, params).await.unwrap();
     assert_eq!(status, 200, "{method}: {body}");
     body
 }
 
-fn add(fields: Value) -> Value {
+pub(crate) fn add(fields: Value) -> Value {
     json!({ "fields": fields, "params": { "REGISTER_SONET_EVENT": "Y" } })
 }
 
@@ -37,7 +37,7 @@ fn by_origin(key: &str) -> Value {
 }
 
 /// The deal-with-contact batch of a lead delivery: `c` then `d`.
-fn deal_batch(key: &str, deal_extra: &str) -> Value {
+pub(crate) fn deal_batch(key: &str, deal_extra: &str) -> Value {
     let contact = format!(
         "crm.contact.add?fields[NAME]=Анна&fields[PHONE][0][VALUE]=%2B79990001122&fields[PHONE][0][VALUE_TYPE]=WORK\
          &fields[ORIGINATOR_ID]=crm-connect&fields[ORIGIN_ID]={key}&params[REGISTER_SONET_EVENT]=Y"
