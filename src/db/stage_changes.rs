@@ -171,6 +171,26 @@ pub async fn latest_of(
     .await
 }
 
+/// Which of these changes of `crm` are stored already (by
+/// `source_event_id`): a re-read window or record needs nothing looked up
+/// for them.
+pub async fn stored_sources(conn: &impl Conn, crm: Crm, source_ids: &[String]) -> Result<HashSet<String>, DbError> {
+    if source_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    step(conn, "reading stored stage changes", async {
+        let rows = conn
+            .pg()
+            .query(
+                "SELECT source_event_id FROM crm_stage_changes WHERE crm = $1 AND source_event_id = ANY($2::text[])",
+                &[&crm.as_str(), &source_ids],
+            )
+            .await?;
+        rows.iter().map(|r| col(r, 0, TABLE)).collect()
+    })
+    .await
+}
+
 /// Which of these entities have the `created` row a delivery writes
 /// (`outbox:<id>`): their CRM's own creation record is not stored again.
 pub async fn created_by_delivery(

@@ -134,6 +134,35 @@ pub fn change(event: &AmoStatusEvent, flags: Option<StageFlags>, found: &Found) 
     }
 }
 
+/// A window's events in the order their rows are inserted: by time, and
+/// within one second each lead's events chained by their statuses (the one
+/// that left a status after the one that entered it), since `created_at`
+/// has whole seconds and a robot moves a lead twice within one. Events read
+/// twice (by id) are kept once.
+pub fn in_order(events: Vec<AmoStatusEvent>) -> Vec<AmoStatusEvent> {
+    let mut seen = std::collections::HashSet::new();
+    let mut events: Vec<AmoStatusEvent> = events.into_iter().filter(|e| seen.insert(e.id.clone())).collect();
+    events.sort_by(|a, b| (a.created_at, a.lead_id, &a.id).cmp(&(b.created_at, b.lead_id, &b.id)));
+    let mut ordered = Vec::with_capacity(events.len());
+    let mut rest = events.into_iter().peekable();
+    while let Some(first) = rest.next() {
+        let mut group = vec![first];
+        while let Some(next) = rest.next_if(|e| (e.created_at, e.lead_id) == (group[0].created_at, group[0].lead_id)) {
+            group.push(next);
+        }
+        while !group.is_empty() {
+            // The event nobody else in the group led into; the first by id
+            // when the group runs in a circle.
+            let start = group
+                .iter()
+                .position(|e| !group.iter().any(|other| other.id != e.id && other.after == e.before))
+                .unwrap_or(0);
+            ordered.push(group.remove(start));
+        }
+    }
+    ordered
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +238,36 @@ mod tests {
         check(second, 999, true, PageStep::Page(1000));
         check(second, 1000, true, PageStep::TooMany);
         check(second, 1000, false, PageStep::Done);
+    }
+
+    #[test]
+    fn events_come_in_time_order_chained_within_a_second() {
+        let event = |id: &str, lead_id, at, before: i64, after: i64| AmoStatusEvent {
+            id: id.into(),
+            lead_id,
+            created_by: 0,
+            created_at: t(at),
+            before: LeadStatus { pipeline_id: 1, status_id: before },
+            after: LeadStatus { pipeline_id: 1, status_id: after },
+        };
+        let check = |events: Vec<AmoStatusEvent>, expected: &[&str]| {
+            let ids: Vec<String> = in_order(events.clone()).into_iter().map(|e| e.id).collect();
+            assert_eq!(ids, expected, "{events:?}");
+        };
+        // Time first, whatever the ids say.
+        check(vec![event("a", 1, 5, 10, 11), event("b", 1, 3, 12, 10)], &["b", "a"]);
+        // One second, one lead: 10 → 11 → 12 → 13, listed in any order.
+        let moves = [event("z", 1, 5, 10, 11), event("a", 1, 5, 12, 13), event("m", 1, 5, 11, 12)];
+        check(moves.to_vec(), &["z", "m", "a"]);
+        check(vec![moves[2].clone(), moves[1].clone(), moves[0].clone()], &["z", "m", "a"]);
+        // Other leads in that second keep their own chains; a repeat is dropped.
+        let other = event("b", 2, 5, 20, 21);
+        check(
+            vec![moves[1].clone(), other.clone(), moves[0].clone(), moves[2].clone(), other.clone()],
+            &["z", "m", "a", "b"],
+        );
+        // There and back within a second: a circle, taken by id.
+        check(vec![event("y", 1, 5, 11, 10), event("x", 1, 5, 10, 11)], &["x", "y"]);
     }
 
     #[test]
