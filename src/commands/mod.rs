@@ -6,6 +6,7 @@ pub mod authorize;
 pub mod deliver;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod funnel;
 pub mod stages;
 pub mod status;
 pub mod sync;

@@ -7,6 +7,7 @@ mod demo;
 mod dry_run;
 mod example;
 mod faults;
+mod funnel;
 mod funnel_tables;
 mod layering;
 mod leads;

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use errors::{api_error, pause_length};
 pub use leads::B24LeadTarget;
 use serde_json::{Value, json};
-pub use stage_history::{HistoryAnswer, HistoryBatch, HistoryQuery};
+pub use stage_history::{HistoryAnswer, HistoryBatch, HistoryQuery, ITEMS_PER_COMMAND};
 
 use super::http::{RawResponse, RetryPolicy, retrying};
 use super::{CrmError, Http};
