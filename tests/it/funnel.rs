@@ -489,3 +489,81 @@ async fn a_poll_capped_at_fifty_requests_leaves_the_backlog_to_the_next_poll() {
     let sources: Vec<String> = StageChangeRow::all(&client).await.into_iter().map(|r| r.source_event_id).collect();
     assert_eq!(sources, [old, recent]);
 }
+
+#[tokio::test]
+async fn a_change_into_a_stage_the_table_lacks_runs_one_stage_sync_and_gets_its_flags() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, amo_file(&world), &[]).await;
+    let amo = world.amo();
+    let lead = amo.add_lead(MAIN, FIRST, 9_000_002).unwrap();
+    caught_up(&world, &tenant).await;
+    let mut pipelines = AmoSandbox::default_pipelines();
+    let mut added = pipelines[0].statuses[0].clone();
+    (added.id, added.name, added.sort) = (61_000_009, "Добавлен".into(), 50);
+    pipelines[0].statuses.push(added);
+    amo.set_pipelines(pipelines);
+
+    amo.move_lead(lead, MAIN, 61_000_009).unwrap();
+    amo.advance_clock(2 * MINUTE);
+    let report = caught_up(&world, &tenant).await;
+
+    assert_eq!((report.ingested, report.stage_syncs), (1, 1), "{report:?}");
+    let rows = StageChangeRow::all(&client).await;
+    assert_eq!((rows[0].stage_to.as_str(), rows[0].flags), ("61000009", (Some(false), Some(false), Some(false))));
+    let synced = client
+        .query_one("SELECT count(*) FROM amocrm_pipeline_stages WHERE status_id = 61000009", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(synced, 1);
+}
+
+#[tokio::test]
+async fn a_window_past_twenty_pages_is_narrowed_and_each_event_read_once() {
+    let world = World::amocrm().await;
+    let amo = world.amo();
+    let today = DateTime::from_timestamp(amo.now_unix(), 0).unwrap().date_naive();
+    let since = today - chrono::Days::new(1);
+    let midnight = unix(since.and_hms_opt(0, 0, 0).unwrap().and_utc());
+    let (tenant, client) = connected(&world, amo_file(&world), &[("since", &format!("\"{since}\""))]).await;
+    let lead = amo.add_lead(MAIN, FIRST, 9_000_002).unwrap();
+    // 2,200 changes spread over that day: 22 pages for its window.
+    for i in 0..2_200 {
+        let status = if i % 2 == 0 { TALKS } else { FIRST };
+        amo.move_lead_with(lead, LeadMove::to(MAIN, status).at(midnight + 10 + i * 39)).unwrap();
+    }
+
+    let report = caught_up(&world, &tenant).await;
+
+    assert_eq!(report.ingested, 2_200, "{report:?}");
+    let read = windows(amo);
+    assert_eq!(read[0], (midnight - 300, midnight + 86_400), "{read:?}");
+    assert!(read.contains(&(midnight - 300, midnight + 43_200)), "the day halved: {read:?}");
+    let rows = StageChangeRow::all(&client).await;
+    let stages: Vec<&str> = rows.iter().map(|r| r.stage_to.as_str()).collect();
+    let alternating: Vec<String> =
+        (0..2_200).map(|i| if i % 2 == 0 { TALKS.to_string() } else { FIRST.to_string() }).collect();
+    assert_eq!(stages, alternating, "every change once, in time order");
+}
+
+#[tokio::test]
+async fn a_portal_refusing_the_time_filter_is_read_from_its_first_record_storing_nothing_before_since() {
+    let world = World::bitrix24().await;
+    let portal = world.portal();
+    let today = DateTime::from_timestamp(portal.now_unix(), 0).unwrap().date_naive();
+    let since = today - chrono::Days::new(1);
+    let midnight = unix(since.and_hms_opt(0, 0, 0).unwrap().and_utc());
+    let deal = portal.create_deal(0, "NEW", 1).unwrap();
+    let before = portal.apply_stage_change(StageChange::deal(deal, "PREPARATION").at(midnight - 3_600)).unwrap();
+    let after = portal.apply_stage_change(StageChange::deal(deal, "EXECUTING").at(midnight + 3_600)).unwrap();
+    portal.refuse_created_time_filter(true);
+    let file = world.file().entity_type("deal");
+    let (tenant, client) = connected(&world, file, &[("since", &format!("\"{since}\""))]).await;
+
+    let report = caught_up(&world, &tenant).await;
+
+    let sources: Vec<String> = StageChangeRow::all(&client).await.into_iter().map(|r| r.source_event_id).collect();
+    assert_eq!(sources, ["deal:1".to_string(), format!("deal:{after}")], "{report:?}");
+    assert!(!sources.contains(&format!("deal:{before}")));
+    assert!(report.streams[0].started, "{report:?}");
+}
