@@ -567,3 +567,19 @@ async fn a_portal_refusing_the_time_filter_is_read_from_its_first_record_storing
     assert!(!sources.contains(&format!("deal:{before}")));
     assert!(report.streams[0].started, "{report:?}");
 }
+
+#[tokio::test]
+async fn the_command_exits_1_naming_a_tenant_it_could_not_read_or_one_it_does_not_know() {
+    let world = World::bitrix24().await;
+    connected(&world, world.file().entity_type("deal"), &[]).await;
+    world.portal().deny_access(&["crm.stagehistory.list"]);
+
+    let failed = crate::support::crm_connect(&["--config", world.config(), "funnel"], &[]).await;
+    let unknown = crate::support::crm_connect(&["--config", world.config(), "funnel", "--tenant", "nobody"], &[]).await;
+
+    assert_eq!(failed.code, 1, "{failed:?}");
+    assert!(failed.stdout.starts_with("acme: error: bitrix24 funnel: "), "{failed:?}");
+    assert!(!failed.output().contains(&world.portal().webhook_url()), "the webhook never shows: {failed:?}");
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+    assert!(unknown.stderr.contains("no valid tenant nobody with a [funnel] table"), "{unknown:?}");
+}
