@@ -18,7 +18,10 @@ pub const DEFAULT_FUNNEL_POLL: Duration = Duration::from_secs(60);
 
 /// A poll makes at least one request per CRM: more often would spend the
 /// account's budget on nothing.
-const MIN_POLL: Duration = Duration::from_secs(10);
+pub(crate) const MIN_POLL: Duration = Duration::from_secs(10);
+
+/// What `since` looks like as a string (a TOML date reads the same).
+pub(crate) const DATE_PATTERN: &str = r"^\d{4}-\d{2}-\d{2}$";
 
 /// Funnel history of one tenant (`[funnel]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
