@@ -92,6 +92,8 @@ pub enum Command {
     Stages(TenantArg),
     /// Deliver the due rows of crm_lead_outbox once, until nothing is due, then exit
     Deliver(DeliverArgs),
+    /// Read every stage change of the tenants with [funnel] into crm_stage_changes, until caught up, then exit
+    Funnel(FunnelArgs),
     /// Create one test lead (AmoCRM) or deal (Bitrix24) named "Тест crm-connect"; prints its id
     TestLead(TestLeadArgs),
     /// Exchange an AmoCRM authorization code given here, so that it never passes through Git
@@ -139,6 +141,13 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct DeliverArgs {
+    /// Only this tenant
+    #[arg(long)]
+    pub tenant: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FunnelArgs {
     /// Only this tenant
     #[arg(long)]
     pub tenant: Option<String>,

@@ -23,6 +23,8 @@ pub mod tokens;
 pub mod failure;
 /// Lead delivery: passes over a tenant's outbox.
 pub mod leads;
+/// Funnel history: polls of each CRM's stage changes into `crm_stage_changes`.
+pub mod funnel;
 /// Applying one tenant: migrate, write what changed, connect, sync stages.
 pub mod apply;
 /// The long-running daemon: one loop over tenant events, schedules, timers.
@@ -56,6 +58,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => commands::status::run(&cli.global, args).await,
         Command::Stages(args) => commands::stages::run(&cli.global, args).await,
         Command::Deliver(args) => commands::deliver::run(&cli.global, args).await,
+        Command::Funnel(args) => commands::funnel::run(&cli.global, args).await,
         Command::TestLead(args) => commands::test_lead::run(&cli.global, args).await,
         Command::Authorize(args) => commands::authorize::run(&cli.global, args).await,
         Command::AuthUrl(args) => commands::auth_url::run(&cli.global, args).await,

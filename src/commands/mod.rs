@@ -8,6 +8,7 @@ pub mod deliver;
 pub mod man;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod funnel;
 pub mod schema;
 pub mod stages;
 pub mod status;

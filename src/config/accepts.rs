@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::leads::{
-    DEFAULT_KEY_FIELD_NAME, DEFAULT_LEADS_POLL, DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS, MAX_POLL, MIN_POLL,
-};
+use super::document::MAX_POLL;
+use super::funnel::{DATE_PATTERN, DEFAULT_FUNNEL_POLL, MIN_POLL as FUNNEL_MIN_POLL};
+use super::leads::{DEFAULT_KEY_FIELD_NAME, DEFAULT_LEADS_POLL, DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS, MIN_POLL};
 use super::tenant::{DEFAULT_STAGE_RESYNC, DEFAULT_TOKEN_REFRESH_MARGIN, MAX_TOKEN_REFRESH_MARGIN, SLUG_PATTERN};
 use crate::model::{AmoDomain, Crm, EntityType};
 
@@ -193,7 +193,7 @@ pub(crate) fn described() -> Vec<Described> {
         .required(),
         key(
             "bitrix24.entity_type",
-            OneOf(entity_types),
+            OneOf(entity_types.clone()),
             "deal: deal categories and their stages; lead: lead statuses.",
         )
         .default(EntityType::Deal.as_str()),
@@ -292,6 +292,33 @@ pub(crate) fn described() -> Vec<Described> {
             "leads.bitrix24.responsible_user_id",
             int(Some(1), None),
             "The user new leads or deals are assigned to. Default: none.",
+        ),
+        key(
+            "funnel",
+            Table,
+            "Funnel history. Present = every stage change of the CRMs' leads and deals is recorded in \
+            crm_stage_changes.",
+        ),
+        key(
+            "funnel.poll",
+            Text,
+            format!(
+                "How often each CRM is asked for new changes (\"1m\"): \"{}\" to \"{}\".",
+                duration(FUNNEL_MIN_POLL),
+                duration(MAX_POLL)
+            ),
+        )
+        .default(duration(DEFAULT_FUNNEL_POLL)),
+        key(
+            "funnel.since",
+            Pattern(DATE_PATTERN),
+            "On a stream's first enable, back-fill history from this day (YYYY-MM-DD, UTC, not in the future). \
+            Default: history starts at the first enable.",
+        ),
+        key(
+            "funnel.entities",
+            list(OneOf(entity_types)),
+            "Bitrix24 only: the entities whose stage history is followed, each once. Default: [bitrix24].entity_type.",
         ),
     ]
 }

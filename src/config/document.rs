@@ -3,6 +3,7 @@
 //! one pass finds every problem of a file.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
@@ -101,6 +102,33 @@ impl<'t, 'i> Table<'t, 'i> {
             }
         }
     }
+}
+
+/// The longest poll interval: capped so that no timer arithmetic on it can
+/// overflow (a wake-up or a one-shot command covers anything sooner).
+pub(crate) const MAX_POLL: Duration = Duration::from_secs(86_400);
+
+/// A poll interval at `key` (`"30s"`, `"1m"`): `default` when absent, at
+/// least `min` and at most a day; `None` when wrong (reported).
+pub(crate) fn read_poll(
+    t: &Table,
+    key: &str,
+    default: Duration,
+    min: Duration,
+    problems: &mut Problems,
+) -> Option<Duration> {
+    let Some(text) = t.str(key, problems) else {
+        return t.get(key).is_none().then_some(default);
+    };
+    let path = t.path(key);
+    let message = match humantime::parse_duration(text.get_ref()) {
+        Ok(d) if (min..=MAX_POLL).contains(&d) => return Some(d),
+        Ok(d) if d < min => format!("`{path}` must be at least {}", humantime::format_duration(min)),
+        Ok(_) => format!("`{path}` must be at most 1 day"),
+        Err(e) => format!("`{path}` {:?} is not a duration like \"30s\", \"1m\" or \"5m\": {e}", text.get_ref()),
+    };
+    problems.error(Some(text.span()), message);
+    None
 }
 
 /// An integer value, or `Some(Err)` when it does not fit an i64.

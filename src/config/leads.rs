@@ -10,10 +10,10 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::document::{Table, as_i64, wrong_type};
+use super::document::{Table, as_i64, read_poll, wrong_type};
 use super::problem::Problems;
 use super::stages::{AmoStageRef, Bitrix24StageRef, normalize_name, read_ref};
-use crate::model::{Crm, EntityType};
+use crate::model::{Crm, EntityType, category_of_stage};
 
 pub const LEADS_KEYS: &[&str] = &["crm", "poll", "max_attempts", "amocrm", "bitrix24"];
 pub const LEADS_AMOCRM_KEYS: &[&str] = &["pipeline", "stage", "responsible_user_id", "key_field_name"];
@@ -24,9 +24,6 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 20;
 pub const DEFAULT_KEY_FIELD_NAME: &str = "crm-connect key";
 
 pub(crate) const MIN_POLL: Duration = Duration::from_secs(1);
-/// Durations are capped at validation, so that no timer arithmetic on them
-/// can overflow; a wake-up or `crm-connect deliver` covers anything sooner.
-pub(crate) const MAX_POLL: Duration = Duration::from_secs(86_400);
 pub(crate) const MAX_ATTEMPTS: u32 = 1000;
 /// AmoCRM's won and lost statuses: the same ids in every pipeline, so one
 /// alone does not say where a lead goes.
@@ -107,7 +104,7 @@ pub(crate) fn read_leads(root: &Table, problems: &mut Problems) -> Option<LeadsC
     // reported on its own, and [leads] is still checked against it.
     let configured: Vec<Crm> = Crm::ALL.into_iter().filter(|crm| root.get(crm.as_str()).is_some()).collect();
     let crm = read_target(&t, &configured, problems);
-    let poll = read_poll(&t, problems);
+    let poll = read_poll(&t, "poll", DEFAULT_LEADS_POLL, MIN_POLL, problems);
     let max_attempts = read_max_attempts(&t, problems);
 
     let amocrm_table = t.table("amocrm", "leads.amocrm", problems);
@@ -157,20 +154,6 @@ fn read_target(t: &Table, configured: &[Crm], problems: &mut Problems) -> Option
         return None;
     }
     Some(crm)
-}
-
-fn read_poll(t: &Table, problems: &mut Problems) -> Option<Duration> {
-    let Some(text) = t.str("poll", problems) else {
-        return t.get("poll").is_none().then_some(DEFAULT_LEADS_POLL);
-    };
-    let message = match humantime::parse_duration(text.get_ref()) {
-        Ok(d) if (MIN_POLL..=MAX_POLL).contains(&d) => return Some(d),
-        Ok(d) if d < MIN_POLL => "`leads.poll` must be at least 1s".to_string(),
-        Ok(_) => "`leads.poll` must be at most 1 day".to_string(),
-        Err(e) => format!("`leads.poll` {:?} is not a duration like \"30s\", \"1m\" or \"5m\": {e}", text.get_ref()),
-    };
-    problems.error(Some(text.span()), message);
-    None
 }
 
 fn read_max_attempts(t: &Table, problems: &mut Problems) -> Option<u32> {
@@ -278,19 +261,6 @@ fn check_category_and_stage(category: &PipelineRef, stage: &Spanned<Bitrix24Stag
     );
 }
 
-/// The category of a deal STAGE_ID: n for `C<n>:…`, 0 without the prefix;
-/// `None` when the number does not fit.
-fn category_of_stage(id: &str) -> Option<i64> {
-    let prefixed = id
-        .strip_prefix('C')
-        .and_then(|rest| rest.split_once(':'))
-        .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    match prefixed {
-        Some((n, _)) => n.parse().ok(),
-        None => Some(0),
-    }
-}
-
 /// `pipeline` / `category`: an id (at least `min_id`) or a non-empty name.
 fn read_pipeline(t: &Table, key: &str, min_id: i64, problems: &mut Problems) -> Option<Spanned<PipelineRef>> {
     let value = t.get(key)?;
@@ -323,9 +293,10 @@ fn read_user(t: &Table, problems: &mut Problems) -> Option<i64> {
 }
 
 /// `[bitrix24].entity_type` as written, without reporting (reading
-/// `[bitrix24]` does): `category` is checked against it even when
-/// `[bitrix24]` has other errors. Deal by default, as there.
-fn entity_type_as_written(root: &Table) -> EntityType {
+/// `[bitrix24]` does): `category` is checked against it, and
+/// `[funnel].entities` defaults to it, even when `[bitrix24]` has other
+/// errors. Deal by default, as there.
+pub(super) fn entity_type_as_written(root: &Table) -> EntityType {
     root.get("bitrix24")
         .and_then(|b| b.get_ref().as_table())
         .and_then(|b| b.get("entity_type"))
@@ -557,11 +528,6 @@ mod tests {
             ],
         );
         check(&format!("[leads.bitrix]\n{B24}"), &["1:8: error: unknown key `leads.bitrix`, did you mean `bitrix24`?"]);
-        // Not read yet: an unknown table like any other.
-        check(
-            &format!("[funnel]\npoll = \"1m\"\n{AMO}"),
-            &["1:2: error: unknown key `funnel`, expected one of: tenant, schedule, amocrm, bitrix24, leads"],
-        );
     }
 
     #[test]
@@ -720,14 +686,5 @@ mod tests {
                 "8:1: error: unknown key `leads.amocrm.key_feild_name`, did you mean `key_field_name`?",
             ],
         );
-    }
-
-    #[test]
-    fn the_category_of_a_stage_id() {
-        for (id, category) in [("NEW", Some(0)), ("C1:NEW", Some(1)), ("C17:UC_X", Some(17)), ("CONVERTED", Some(0))] {
-            assert_eq!(category_of_stage(id), category, "{id}");
-        }
-        assert_eq!(category_of_stage("C:NEW"), Some(0));
-        assert_eq!(category_of_stage("C99999999999999999999:NEW"), None);
     }
 }

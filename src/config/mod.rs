@@ -5,6 +5,7 @@
 mod accepts;
 mod document;
 mod files;
+mod funnel;
 mod leads;
 mod problem;
 mod schema;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use sha2::Digest;
 
 pub use files::is_tenant_file;
+pub use funnel::{DEFAULT_FUNNEL_POLL, FunnelConfig};
 pub use leads::{
     AmoLeadDefaults, B24LeadDefaults, DEFAULT_KEY_FIELD_NAME, DEFAULT_LEADS_POLL, DEFAULT_MAX_ATTEMPTS, LeadsConfig,
     PipelineRef,
@@ -28,7 +30,7 @@ pub use secret_source::{Environment, SOURCE_KEYS};
 pub use stages::{AMOCRM_NAME_KEYS, AmoStageRef, BITRIX24_NAME_KEYS, Bitrix24StageRef, StageMapping, normalize_name};
 pub use tenant::{DEFAULT_STAGE_RESYNC, DEFAULT_TOKEN_REFRESH_MARGIN, SCHEMA};
 
-use crate::model::{AmoAccount, Credentials, Crm, EntityType, MissingCredentials, Webhook};
+use crate::model::{AmoAccount, Credentials, Crm, EntityType, MissingCredentials, Stream, Webhook};
 use crate::secret::Secret;
 
 pub const DEFAULT_DATABASE_URL_TEMPLATE: &str = "postgresql://postgres@localhost:5432/openclaw_{slug}";
@@ -44,6 +46,8 @@ pub struct TenantConfig {
     pub bitrix24: Option<Bitrix24Config>,
     /// `[leads]`: present = deliver the rows of `crm_lead_outbox`.
     pub leads: Option<LeadsConfig>,
+    /// `[funnel]`: present = record stage changes in `crm_stage_changes`.
+    pub funnel: Option<FunnelConfig>,
 }
 
 impl TenantConfig {
@@ -51,6 +55,15 @@ impl TenantConfig {
     pub fn crms(&self) -> Vec<Crm> {
         let configured = [(Crm::AmoCrm, self.amocrm.is_some()), (Crm::Bitrix24, self.bitrix24.is_some())];
         configured.into_iter().filter(|(_, on)| *on).map(|(crm, _)| crm).collect()
+    }
+
+    /// The change streams `[funnel]` follows: AmoCRM's one, and one per
+    /// Bitrix24 entity. None without `[funnel]`.
+    pub fn funnel_streams(&self) -> Vec<Stream> {
+        let Some(funnel) = &self.funnel else { return Vec::new() };
+        let amocrm = self.amocrm.as_ref().map(|_| Stream::AmoLeadStatusChanged);
+        let bitrix24 = self.bitrix24.as_ref().map(|_| funnel.entities.iter().map(|e| Stream::Bitrix24(*e)));
+        amocrm.into_iter().chain(bitrix24.into_iter().flatten()).collect()
     }
 }
 

@@ -8,16 +8,15 @@ use std::time::Duration;
 use toml::de::DeTable;
 
 use super::document::Table;
-use super::leads;
 use super::problem::Problems;
 use super::secret_source::read_secret;
 use super::stages::{self, read_mapping};
 use super::{AmoCrmConfig, Bitrix24Config, CronExpr, LoadOptions, Schedule, TenantConfig};
+use super::{funnel, leads};
 use crate::model::{AmoAccount, AmoDomain, EntityType, Webhook, is_loopback};
 use crate::secret::Secret;
 
-// `funnel` is not read yet: until it is, `[funnel]` is an unknown key like any other.
-pub const ROOT_KEYS: &[&str] = &["tenant", "schedule", "amocrm", "bitrix24", "leads"];
+pub const ROOT_KEYS: &[&str] = &["tenant", "schedule", "amocrm", "bitrix24", "leads", "funnel"];
 pub const TENANT_KEYS: &[&str] = &["slug", "database_url"];
 /// Durations are capped at validation: no arithmetic on them can overflow.
 pub(crate) const MAX_TOKEN_REFRESH_MARGIN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
@@ -51,6 +50,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
     ("leads", leads::LEADS_KEYS),
     ("leads.amocrm", leads::LEADS_AMOCRM_KEYS),
     ("leads.bitrix24", leads::LEADS_BITRIX24_KEYS),
+    ("funnel", funnel::FUNNEL_KEYS),
 ];
 
 pub const DEFAULT_STAGE_RESYNC: &str = "*/15 * * * *";
@@ -78,6 +78,7 @@ pub(crate) fn read_tenant(
     let amocrm = root.table("amocrm", "amocrm", problems).and_then(|t| read_amocrm(&t, dir, options, problems));
     let bitrix24 = root.table("bitrix24", "bitrix24", problems).and_then(|t| read_bitrix24(&t, dir, options, problems));
     let leads = leads::read_leads(&root, problems);
+    let funnel = funnel::read_funnel(&root, problems);
 
     if root.get("amocrm").is_none() && root.get("bitrix24").is_none() {
         problems.warning(None, "the tenant has neither [amocrm] nor [bitrix24]: only its database will be migrated");
@@ -96,6 +97,7 @@ pub(crate) fn read_tenant(
         amocrm,
         bitrix24,
         leads,
+        funnel,
     };
     (Some(slug), Some(config))
 }

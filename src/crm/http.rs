@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::CrmError;
@@ -27,6 +28,8 @@ pub struct RawResponse {
     pub content_type: String,
     /// The `Location` header of a redirect.
     pub location: Option<String>,
+    /// The `Date` header: the server's clock when it answered (whole seconds).
+    pub date: Option<DateTime<Utc>>,
     pub body: Vec<u8>,
 }
 
@@ -184,6 +187,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<RawResponse, CrmError>
         .unwrap_or_default()
         .to_string();
     let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(String::from);
+    let date = response.headers().get(reqwest::header::DATE).and_then(|v| v.to_str().ok()).and_then(http_date);
     if response.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(CrmError::TooLarge { limit: MAX_BODY_BYTES });
     }
@@ -194,7 +198,13 @@ async fn send(request: reqwest::RequestBuilder) -> Result<RawResponse, CrmError>
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(RawResponse { status, content_type, location, body })
+    Ok(RawResponse { status, content_type, location, date, body })
+}
+
+/// A `Date` header (`Tue, 15 Nov 1994 08:12:31 GMT`); `None` for anything
+/// unreadable: a server's clock is a hint, never a reason to fail.
+pub fn http_date(value: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc2822(value.trim()).ok().map(|d| d.with_timezone(&Utc))
 }
 
 fn network_error(e: reqwest::Error) -> CrmError {
@@ -305,7 +315,18 @@ fn clip(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::summarize_body;
+    use super::{http_date, summarize_body};
+
+    #[test]
+    fn a_date_header_is_the_servers_clock_and_anything_else_is_none() {
+        let date = http_date("Thu, 03 Dec 2026 15:59:01 GMT").map(|d| d.to_rfc3339());
+        assert_eq!(date.as_deref(), Some("2026-12-03T15:59:01+00:00"));
+        let offset = http_date(" Thu, 03 Dec 2026 18:59:01 +0300 ").map(|d| d.to_rfc3339());
+        assert_eq!(offset.as_deref(), Some("2026-12-03T15:59:01+00:00"));
+        for bad in ["", "yesterday", "2026-12-03T15:59:01Z", "Thu, 32 Dec 2026 15:59:01 GMT"] {
+            assert_eq!(http_date(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn error_bodies_are_summarised_whatever_their_shape() {

@@ -3,6 +3,7 @@
 //! Wire formats stay private to the CRM modules; they return model types.
 
 pub mod amocrm;
+pub mod amocrm_events;
 pub mod amocrm_leads;
 pub mod bitrix24;
 mod http;

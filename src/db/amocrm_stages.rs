@@ -1,6 +1,8 @@
 //! `amocrm_pipeline_stages`: every status of every AmoCRM pipeline with its
 //! flags; rows the CRM no longer lists keep their flags and get `removed_at`.
 
+use std::collections::HashMap;
+
 use tokio_postgres::GenericClient;
 
 use super::error::DbError;
@@ -42,6 +44,30 @@ pub async fn read(conn: &impl Conn) -> Result<Vec<StoredStage<AmoStage>>, DbErro
                 })
             })
             .collect()
+    })
+    .await
+}
+
+/// The flags of these (pipeline, status) keys, removed stages included
+/// (a change into a stage since deleted keeps the flags it had); keys
+/// without a row are left out.
+pub async fn flags_of(conn: &impl Conn, keys: &[(i64, i64)]) -> Result<HashMap<(i64, i64), StageFlags>, DbError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let pipelines: Vec<i64> = keys.iter().map(|k| k.0).collect();
+    let statuses: Vec<i64> = keys.iter().map(|k| k.1).collect();
+    step(conn, "reading stage flags", async {
+        let rows = conn
+            .pg()
+            .query(
+                "SELECT s.pipeline_id, s.status_id, s.is_qualified_stage, s.is_success_stage, s.is_fail_stage
+                 FROM amocrm_pipeline_stages AS s
+                 JOIN unnest($1::bigint[], $2::bigint[]) AS k(p, st) ON s.pipeline_id = k.p AND s.status_id = k.st",
+                &[&pipelines, &statuses],
+            )
+            .await?;
+        rows.iter().map(|r| Ok(((col(r, 0, TABLE)?, col(r, 1, TABLE)?), flags(r, 2, TABLE)?))).collect()
     })
     .await
 }

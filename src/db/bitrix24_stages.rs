@@ -2,6 +2,8 @@
 //! lead status) with its flags; rows the portal no longer lists keep their
 //! flags and get `removed_at`.
 
+use std::collections::HashMap;
+
 use tokio_postgres::GenericClient;
 
 use super::error::DbError;
@@ -46,6 +48,35 @@ pub async fn read(conn: &impl Conn, entity_type: EntityType) -> Result<Vec<Store
                 })
             })
             .collect()
+    })
+    .await
+}
+
+/// The flags of these (category, status) keys of `entity_type` (lead
+/// statuses are category 0), removed stages included; keys without a row
+/// are left out.
+pub async fn flags_of(
+    conn: &impl Conn,
+    entity_type: EntityType,
+    keys: &[(i32, String)],
+) -> Result<HashMap<(i32, String), StageFlags>, DbError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let categories: Vec<i32> = keys.iter().map(|k| k.0).collect();
+    let statuses: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    step(conn, "reading stage flags", async {
+        let rows = conn
+            .pg()
+            .query(
+                "SELECT s.category_id, s.status_id, s.is_qualified_stage, s.is_success_stage, s.is_fail_stage
+                 FROM bitrix24_pipeline_stages AS s
+                 JOIN unnest($2::integer[], $3::text[]) AS k(c, st) ON s.category_id = k.c AND s.status_id = k.st
+                 WHERE s.entity_type = $1",
+                &[&entity_type.as_str(), &categories, &statuses],
+            )
+            .await?;
+        rows.iter().map(|r| Ok(((col(r, 0, TABLE)?, col(r, 1, TABLE)?), flags(r, 2, TABLE)?))).collect()
     })
     .await
 }

@@ -5,12 +5,14 @@
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
 use super::error::{DbError, QueryError};
 use super::session::{Conn, col, step};
-use crate::model::{CreatedIds, Crm, OutboxRow, OutboxState};
+use crate::model::{CreatedIds, Crm, EntityType, OutboxRow, OutboxState};
 
 const TABLE: &str = "crm_lead_outbox";
 
@@ -228,6 +230,32 @@ async fn execute(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<u64, DbError> {
     step(conn, what, async { Ok(conn.pg().execute(sql, params).await?) }).await
+}
+
+/// The outbox row each of these CRM entities was delivered from, if any
+/// (the funnel's `outbox_id`); of several, the lowest id.
+pub async fn rows_of_entities(
+    conn: &impl Conn,
+    crm: Crm,
+    entity_type: EntityType,
+    entity_ids: &[i64],
+) -> Result<HashMap<i64, i64>, DbError> {
+    if entity_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    step(conn, "finding the outbox rows of CRM entities", async {
+        let rows = conn
+            .pg()
+            .query(
+                "SELECT crm_entity_id, min(id) FROM crm_lead_outbox
+                 WHERE crm = $1 AND crm_entity_type = $2 AND crm_entity_id = ANY($3::bigint[])
+                 GROUP BY crm_entity_id",
+                &[&crm.as_str(), &entity_type.as_str(), &entity_ids],
+            )
+            .await?;
+        rows.iter().map(|r| Ok((col(r, 0, TABLE)?, col(r, 1, TABLE)?))).collect()
+    })
+    .await
 }
 
 /// Rows by state, for `status` (the delivered and failed ones too, which a

@@ -15,11 +15,13 @@ pub(crate) mod tls;
 pub mod amocrm_stages;
 pub mod bitrix24_stages;
 pub mod config_row;
+pub mod cursors;
 pub mod events;
 pub mod lead_outbox;
 pub mod lease;
 pub mod oauth_states;
 pub mod schedule;
+pub mod stage_changes;
 pub mod status;
 
 pub use error::DbError;

@@ -26,6 +26,14 @@ impl EntityType {
     pub fn parse(s: &str) -> Option<EntityType> {
         EntityType::ALL.into_iter().find(|e| e.as_str() == s)
     }
+
+    /// `entityTypeId` in the REST API.
+    pub fn type_id(self) -> i64 {
+        match self {
+            EntityType::Lead => 1,
+            EntityType::Deal => 2,
+        }
+    }
 }
 
 /// A Bitrix24 inbound webhook, `https://HOST/rest/USER_ID/CODE/`, kept whole:
@@ -177,9 +185,31 @@ pub struct B24Stage {
     pub semantics: Semantics,
 }
 
+/// The category of a deal STAGE_ID: n for `C<n>:…`, 0 without the prefix;
+/// `None` when the number does not fit.
+pub fn category_of_stage(id: &str) -> Option<i64> {
+    let prefixed = id
+        .strip_prefix('C')
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    match prefixed {
+        Some((n, _)) => n.parse().ok(),
+        None => Some(0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_category_of_a_stage_id() {
+        for (id, category) in [("NEW", Some(0)), ("C1:NEW", Some(1)), ("C17:UC_X", Some(17)), ("CONVERTED", Some(0))] {
+            assert_eq!(category_of_stage(id), category, "{id}");
+        }
+        assert_eq!(category_of_stage("C:NEW"), Some(0));
+        assert_eq!(category_of_stage("C99999999999999999999:NEW"), None);
+    }
 
     fn check(input: &str, expected: Result<(&str, i32, &str), WebhookError>) {
         let got = Webhook::parse(input).map(|w| (w.host().to_string(), w.user_id(), w.code().expose().to_string()));

@@ -1,11 +1,12 @@
 //! Every decision as a pure plan: the `config` columns, the stage rows and
-//! their flags, the token steps, the webhook grant. No I/O, so planning
-//! twice on the same inputs gives the same plan, and planning on a synced
-//! state gives none. `apply` and `tokens` execute these plans; the dry run
-//! renders them.
+//! their flags, the token steps, the webhook grant, lead delivery and
+//! funnel history. No I/O, so planning twice on the same inputs gives the
+//! same plan, and planning on a synced state gives none. `apply` and
+//! `tokens` execute these plans; the dry run renders them.
 
 mod columns;
 pub mod delivery;
+pub mod funnel;
 mod mapping;
 pub mod placement;
 mod stages;

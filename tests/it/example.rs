@@ -32,6 +32,8 @@ fn the_example_is_valid_with_its_variables_and_credentials_set() {
     assert_eq!(amo.client_secret.as_ref().unwrap().expose(), "secret");
     assert_eq!(amo.stages.qualified.len(), 2);
     assert_eq!(tenant.bitrix24.as_ref().unwrap().webhook.user_id(), 1);
+    let streams: Vec<String> = tenant.funnel_streams().iter().map(|s| s.to_string()).collect();
+    assert_eq!(streams, ["amocrm lead_status_changed", "bitrix24 deal"]);
 }
 
 #[test]

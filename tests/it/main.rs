@@ -8,6 +8,8 @@ mod demo;
 mod dry_run;
 mod example;
 mod faults;
+mod funnel;
+mod funnel_tables;
 mod layering;
 mod leads;
 mod migrations;

@@ -219,6 +219,96 @@ async fn an_empty_database_gets_every_table_of_the_contract() {
     assert!(!unique, "{predicate}");
     assert!(predicate.contains("'pending'") && predicate.contains("'sending'"), "{predicate}");
     assert!(!predicate.contains("'delivered'") && !predicate.contains("'failed'"), "{predicate}");
+
+    check_columns(
+        &columns(&client, "crm_stage_changes").await,
+        &[
+            ("id", "bigint"),
+            ("crm", "text"),
+            ("source_event_id", "text"),
+            ("entity_type", "text"),
+            ("entity_id", "bigint"),
+            ("pipeline_from", "text"),
+            ("stage_from", "text"),
+            ("pipeline_to", "text"),
+            ("stage_to", "text"),
+            ("change_kind", "text"),
+            ("semantic", "text"),
+            ("is_qualified_stage", "boolean"),
+            ("is_success_stage", "boolean"),
+            ("is_fail_stage", "boolean"),
+            ("changed_at", "timestamp with time zone"),
+            ("changed_by_user_id", "bigint"),
+            ("responsible_user_id", "bigint"),
+            ("outbox_id", "bigint"),
+            ("ingested_at", "timestamp with time zone"),
+        ],
+    );
+    let changes = indexes(&client, "crm_stage_changes").await;
+    let has = |columns: &[&str], unique: bool| {
+        changes.iter().any(|(c, u, p)| c.iter().eq(columns.iter()) && *u == unique && p.is_none())
+    };
+    assert!(has(&["id"], true), "{changes:?}");
+    assert!(has(&["crm", "source_event_id"], true), "{changes:?}");
+    assert!(has(&["crm", "entity_type", "entity_id", "id"], false), "{changes:?}");
+    check_columns(
+        &columns(&client, "crm_connect_cursors").await,
+        &[
+            ("crm", "text"),
+            ("stream", "text"),
+            ("last_id", "bigint"),
+            ("window_end", "timestamp with time zone"),
+            ("complete_to", "timestamp with time zone"),
+            ("updated_at", "timestamp with time zone"),
+        ],
+    );
+    assert_eq!(unique_keys(&client, "crm_connect_cursors").await, [vec!["crm".to_string(), "stream".into()]]);
+}
+
+#[tokio::test]
+async fn the_funnel_tables_refuse_values_outside_the_contract_and_default_their_times() {
+    let db = fresh_database().await;
+    migrate(&db.url).await;
+    let client = connect(&db.url).await;
+    client
+        .batch_execute(
+            "INSERT INTO crm_stage_changes (crm, source_event_id, entity_type, entity_id, stage_to, change_kind, changed_at)
+             VALUES ('amocrm', 'e1', 'lead', 7, '142', 'moved', now() - interval '1 hour');
+             INSERT INTO crm_connect_cursors (crm, stream, last_id) VALUES ('bitrix24', 'deal', 0);",
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT ingested_at > changed_at, (SELECT updated_at IS NOT NULL FROM crm_connect_cursors)
+             FROM crm_stage_changes",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1));
+    let insert = |crm: &str, source: &str, entity_type: &str, kind: &str, semantic: &str| {
+        format!(
+            "INSERT INTO crm_stage_changes (crm, source_event_id, entity_type, entity_id, stage_to, change_kind, semantic, changed_at)
+             VALUES ('{crm}', '{source}', '{entity_type}', 1, 'NEW', '{kind}', {semantic}, now())"
+        )
+    };
+    client.batch_execute(&insert("bitrix24", "deal:1", "deal", "created", "'process'")).await.unwrap();
+    for wrong in [
+        insert("salesforce", "y1", "lead", "moved", "NULL"),
+        insert("amocrm", "y2", "contact", "moved", "NULL"),
+        insert("amocrm", "y3", "lead", "deleted", "NULL"),
+        insert("amocrm", "y4", "lead", "moved", "'apology'"),
+    ] {
+        let error = client.batch_execute(&wrong).await.expect_err(&wrong);
+        let code = error.as_db_error().map(|e| e.code().clone());
+        assert_eq!(code, Some(tokio_postgres::error::SqlState::CHECK_VIOLATION), "{wrong}: {error}");
+    }
+    let error = client
+        .batch_execute(&insert("bitrix24", "deal:1", "deal", "moved", "NULL"))
+        .await
+        .expect_err("the same source event again");
+    assert_eq!(error.as_db_error().map(|e| e.code().clone()), Some(tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
 }
 
 #[tokio::test]

@@ -69,6 +69,29 @@ stage_resync = "61 * * * *"
     assert!(!run.output().contains("panicked") && !run.output().contains("backtrace"), "{run:?}");
 }
 
+/// Validates a directory of these files (name, text, the lines expected
+/// for it): each file's lines are exactly the expected ones, each matched
+/// as a prefix after `path:`. The run, for its summary.
+async fn validate_files(cases: &[(&str, String, &[&str])]) -> crate::support::Run {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, _) in cases {
+        write(dir.path(), name, text);
+    }
+
+    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
+
+    assert_eq!(run.code, 1, "{run:?}");
+    for (name, _, expected) in cases {
+        let at = format!("{}:", dir.path().join(name).display());
+        let lines: Vec<&str> = run.stdout.lines().filter_map(|l| l.strip_prefix(&at)).collect();
+        assert_eq!(lines.len(), expected.len(), "{name}: {lines:#?}");
+        for (line, expected) in lines.iter().zip(*expected) {
+            assert!(line.starts_with(expected), "{name}: {line:?} does not start with {expected:?}");
+        }
+    }
+    run
+}
+
 #[tokio::test]
 async fn leads_problems_are_reported_with_their_positions_beside_the_others() {
     const B24: &str = "[bitrix24]\nwebhook_url = \"https://acme.bitrix24.ru/rest/1/abc/\"\n";
@@ -114,25 +137,55 @@ async fn leads_problems_are_reported_with_their_positions_beside_the_others() {
                 "7:9: error: `leads.bitrix24.stage` \"C1:NEW\" is a stage of category 1, but `leads.bitrix24.category` is 2",
             ],
         ),
-        ("funnel.toml", format!("[funnel]\npoll = \"1m\"\n{VALID_AMOCRM}"), &["1:2: error: unknown key `funnel`"]),
+        // [leads] beside a valid [funnel].
+        ("funnel.toml", format!("[leads]\n[funnel]\npoll = \"1m\"\n{VALID_AMOCRM}"), &[]),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    for (name, text, _) in cases {
-        write(dir.path(), name, text);
-    }
+    let run = validate_files(cases).await;
+    assert!(run.stdout.contains("6 file(s), 2 valid, 4 invalid"), "{}", run.stdout);
+}
 
-    let run = crm_connect(&["validate", "--config", dir.path().to_str().unwrap()], &[]).await;
-
-    assert_eq!(run.code, 1, "{run:?}");
-    for (name, _, expected) in cases {
-        let at = format!("{}:", dir.path().join(name).display());
-        let lines: Vec<&str> = run.stdout.lines().filter_map(|l| l.strip_prefix(&at)).collect();
-        assert_eq!(lines.len(), expected.len(), "{name}: {lines:#?}");
-        for (line, expected) in lines.iter().zip(*expected) {
-            assert!(line.starts_with(expected), "{name}: {line:?} does not start with {expected:?}");
-        }
-    }
-    assert!(run.stdout.contains("6 file(s), 1 valid, 5 invalid"), "{}", run.stdout);
+#[tokio::test]
+async fn funnel_problems_are_reported_with_their_positions_beside_the_others() {
+    const B24: &str = "[bitrix24]\nwebhook_url = \"https://acme.bitrix24.ru/rest/1/abc/\"\n";
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "nocrm.toml",
+            "[funnel]\nentities = [\"deal\"]\n".into(),
+            &[
+                "1:1: error: [funnel] needs [amocrm] or [bitrix24]: there is no CRM to read stage changes from",
+                "2:12: error: `funnel.entities` is for Bitrix24 only: the tenant has no [bitrix24]",
+                " warning: the tenant has neither [amocrm] nor [bitrix24]",
+            ],
+        ),
+        (
+            "values.toml",
+            format!(
+                "[funnel]\npoll = \"5s\"\nsince = \"2999-01-01\"\nentities = [\"lead\", \"lead\"]\nstart = 1\n{B24}"
+            ),
+            &[
+                "2:8: error: `funnel.poll` must be at least 10s",
+                "3:9: error: `funnel.since` 2999-01-01 is in the future",
+                "4:21: error: `funnel.entities` names lead twice",
+                "5:1: error: unknown key `funnel.start`, expected one of: poll, since, entities",
+            ],
+        ),
+        (
+            "amo.toml",
+            format!("[funnel]\nsince = \"1.1.2026\"\nentities = []\n{VALID_AMOCRM}"),
+            &[
+                "2:9: error: `funnel.since` \"1.1.2026\" is not a date like \"2026-01-01\" (YYYY-MM-DD)",
+                "3:12: error: `funnel.entities` is for Bitrix24 only",
+                "3:12: error: `funnel.entities` must name at least one of lead, deal",
+            ],
+        ),
+        (
+            "valid.toml",
+            format!("[funnel]\nsince = 2026-01-01\nentities = [\"deal\", \"lead\"]\n{B24}{VALID_AMOCRM}"),
+            &[],
+        ),
+    ];
+    let run = validate_files(cases).await;
+    assert!(run.stdout.contains("4 file(s), 1 valid, 3 invalid"), "{}", run.stdout);
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ impl B24Client<'_> {
         let params = json!({ "halt": 0, "cmd": cmd });
         retrying(self.retry, || async {
             let envelope = self.call_once("batch", &params).await?;
-            let answer = BatchAnswer::parse(envelope.result);
+            let answer = BatchAnswer::parse(envelope.result, envelope.date);
             let mut failed: Vec<(&String, &(String, String))> = answer.errors.iter().collect();
             if failed.is_empty() {
                 return Ok(answer);
@@ -65,7 +65,7 @@ impl B24Client<'_> {
             commands.iter().map(|(key, command)| (key.clone(), Value::String(command.clone()))).collect();
         let params = json!({ "halt": u8::from(halt), "cmd": cmd });
         let envelope = self.call_once("batch", &params).await?;
-        Ok(BatchAnswer::parse(envelope.result))
+        Ok(BatchAnswer::parse(envelope.result, envelope.date))
     }
 }
 
@@ -78,10 +78,12 @@ pub(super) struct BatchAnswer {
     total: HashMap<String, i64>,
     /// Each command's `time` block.
     times: HashMap<String, Value>,
+    /// The portal's clock when it answered (the `Date` header).
+    pub(super) date: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl BatchAnswer {
-    fn parse(result: Value) -> BatchAnswer {
+    fn parse(result: Value, date: Option<chrono::DateTime<chrono::Utc>>) -> BatchAnswer {
         let map = |v: Option<&Value>| v.and_then(Value::as_object).cloned().unwrap_or_default();
         let errors = map(result.get("result_error"))
             .into_iter()
@@ -100,6 +102,7 @@ impl BatchAnswer {
             next: numbers(result.get("result_next")),
             total: numbers(result.get("result_total")),
             times: map(result.get("result_time")).into_iter().collect(),
+            date,
         }
     }
 
@@ -176,10 +179,13 @@ mod tests {
 
     #[test]
     fn batch_answers_read_empty_maps_sent_as_arrays() {
-        let answer = BatchAnswer::parse(json!({
-            "result": { "scope": ["crm", "task"], "profile": { "ID": "1" } },
-            "result_error": [], "result_total": [], "result_next": [], "result_time": []
-        }));
+        let answer = BatchAnswer::parse(
+            json!({
+                "result": { "scope": ["crm", "task"], "profile": { "ID": "1" } },
+                "result_error": [], "result_total": [], "result_next": [], "result_time": []
+            }),
+            None,
+        );
         assert!(answer.errors.is_empty() && answer.next.is_empty());
         assert_eq!(answer.grant(), Grant { scopes: vec!["crm".into(), "task".into()], profile_id: Some("1".into()) });
     }

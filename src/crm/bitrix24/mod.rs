@@ -8,13 +8,17 @@
 mod batch;
 mod errors;
 mod leads;
+mod stage_history;
 mod stages;
 
 use std::sync::Mutex;
 
+use chrono::{DateTime, Utc};
+
 use errors::{api_error, pause_length};
 pub use leads::B24LeadTarget;
 use serde_json::{Value, json};
+pub use stage_history::{HistoryAnswer, HistoryBatch, HistoryQuery, ITEMS_PER_COMMAND};
 
 use super::http::{RawResponse, RetryPolicy, retrying};
 use super::{CrmError, Http};
@@ -40,13 +44,15 @@ pub struct Category {
     pub name: String,
 }
 
-/// One answer: `result`, for lists `next` and `total`, and the `time` block.
+/// One answer: `result`, for lists `next` and `total`, the `time` block,
+/// and the portal's clock (its `Date` header).
 #[derive(Debug)]
 struct Envelope {
     result: Value,
     next: Option<i64>,
     total: Option<i64>,
     time: Option<Value>,
+    date: Option<DateTime<Utc>>,
 }
 
 /// One page of a list as answered, before the rest is read.
@@ -156,7 +162,7 @@ impl<'h> B24Client<'h> {
                 let next = body.get("next").and_then(lenient_i64);
                 let total = body.get("total").and_then(lenient_i64);
                 let time = body.get("time").cloned();
-                Ok(Envelope { result: body["result"].take(), next, total, time })
+                Ok(Envelope { result: body["result"].take(), next, total, time, date: response.date })
             }
             _ if !response.is_success() => Err(CrmError::Status {
                 status: response.status,

@@ -217,3 +217,104 @@ impl OutboxRow {
         rows.remove(0)
     }
 }
+
+/// Where a stage change went: (pipeline_from, stage_from, pipeline_to,
+/// stage_to, change_kind, semantic).
+pub type Movement<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str, &'a str, Option<&'a str>);
+
+/// A row of `crm_stage_changes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageChangeRow {
+    pub id: i64,
+    pub crm: String,
+    pub source_event_id: String,
+    pub entity_type: String,
+    pub entity_id: i64,
+    pub pipeline_from: Option<String>,
+    pub stage_from: Option<String>,
+    pub pipeline_to: Option<String>,
+    pub stage_to: String,
+    pub change_kind: String,
+    pub semantic: Option<String>,
+    /// `is_qualified_stage`, `is_success_stage`, `is_fail_stage`.
+    pub flags: (Option<bool>, Option<bool>, Option<bool>),
+    pub changed_at: DateTime<Utc>,
+    pub changed_by_user_id: Option<i64>,
+    pub responsible_user_id: Option<i64>,
+    pub outbox_id: Option<i64>,
+}
+
+impl StageChangeRow {
+    /// Every row, by id.
+    pub async fn all(client: &Client) -> Vec<StageChangeRow> {
+        client
+            .query(
+                "SELECT id, crm, source_event_id, entity_type, entity_id, pipeline_from, stage_from, pipeline_to,
+                        stage_to, change_kind, semantic, is_qualified_stage, is_success_stage, is_fail_stage,
+                        changed_at, changed_by_user_id, responsible_user_id, outbox_id
+                 FROM crm_stage_changes ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| StageChangeRow {
+                id: r.get(0),
+                crm: r.get(1),
+                source_event_id: r.get(2),
+                entity_type: r.get(3),
+                entity_id: r.get(4),
+                pipeline_from: r.get(5),
+                stage_from: r.get(6),
+                pipeline_to: r.get(7),
+                stage_to: r.get(8),
+                change_kind: r.get(9),
+                semantic: r.get(10),
+                flags: (r.get(11), r.get(12), r.get(13)),
+                changed_at: r.get(14),
+                changed_by_user_id: r.get(15),
+                responsible_user_id: r.get(16),
+                outbox_id: r.get(17),
+            })
+            .collect()
+    }
+
+    /// The rows of one CRM entity, by id.
+    pub async fn of(client: &Client, crm: &str, entity_type: &str, entity_id: i64) -> Vec<StageChangeRow> {
+        let all = StageChangeRow::all(client).await;
+        all.into_iter().filter(|r| r.crm == crm && r.entity_type == entity_type && r.entity_id == entity_id).collect()
+    }
+
+    /// (pipeline_from, stage_from, pipeline_to, stage_to, change_kind, semantic), for one assertion.
+    pub fn movement(&self) -> Movement<'_> {
+        (
+            self.pipeline_from.as_deref(),
+            self.stage_from.as_deref(),
+            self.pipeline_to.as_deref(),
+            self.stage_to.as_str(),
+            self.change_kind.as_str(),
+            self.semantic.as_deref(),
+        )
+    }
+}
+
+/// A row of `crm_connect_cursors`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CursorRow {
+    pub last_id: Option<i64>,
+    pub window_end: Option<DateTime<Utc>>,
+    pub complete_to: Option<DateTime<Utc>>,
+}
+
+impl CursorRow {
+    pub async fn of(client: &Client, crm: &str, stream: &str) -> Option<CursorRow> {
+        let row = client
+            .query_opt(
+                "SELECT last_id, window_end, complete_to FROM crm_connect_cursors WHERE crm = $1 AND stream = $2",
+                &[&crm, &stream],
+            )
+            .await
+            .unwrap()?;
+        Some(CursorRow { last_id: row.get(0), window_end: row.get(1), complete_to: row.get(2) })
+    }
+}
