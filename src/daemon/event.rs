@@ -6,6 +6,7 @@
 use super::job::Outcome;
 use super::lease;
 use crate::failure::Cause;
+use crate::funnel::PollReport;
 use crate::leads::PassReport;
 
 pub(crate) enum Event {
@@ -30,6 +31,10 @@ pub(crate) enum Event {
     LeadsDue(String),
     /// A tenant's delivery pass ended.
     Delivered(String, Result<PassReport, Cause>),
+    /// A tenant's funnel streams are due for a poll.
+    FunnelDue(String),
+    /// A tenant's funnel poll ended.
+    FunnelPolled(String, Result<PollReport, Cause>),
     /// The watch saw the configuration directory change; `rewatch` when the
     /// directory itself was created or removed, so its watch is set up again.
     FilesChanged { rewatch: bool },

@@ -10,6 +10,7 @@
 mod event;
 mod delivery;
 mod first_pass;
+mod funnel;
 mod job;
 mod lease;
 mod lease_events;
@@ -114,6 +115,7 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         http_task: None,
         next_job: 0,
         delivery: crate::leads::Delivery::default(),
+        polls: crate::funnel::Polls::default(),
     };
     if let Err(e) = daemon.serve_http().await {
         tracing::error!(error = %e, "cannot listen");
@@ -149,6 +151,7 @@ struct Daemon {
     next_job: u64,
     /// What lead delivery remembers between passes.
     delivery: crate::leads::Delivery,
+    polls: crate::funnel::Polls,
 }
 
 impl Daemon {
@@ -210,6 +213,8 @@ impl Daemon {
             Event::LeaseExpired(slug) => self.lease_expired(&slug),
             Event::LeadsDue(slug) => self.deliver(&slug),
             Event::Delivered(slug, report) => self.delivered(&slug, report),
+            Event::FunnelDue(slug) => self.poll_funnel(&slug),
+            Event::FunnelPolled(slug, report) => self.funnel_polled(&slug, report),
             Event::FilesChanged { rewatch } => {
                 if let (true, Some(watcher)) = (rewatch, self.watcher.as_mut()) {
                     watcher.ensure();
@@ -316,6 +321,7 @@ impl Daemon {
         self.record(slug, &outcome);
         self.first_pass.done_with(slug, self.tenants.len());
         self.start_delivery(slug);
+        self.start_funnel(slug);
         if let Some(work) = queued {
             self.request(slug, work);
         }

@@ -77,6 +77,9 @@ pub(crate) struct Tenant {
     pub(crate) leads_timer: Option<AbortHandle>,
     pub(crate) delivering: Option<Instant>,
     pub(crate) deliver_again: bool,
+    /// Funnel history: the next poll's timer, and whether one runs.
+    pub(crate) funnel_timer: Option<AbortHandle>,
+    pub(crate) polling_funnel: bool,
 }
 
 impl Tenant {
@@ -103,6 +106,8 @@ impl Tenant {
             leads_timer: None,
             delivering: None,
             deliver_again: false,
+            funnel_timer: None,
+            polling_funnel: false,
         }
     }
 
@@ -113,8 +118,9 @@ impl Tenant {
     }
 
     pub(crate) fn cancel_timers(&mut self) {
-        for handle in [self.token_timer.take(), self.retry_timer.take(), self.leads_timer.take()].into_iter().flatten()
-        {
+        let timers =
+            [self.token_timer.take(), self.retry_timer.take(), self.leads_timer.take(), self.funnel_timer.take()];
+        for handle in timers.into_iter().flatten() {
             handle.abort();
         }
     }

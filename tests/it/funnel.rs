@@ -583,3 +583,30 @@ async fn the_command_exits_1_naming_a_tenant_it_could_not_read_or_one_it_does_no
     assert_eq!(unknown.code, 1, "{unknown:?}");
     assert!(unknown.stderr.contains("no valid tenant nobody with a [funnel] table"), "{unknown:?}");
 }
+
+#[tokio::test]
+async fn the_daemon_polls_each_tenants_funnel_on_its_schedule() {
+    let world = World::bitrix24().await;
+    let file = world.file().entity_type("deal").table_key("funnel", "poll", "\"10s\"");
+    world.write(&file);
+    let deal = world.portal().create_deal(0, "NEW", 1).unwrap();
+    let daemon = crate::support::daemon::Running::start(world.dir()).await;
+    let client = world.client().await;
+    // The first poll starts the stream at the portal's highest record: no history.
+    crate::support::daemon::eventually("the first poll started the deal stream", Duration::from_secs(20), || async {
+        CursorRow::of(&client, "bitrix24", "deal").await.is_some()
+    })
+    .await;
+    assert!(StageChangeRow::all(&client).await.is_empty());
+
+    world.portal().move_deal(deal, "PREPARATION").unwrap();
+
+    crate::support::daemon::eventually("a later poll recorded the move", Duration::from_secs(30), || async {
+        StageChangeRow::all(&client).await.iter().any(|r| r.entity_id == deal)
+    })
+    .await;
+    let rows = StageChangeRow::all(&client).await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!((rows[0].entity_type.as_str(), rows[0].stage_to.as_str()), ("deal", "PREPARATION"));
+    daemon.stop().await;
+}
