@@ -438,7 +438,11 @@ pub async fn delivery(options: &Options, binary: &Path, databases: &Databases) -
             }
         }
         let requests = tenant.requests();
-        let window = &requests[(*before).min(requests.len())..];
+        // A scheduled stage resync (each quarter hour by default) may fall
+        // in the window: its requests are the schedule's, not delivery's.
+        let window: Vec<RecordedRequest> =
+            requests[(*before).min(requests.len())..].iter().filter(|r| !is_stage_sync(r)).cloned().collect();
+        let window = &window[..];
         match &tenant.crm {
             Crm::Amo(_) => {
                 amocrm_rows += outbox.len();
@@ -568,6 +572,15 @@ pub async fn delivery(options: &Options, binary: &Path, databases: &Databases) -
         latency,
         idle,
     })
+}
+
+/// A request of a stage sync: AmoCRM's pipelines, Bitrix24's categories
+/// and the batch of their stage lists (method names travel unencoded).
+fn is_stage_sync(request: &RecordedRequest) -> bool {
+    request.path.ends_with("/api/v4/leads/pipelines")
+        || request.path.contains("crm.category.list")
+        || request.body.contains("crm.status.list")
+        || request.body.contains("crm.dealcategory")
 }
 
 /// Fresh connections timed for the floor.
