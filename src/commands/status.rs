@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::db::status::StatusRow;
 use crate::db::{self, Pools, config_row};
-use crate::model::StoredTokens;
+use crate::model::{Cursor, StoredTokens};
 use crate::reconcile::tokens::{NextCheck, next_check};
 
 #[derive(Serialize)]
@@ -37,6 +37,18 @@ struct Line {
     /// With `[leads]`, on the target CRM's line: the outbox by state.
     #[serde(skip_serializing_if = "Option::is_none")]
     leads: Option<LeadsLine>,
+    /// With `[funnel]`: each of this CRM's streams, how far it is complete.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    funnel: Vec<StreamLine>,
+}
+
+#[derive(Serialize)]
+struct StreamLine {
+    stream: &'static str,
+    /// Every stage change before it is in `crm_stage_changes`; none until
+    /// the stream's first poll.
+    complete_to: Option<DateTime<Utc>>,
+    lag_seconds: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -63,6 +75,7 @@ impl Line {
             lease_holder: None,
             note: None,
             leads: None,
+            funnel: Vec::new(),
         }
     }
 }
@@ -87,7 +100,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
             crms.push("bitrix24");
         }
         match read(&pools, tenant).await {
-            Ok((rows, stored, schedule, holder, outbox)) => {
+            Ok((rows, stored, schedule, holder, outbox, cursors)) => {
                 for crm in crms {
                     let mut line = Line::new(&name, crm, "not_synced");
                     if let Some(row) = rows.iter().find(|r| r.crm == crm) {
@@ -110,6 +123,17 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
                             counts,
                         });
                     }
+                    line.funnel = tenant
+                        .funnel_streams()
+                        .into_iter()
+                        .filter(|stream| stream.crm().as_str() == crm)
+                        .map(|stream| {
+                            let complete_to =
+                                cursors.iter().find(|c| c.position.stream() == stream).and_then(|c| c.complete_to);
+                            let lag_seconds = complete_to.map(|at| (Utc::now() - at).num_seconds().max(0));
+                            StreamLine { stream: stream.name(), complete_to, lag_seconds }
+                        })
+                        .collect();
                     lines.push(line);
                 }
             }
@@ -137,7 +161,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> ExitCode {
 }
 
 type Times = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-type Read = (Vec<StatusRow>, StoredTokens, Times, Option<String>, Option<db::lead_outbox::Counts>);
+type Read = (Vec<StatusRow>, StoredTokens, Times, Option<String>, Option<db::lead_outbox::Counts>, Vec<Cursor>);
 
 /// The status rows, the AmoCRM token expiry, the resync schedule and the
 /// lease holder; the tables may not exist yet.
@@ -148,7 +172,7 @@ async fn read(pools: &Pools, tenant: &config::TenantConfig) -> Result<Read, Stri
         Ok(rows) => rows,
         // Never synced: the tables are not there yet.
         Err(e) if e.is_missing_schema() => {
-            return Ok((Vec::new(), StoredTokens::default(), (None, None), None, None));
+            return Ok((Vec::new(), StoredTokens::default(), (None, None), None, None, Vec::new()));
         }
         Err(e) => return Err(e.to_string()),
     };
@@ -159,7 +183,11 @@ async fn read(pools: &Pools, tenant: &config::TenantConfig) -> Result<Read, Stri
         Some(_) => db::lead_outbox::counts(&session).await.ok(),
         None => None,
     };
-    Ok((rows, stored, schedule, holder, outbox))
+    let cursors = match tenant.funnel {
+        Some(_) => db::cursors::read_all(&session).await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    Ok((rows, stored, schedule, holder, outbox, cursors))
 }
 
 /// Says so when the margin is not shorter than the token's lifetime (the
@@ -206,6 +234,18 @@ fn print_table(lines: &[Line]) {
                 "{} {}: leads: {} pending, {} sending, {} delivered, {} failed{oldest}",
                 line.tenant, line.crm, c.pending, c.sending, c.delivered, c.failed
             );
+        }
+        for stream in &line.funnel {
+            match (stream.complete_to, stream.lag_seconds) {
+                (Some(at), Some(lag)) => println!(
+                    "{} {}: funnel {}: complete to {}, lag {lag}s",
+                    line.tenant,
+                    line.crm,
+                    stream.stream,
+                    time(Some(at))
+                ),
+                _ => println!("{} {}: funnel {}: not started", line.tenant, line.crm, stream.stream),
+            }
         }
     }
 }

@@ -60,6 +60,16 @@ impl Daemon {
         let Some(tenant) = self.tenants.get_mut(slug) else { return };
         tenant.polling_funnel = false;
         let Some(config) = &tenant.config.funnel else { return };
+        if let Ok(r) = &report {
+            let now = chrono::Utc::now();
+            for stream in &r.streams {
+                if let Some(at) = stream.complete_to {
+                    let lag = (now - at).num_milliseconds() as f64 / 1000.0;
+                    self.ctx.metrics.funnel_lag(slug, stream.stream.name(), lag);
+                }
+                self.ctx.metrics.funnel_ingested(stream.stream.crm(), stream.ingested);
+            }
+        }
         match &report {
             Ok(r) if r.ingested > 0 => {
                 tracing::info!(tenant = slug, ingested = r.ingested, requests = r.requests, "funnel poll")

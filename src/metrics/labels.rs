@@ -181,6 +181,14 @@ pub(super) struct OutboxLabels {
     pub(super) state: &'static str,
 }
 
+/// A funnel stream of a tenant: `lead_status_changed` (AmoCRM), `lead`
+/// or `deal` (Bitrix24).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct StreamLabels {
+    pub(super) tenant: String,
+    pub(super) stream: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct AttemptLabels {
     pub(super) crm: Crm,

@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 
 use labels::{
     AttemptLabels, CrmLabels, CrmResultLabels, CrmStatusLabels, FailureLabels, LIMITS, LimitLabels, OutboxLabels,
-    ResultLabels, ServerLabels, StateLabels, TenantLabels, WorkLabels,
+    ResultLabels, ServerLabels, StateLabels, StreamLabels, TenantLabels, WorkLabels,
 };
 pub use labels::{AttemptOutcome, RateLimit, RefreshResult, TenantState, WORK_KINDS};
 use tenant::TenantFamilies;
@@ -81,6 +81,8 @@ pub struct Metrics {
     db_connections: Family<ServerLabels, Gauge>,
     db_connection_budget: Family<ServerLabels, Gauge>,
     db_connection_waiters: Family<ServerLabels, Gauge>,
+    funnel_ingested: Family<CrmLabels, Counter>,
+    funnel_lag: Family<StreamLabels, Seconds>,
     /// Read at every encoding: the pools' connections are a state, not events.
     db_servers: OnceLock<ServerSource>,
 }
@@ -106,6 +108,8 @@ impl Metrics {
         let db_connections = Family::<ServerLabels, Gauge>::default();
         let db_connection_budget = Family::<ServerLabels, Gauge>::default();
         let db_connection_waiters = Family::<ServerLabels, Gauge>::default();
+        let funnel_ingested = Family::<CrmLabels, Counter>::default();
+        let funnel_lag = Family::<StreamLabels, Seconds>::default();
         // Counters are registered without `_total`: the encoder appends it.
         registry.register("crm_connect_tenants", "Tenants by connection state", tenants.clone());
         registry.register(
@@ -185,6 +189,16 @@ impl Metrics {
             "Work waiting for a place in a PostgreSQL server's connection budget",
             db_connection_waiters.clone(),
         );
+        registry.register(
+            "crm_connect_funnel_ingested",
+            "Stage changes stored in crm_stage_changes by the daemon's funnel polls, by CRM",
+            funnel_ingested.clone(),
+        );
+        registry.register(
+            "crm_connect_funnel_lag_seconds",
+            "How far behind now a tenant's funnel stream is complete (its complete_to), as its last poll left it",
+            funnel_lag.clone(),
+        );
         let metrics = Metrics {
             registry,
             tenants,
@@ -205,9 +219,12 @@ impl Metrics {
             db_connections,
             db_connection_budget,
             db_connection_waiters,
+            funnel_ingested,
+            funnel_lag,
             db_servers: OnceLock::new(),
         };
         for crm in Crm::ALL {
+            let _ = metrics.funnel_ingested.get_or_create(&CrmLabels { crm });
             for outcome in AttemptOutcome::ALL {
                 let _ = metrics.delivery_attempts.get_or_create(&AttemptLabels { crm, outcome });
             }
@@ -291,6 +308,16 @@ impl Metrics {
             self.outbox_rows.get_or_create(&OutboxLabels { tenant: tenant.into(), state }).set(count);
         }
         self.outbox_oldest_pending.get_or_create(&TenantLabels { tenant: tenant.into() }).set(oldest_pending_seconds);
+    }
+
+    /// A funnel poll stored `rows` changes of `crm`.
+    pub fn funnel_ingested(&self, crm: Crm, rows: u64) {
+        self.funnel_ingested.get_or_create(&CrmLabels { crm }).inc_by(rows);
+    }
+
+    /// How far behind now a tenant's funnel stream is complete.
+    pub fn funnel_lag(&self, tenant: &str, stream: &'static str, seconds: f64) {
+        self.funnel_lag.get_or_create(&StreamLabels { tenant: tenant.into(), stream }).set(seconds.max(0.0));
     }
 
     /// A lead delivered `seconds` after its insert.

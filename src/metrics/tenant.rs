@@ -11,9 +11,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::labels::{OutboxLabels, TenantCrmLabels, TenantLabels, TenantState, TenantStateLabels};
+use super::labels::{OutboxLabels, StreamLabels, TenantCrmLabels, TenantLabels, TenantState, TenantStateLabels};
 use super::{Metrics, Seconds, Timestamp};
 use crate::model::Crm;
+use crate::model::Stream;
 
 pub(super) struct TenantFamilies {
     state: Family<TenantStateLabels, Gauge>,
@@ -173,6 +174,9 @@ impl Metrics {
         }
         let labels = TenantLabels { tenant: tenant.into() };
         self.outbox_oldest_pending.remove(&labels);
+        for stream in Stream::ALL {
+            self.funnel_lag.remove(&StreamLabels { tenant: tenant.into(), stream: stream.name() });
+        }
         self.standing_by(tenant);
         self.stage_schedule(tenant, &[], None);
         for state in TenantState::in_force() {

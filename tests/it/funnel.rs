@@ -590,8 +590,12 @@ async fn the_daemon_polls_each_tenants_funnel_on_its_schedule() {
     let file = world.file().entity_type("deal").table_key("funnel", "poll", "\"10s\"");
     world.write(&file);
     let deal = world.portal().create_deal(0, "NEW", 1).unwrap();
-    let daemon = crate::support::daemon::Running::start(world.dir()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = crate::support::daemon::Running::start_with(&["--listen", &listen], world.dir()).await;
     let client = world.client().await;
+    let http = reqwest::Client::new();
+    let metrics = || async { http.get(format!("http://{listen}/metrics")).send().await.unwrap().text().await.unwrap() };
     // The first poll starts the stream at the portal's highest record: no history.
     crate::support::daemon::eventually("the first poll started the deal stream", Duration::from_secs(20), || async {
         CursorRow::of(&client, "bitrix24", "deal").await.is_some()
@@ -608,5 +612,34 @@ async fn the_daemon_polls_each_tenants_funnel_on_its_schedule() {
     let rows = StageChangeRow::all(&client).await;
     assert_eq!(rows.len(), 1, "{rows:#?}");
     assert_eq!((rows[0].entity_type.as_str(), rows[0].stage_to.as_str()), ("deal", "PREPARATION"));
+    let text = metrics().await;
+    assert!(text.contains("crm_connect_funnel_ingested_total{crm=\"bitrix24\"} 1\n"), "{text}");
+    assert!(text.contains("crm_connect_funnel_ingested_total{crm=\"amocrm\"} 0\n"), "{text}");
+    assert!(text.contains("crm_connect_funnel_lag_seconds{tenant=\"acme\",stream=\"deal\"} "), "{text}");
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn status_shows_each_funnel_stream_complete_to_and_its_lag() {
+    let world = World::bitrix24().await;
+    let (tenant, _client) =
+        connected(&world, world.file().entity_type("deal"), &[("entities", "[\"deal\", \"lead\"]")]).await;
+    let before = crate::support::crm_connect(&["--config", world.config(), "status"], &[]).await;
+    assert!(before.stdout.contains("acme bitrix24: funnel deal: not started\n"), "{before:?}");
+
+    caught_up(&world, &tenant).await;
+
+    let status = crate::support::crm_connect(&["--config", world.config(), "status"], &[]).await;
+    for stream in ["deal", "lead"] {
+        let prefix = format!("acme bitrix24: funnel {stream}: complete to ");
+        assert!(status.stdout.lines().any(|l| l.starts_with(&prefix) && l.ends_with('s')), "{status:?}");
+    }
+    let json = crate::support::crm_connect(&["--config", world.config(), "status", "--json"], &[]).await;
+    let lines: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let streams = lines[0]["funnel"].as_array().unwrap_or_else(|| panic!("{json:?}"));
+    assert_eq!(streams.iter().map(|s| s["stream"].as_str().unwrap()).collect::<Vec<_>>(), ["deal", "lead"]);
+    assert!(
+        streams.iter().all(|s| s["complete_to"].is_string() && s["lag_seconds"].as_i64().unwrap() >= 0),
+        "{json:?}"
+    );
 }
