@@ -246,7 +246,7 @@ mod tests {
         m.stage_synced("acme", Crm::Bitrix24, at);
         m.stage_schedule("acme", &[Crm::Bitrix24], Some(Duration::from_secs(60)));
         let text = m.encode();
-        assert!(!text.contains("crm=\"amocrm\"}"), "{text}");
+        assert!(!text.contains("tenant=\"acme\",crm=\"amocrm\"}"), "{text}");
         assert!(text.contains("crm_connect_stage_sync_interval_seconds{tenant=\"acme\",crm=\"bitrix24\"} 60.0"));
         assert!(text.contains("crm_connect_last_stage_sync_timestamp_seconds{tenant=\"acme\",crm=\"bitrix24\"}"));
     }
