@@ -7,27 +7,18 @@
 use std::process::ExitCode;
 
 use crate::cli::{DeliverArgs, GlobalArgs};
-use crate::config;
 use crate::context::Context;
 use crate::db;
 use crate::leads;
 
 pub async fn run(global: &GlobalArgs, args: &DeliverArgs) -> ExitCode {
-    let loaded = config::load(&global.config, &config::LoadOptions::new(global.database_url_template.clone()));
-    let tenants: Vec<_> = loaded
-        .files
-        .iter()
-        .filter_map(|f| f.tenant.as_ref())
-        .filter(|t| args.tenant.as_ref().is_none_or(|slug| *slug == t.slug))
-        .filter(|t| t.leads.is_some())
-        .cloned()
-        .collect();
-    if let Some(slug) = &args.tenant
-        && tenants.is_empty()
-    {
-        eprintln!("crm-connect: no valid tenant {slug} with a [leads] table");
-        return ExitCode::FAILURE;
-    }
+    let tenants = match super::tenants_with(global, args.tenant.as_ref(), "leads", |t| t.leads.is_some()) {
+        Ok(tenants) => tenants,
+        Err(message) => {
+            eprintln!("crm-connect: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let ctx = Context::new(global.pool_settings());
     let outcome = super::settled(&ctx, async {
         let mut failed = false;

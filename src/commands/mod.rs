@@ -70,3 +70,26 @@ pub(crate) fn load_tenant(global: &GlobalArgs, slug: &str) -> Result<TenantConfi
         }
     }
 }
+
+/// The valid tenants that have `table` (`has`), or only `slug` with
+/// `--tenant`; a message when `--tenant` names no such tenant.
+pub(crate) fn tenants_with(
+    global: &GlobalArgs,
+    slug: Option<&String>,
+    table: &str,
+    has: impl Fn(&TenantConfig) -> bool,
+) -> Result<Vec<TenantConfig>, String> {
+    let loaded = config::load(&global.config, &LoadOptions::new(global.database_url_template.clone()));
+    let tenants: Vec<TenantConfig> = loaded
+        .files
+        .iter()
+        .filter_map(|f| f.tenant.as_ref())
+        .filter(|t| slug.is_none_or(|slug| *slug == t.slug))
+        .filter(|t| has(t))
+        .cloned()
+        .collect();
+    match slug {
+        Some(slug) if tenants.is_empty() => Err(format!("no valid tenant {slug} with a [{table}] table")),
+        _ => Ok(tenants),
+    }
+}
