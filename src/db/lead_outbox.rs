@@ -151,14 +151,22 @@ pub struct Seen {
     pub attempts: i32,
 }
 
-/// `delivered` with the CRM's ids; how long after its insert, or `None`
-/// if the row had moved on.
+/// A row marked `delivered`.
+#[derive(Clone, Copy, Debug)]
+pub struct Delivered {
+    /// Seconds from its insert.
+    pub seconds: f64,
+    /// When it was last sent (`last_attempt_at`).
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// `delivered` with the CRM's ids, or `None` if the row had moved on.
 pub async fn mark_delivered(
     conn: &impl Conn,
     seen: Seen,
     entity_type: &str,
     ids: CreatedIds,
-) -> Result<Option<f64>, DbError> {
+) -> Result<Option<Delivered>, DbError> {
     step(conn, "marking a lead delivered", async {
         let row = conn
             .pg()
@@ -166,11 +174,11 @@ pub async fn mark_delivered(
                 "UPDATE crm_lead_outbox SET state = 'delivered', crm_entity_type = $4, crm_entity_id = $5,
                      crm_contact_id = coalesce($6, crm_contact_id), delivered_at = now(), last_error = NULL
                  WHERE id = $1 AND state = $2 AND attempts = $3
-                 RETURNING extract(epoch FROM delivered_at - created_at)::float8",
+                 RETURNING extract(epoch FROM delivered_at - created_at)::float8, last_attempt_at",
                 &[&seen.id, &seen.state.as_str(), &seen.attempts, &entity_type, &ids.entity_id, &ids.contact_id],
             )
             .await?;
-        row.map(|r| col(&r, 0, TABLE)).transpose()
+        row.map(|r| Ok(Delivered { seconds: col(&r, 0, TABLE)?, sent_at: col(&r, 1, TABLE)? })).transpose()
     })
     .await
 }

@@ -16,9 +16,10 @@ use crate::db::lead_outbox::{self, Seen};
 use crate::db::{self, TenantDb, config_row};
 use crate::failure::{Cause, FailureKind};
 use crate::model::{
-    AmoStage, CreatedIds, Crm, LeadPlacement, LookupAnswer, OutboxRow, SendAnswer, StoredStage, Tokens,
+    AmoStage, CreatedIds, Crm, LeadPlacement, LookupAnswer, OutboxRow, Semantics, SendAnswer, StageFlags, StoredStage,
+    Tokens,
 };
-use crate::reconcile::{delivery, placement};
+use crate::reconcile::{delivery, funnel, placement};
 use crate::tokens::Owner;
 
 /// The lead fields are listed again after this.
@@ -141,6 +142,19 @@ impl Ready {
             self.default.as_ref(),
             &self.stages,
         )
+    }
+
+    /// The stage a placement sends to, as the funnel's `created` row
+    /// records it: its semantic and its flags now.
+    pub(super) fn stage_of(&self, placement: &LeadPlacement) -> (Option<Semantics>, Option<StageFlags>) {
+        let LeadPlacement::AmoCrm { pipeline_id, status_id } = placement else { return (None, None) };
+        let stage = self.stages.iter().find(|s| s.row.pipeline_id == *pipeline_id && s.row.status_id == *status_id);
+        (Some(funnel::amocrm::semantic(*status_id)), stage.map(|s| s.flags))
+    }
+
+    /// Who the lead was sent as assigned to.
+    pub(super) fn responsible(&self, row: &OutboxRow) -> Option<i64> {
+        row.responsible_user_id.or(self.responsible_user_id)
     }
 
     pub(super) async fn send(&mut self, ctx: &Context, row: &OutboxRow, placement: &LeadPlacement) -> SendAnswer {

@@ -8,7 +8,9 @@ use crate::context::Context;
 use crate::crm::bitrix24::{B24Client, B24LeadTarget};
 use crate::db::{self, TenantDb};
 use crate::failure::{Cause, FailureKind};
-use crate::model::{B24Stage, Crm, EntityType, LeadPlacement, LookupAnswer, OutboxRow, SendAnswer, StoredStage};
+use crate::model::{
+    B24Stage, Crm, EntityType, LeadPlacement, LookupAnswer, OutboxRow, Semantics, SendAnswer, StageFlags, StoredStage,
+};
 use crate::reconcile::{delivery, placement};
 
 /// `crm.settings.mode.get`: the simple CRM has no leads.
@@ -73,6 +75,24 @@ impl Ready {
             self.default.as_ref(),
             &self.stages,
         )
+    }
+
+    /// The stage a placement sends to, as the funnel's `created` row
+    /// records it: its semantic and its flags now.
+    pub(super) fn stage_of(&self, placement: &LeadPlacement) -> (Option<Semantics>, Option<StageFlags>) {
+        let stage = self.stages.iter().find(|s| match placement {
+            LeadPlacement::Bitrix24Lead { status_id } => s.row.status_id == *status_id,
+            LeadPlacement::Bitrix24Deal { category_id, stage_id } => {
+                s.row.category_id == *category_id && s.row.status_id == *stage_id
+            }
+            LeadPlacement::AmoCrm { .. } => false,
+        });
+        (stage.map(|s| s.row.semantics), stage.map(|s| s.flags))
+    }
+
+    /// Who the lead or deal was sent as assigned to.
+    pub(super) fn responsible(&self, row: &OutboxRow) -> Option<i64> {
+        row.responsible_user_id.or(self.responsible_user_id)
     }
 
     /// The contact that came back (kept whatever happens to the deal) and

@@ -14,19 +14,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::config::{LeadsConfig, TenantConfig};
 use crate::context::Context;
 use crate::db::lead_outbox::{self, Seen};
+use crate::db::stage_changes;
 use crate::db::status::StatusUpdate;
 use crate::db::{self, DbError, TenantDb};
 use crate::failure::{Cause, FailureKind};
 use crate::metrics::AttemptOutcome;
 use crate::model::{
-    CreatedIds, Crm, CrmState, LeadPlacement, LookupAnswer, OutboxRow, OutboxState, SendAnswer, entity_type_of,
+    CreatedIds, Crm, CrmState, LeadPlacement, LookupAnswer, OutboxRow, OutboxState, SendAnswer, StageChange,
+    entity_type_of,
 };
 use crate::reconcile::delivery::{self, Transition};
+use crate::reconcile::funnel;
 
 /// Rows one daemon pass handles at most; the next pass starts at once.
 pub const PASS_LIMIT: usize = 100;
@@ -188,7 +191,15 @@ pub async fn pass(
             }
         };
         let paused = matches!(transition, Transition::Pending { pause: true, .. });
-        let settled = outcome_written(|| settle(&db, seen, &transition, placement.as_ref(), &channel)).await?;
+        let created = match (&transition, tenant.funnel.is_some()) {
+            // A lead found by its lookup went where the row still says.
+            (Transition::Delivered(_), true) => placement.clone().or_else(|| channel.check(&row).ok()),
+            _ => None,
+        };
+        let settled = outcome_written(|| {
+            settle(&db, seen, &transition, placement.as_ref(), &channel, created.as_ref().map(|p| (&row, p)))
+        })
+        .await?;
         match settled {
             Settled::Delivered(ids, seconds) => {
                 report.delivered += 1;
@@ -240,6 +251,32 @@ enum Taken {
     Lookup(OutboxRow),
 }
 
+impl Channel {
+    /// Where the row goes, or why it never can.
+    fn check(&self, row: &OutboxRow) -> Result<LeadPlacement, String> {
+        match self {
+            Channel::AmoCrm(ready) => ready.check(row),
+            Channel::Bitrix24(ready) => ready.check(row),
+        }
+    }
+
+    /// The funnel's `created` row of a lead sent to `placement` at
+    /// `sent_at` that became `entity_id`.
+    fn created(
+        &self,
+        row: &OutboxRow,
+        placement: &LeadPlacement,
+        entity_id: i64,
+        sent_at: DateTime<Utc>,
+    ) -> StageChange {
+        let ((semantic, flags), responsible) = match self {
+            Channel::AmoCrm(ready) => (ready.stage_of(placement), ready.responsible(row)),
+            Channel::Bitrix24(ready) => (ready.stage_of(placement), ready.responsible(row)),
+        };
+        funnel::delivered_change(row.id, entity_id, placement, responsible, sent_at, semantic, flags)
+    }
+}
+
 async fn next_row(db: &TenantDb, channel: &Channel, crm: Crm) -> Result<Option<Taken>, DbError> {
     loop {
         let mut session = db.session().await?;
@@ -258,23 +295,17 @@ async fn next_row(db: &TenantDb, channel: &Channel, crm: Crm) -> Result<Option<T
                 lead_outbox::postpone(&tx, row.id, wait).await?;
                 Taken::Lookup(row)
             }
-            _ => {
-                let placed = match channel {
-                    Channel::AmoCrm(ready) => ready.check(&row),
-                    Channel::Bitrix24(ready) => ready.check(&row),
-                };
-                match placed {
-                    Ok(placement) => {
-                        lead_outbox::mark_sending(&tx, row.id, crm, delivery::lookup_after(crm)).await?;
-                        Taken::Send(row, placement)
-                    }
-                    Err(why) => {
-                        let seen = Seen { id: row.id, state: OutboxState::Pending, attempts: row.attempts };
-                        lead_outbox::mark_failed(&tx, seen, &why).await?;
-                        Taken::Refused
-                    }
+            _ => match channel.check(&row) {
+                Ok(placement) => {
+                    lead_outbox::mark_sending(&tx, row.id, crm, delivery::lookup_after(crm)).await?;
+                    Taken::Send(row, placement)
                 }
-            }
+                Err(why) => {
+                    let seen = Seen { id: row.id, state: OutboxState::Pending, attempts: row.attempts };
+                    lead_outbox::mark_failed(&tx, seen, &why).await?;
+                    Taken::Refused
+                }
+            },
         };
         tx.commit().await?;
         return Ok(Some(taken));
@@ -306,24 +337,40 @@ enum Settled {
     Other,
 }
 
-/// Writes a transition; a row that moved on meanwhile is left alone.
+/// Writes a transition; a row that moved on meanwhile is left alone. A
+/// delivery with `created` (the row and where it went) writes the funnel's
+/// `created` row in the same transaction.
 async fn settle(
     db: &TenantDb,
     seen: Seen,
     transition: &Transition,
     placement: Option<&LeadPlacement>,
     channel: &Channel,
+    created: Option<(&OutboxRow, &LeadPlacement)>,
 ) -> Result<Settled, DbError> {
-    let session = db.session().await?;
+    let mut session = db.session().await?;
     Ok(match transition {
         Transition::Delivered(ids) => {
-            let entity_type = match (placement, channel) {
+            let entity_type = match (placement.or(created.map(|c| c.1)), channel) {
                 (Some(placement), _) => entity_type_of(placement),
                 (None, Channel::AmoCrm(_)) => "lead",
                 (None, Channel::Bitrix24(ready)) => ready.entity_type(),
             };
-            match lead_outbox::mark_delivered(&session, seen, entity_type, *ids).await? {
-                Some(seconds) => Settled::Delivered(*ids, seconds),
+            let done = match created {
+                None => lead_outbox::mark_delivered(&session, seen, entity_type, *ids).await?,
+                Some((row, placement)) => {
+                    let tx = session.transaction().await?;
+                    let done = lead_outbox::mark_delivered(&tx, seen, entity_type, *ids).await?;
+                    if let Some(done) = done {
+                        let sent_at = done.sent_at.unwrap_or_else(Utc::now);
+                        stage_changes::insert(&tx, &[channel.created(row, placement, ids.entity_id, sent_at)]).await?;
+                    }
+                    tx.commit().await?;
+                    done
+                }
+            };
+            match done {
+                Some(done) => Settled::Delivered(*ids, done.seconds),
                 None => Settled::Other,
             }
         }

@@ -643,3 +643,98 @@ async fn status_shows_each_funnel_stream_complete_to_and_its_lag() {
         "{json:?}"
     );
 }
+
+/// `[leads]` and `[funnel]` on one tenant, connected.
+async fn delivering(world: &World, file: TenantFile) -> (TenantConfig, Client) {
+    connected(world, file.table_key("leads", "poll", "\"1s\""), &[]).await
+}
+
+/// Inserts a lead for delivery; its outbox id.
+async fn insert_lead(client: &Client, title: &str, responsible: Option<i64>) -> i64 {
+    let sql = "INSERT INTO crm_lead_outbox (title, phone, responsible_user_id) VALUES ($1, '+7 900 000 00 09', $2) \
+               RETURNING id";
+    client.query_one(sql, &[&title, &responsible]).await.unwrap().get(0)
+}
+
+async fn sent_at(client: &Client, outbox_id: i64) -> DateTime<Utc> {
+    let sql = "SELECT last_attempt_at FROM crm_lead_outbox WHERE id = $1 AND state = 'delivered'";
+    client.query_one(sql, &[&outbox_id]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn a_delivered_amocrm_lead_gets_its_created_row_with_the_delivery_and_its_moves_carry_the_outbox_id() {
+    let world = World::amocrm().await;
+    let (tenant, client) = delivering(&world, amo_file(&world)).await;
+    caught_up(&world, &tenant).await;
+    let outbox_id = insert_lead(&client, "Order 1", Some(9_000_003)).await;
+
+    let delivered = crm_connect::leads::until_done(&world.ctx, &tenant, tenant.leads.as_ref().unwrap()).await.unwrap();
+
+    assert_eq!(delivered.delivered, 1, "{delivered:?}");
+    let lead = world.amo().leads().pop().unwrap();
+    let rows = StageChangeRow::all(&client).await;
+    assert_eq!(rows.len(), 1, "the created row lands with the delivery itself: {rows:#?}");
+    let created = &rows[0];
+    let (pipeline, status) = (lead.pipeline_id.to_string(), lead.status_id.unwrap().to_string());
+    assert_eq!(created.movement(), (None, None, Some(pipeline.as_str()), status.as_str(), "created", Some("process")));
+    assert_eq!(
+        (created.source_event_id.clone(), created.crm.as_str(), created.entity_type.as_str(), created.entity_id),
+        (format!("outbox:{outbox_id}"), "amocrm", "lead", lead.id)
+    );
+    assert_eq!(created.flags, (Some(false), Some(false), Some(false)));
+    assert_eq!(
+        (created.changed_by_user_id, created.responsible_user_id, created.outbox_id),
+        (None, Some(9_000_003), Some(outbox_id))
+    );
+    assert_eq!(created.changed_at, sent_at(&client, outbox_id).await);
+
+    let moved = world.amo().move_lead(lead.id, MAIN, QUALIFIED).unwrap();
+    world.amo().advance_clock(2 * MINUTE);
+    let report = caught_up(&world, &tenant).await;
+    assert_eq!(report.ingested, 1, "{report:?}");
+    let rows = StageChangeRow::of(&client, "amocrm", "lead", lead.id).await;
+    let ids: Vec<(&str, Option<i64>)> = rows.iter().map(|r| (r.source_event_id.as_str(), r.outbox_id)).collect();
+    assert_eq!(ids, [(created.source_event_id.as_str(), Some(outbox_id)), (moved.as_str(), Some(outbox_id))]);
+    assert_eq!(rows[1].stage_from.as_deref(), Some(status.as_str()));
+}
+
+#[tokio::test]
+async fn a_bitrix24_deal_found_by_its_lookup_gets_one_created_row_and_the_portals_own_is_skipped() {
+    let world = World::bitrix24().await;
+    let file = world.file().entity_type("deal").bitrix24_stages("qualified", [Stage::status("PREPARATION")]);
+    let (tenant, client) = delivering(&world, file).await;
+    caught_up(&world, &tenant).await;
+    let outbox_id = insert_lead(&client, "Order 2", None).await;
+    let batch = world.portal().method_path("batch");
+    world.portal().faults().inject_for("POST", &batch, crm_connect_sandbox::faults::Fault::DropAfterExecuting, 1);
+    let leads = tenant.leads.as_ref().unwrap();
+
+    let lost = crm_connect::leads::until_done(&world.ctx, &tenant, leads).await.unwrap();
+    assert_eq!((lost.sent, lost.delivered), (1, 0), "{lost:?}");
+    assert_eq!(StageChangeRow::all(&client).await, [], "nothing before the lead is known to exist");
+    client.execute("UPDATE crm_lead_outbox SET next_attempt_at = now() WHERE state = 'sending'", &[]).await.unwrap();
+    let found = crm_connect::leads::until_done(&world.ctx, &tenant, leads).await.unwrap();
+    assert_eq!((found.looked_up, found.delivered), (1, 1), "{found:?}");
+
+    let deal = world.portal().deals().pop().unwrap();
+    world.portal().move_deal(deal.id, "PREPARATION").unwrap();
+    world.portal().advance_clock(3 * MINUTE);
+    let report = caught_up(&world, &tenant).await;
+    assert_eq!(report.ingested, 1, "the portal's creation record is skipped: {report:?}");
+    let rows = StageChangeRow::of(&client, "bitrix24", "deal", deal.id).await;
+    let moves: Vec<_> = rows.iter().map(StageChangeRow::movement).collect();
+    assert_eq!(
+        moves,
+        [
+            (None, None, Some("0"), "NEW", "created", Some("process")),
+            (Some("0"), Some("NEW"), Some("0"), "PREPARATION", "moved", Some("process")),
+        ]
+    );
+    assert_eq!(rows[0].source_event_id, format!("outbox:{outbox_id}"));
+    assert_eq!(rows[0].changed_at, sent_at(&client, outbox_id).await);
+    assert_eq!(
+        (rows[0].flags, rows[1].flags),
+        ((Some(false), Some(false), Some(false)), (Some(true), Some(false), Some(false)))
+    );
+    assert!(rows.iter().all(|r| r.outbox_id == Some(outbox_id)), "{rows:#?}");
+}
