@@ -47,7 +47,9 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "CRM_CONNECT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Tenants doing database or CRM work at the same moment
+    /// Tenants doing database or CRM work at the same moment (reconciles,
+    /// resyncs and funnel polls take at most three quarters of them, the
+    /// rest is kept for lead delivery and lease checks)
     #[arg(long, global = true, env = "CRM_CONNECT_CONCURRENCY", default_value = "32")]
     pub concurrency: NonZeroUsize,
 

@@ -2,7 +2,8 @@
 //! pass on each `[leads].poll` and on each wake, at most one at a time per
 //! tenant. A wake during a pass (or within a second of its start) asks for
 //! exactly one more right after it; a pass that stopped at its limit is
-//! followed at once. Passes count against `--concurrency`.
+//! followed at once. Passes count against `--concurrency`,
+//! and may use the quarter of it that bulk work leaves (`permits`).
 
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,7 @@ impl Daemon {
         let (ctx, delivery, config) = (self.ctx.clone(), self.delivery.clone(), tenant.config.clone());
         let (events, permits, name) = (self.events.clone(), self.permits.clone(), slug.to_string());
         self.tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
+            let _permits = permits.prompt().await;
             let slug = config.slug.clone();
             let pass = {
                 let ctx = ctx.clone();

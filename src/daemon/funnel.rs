@@ -37,7 +37,7 @@ impl Daemon {
         let (ctx, polls, tenant_config) = (self.ctx.clone(), self.polls.clone(), tenant.config.clone());
         let (events, permits, name) = (self.events.clone(), self.permits.clone(), slug.to_string());
         self.tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
+            let _permits = permits.bulk().await;
             let slug = tenant_config.slug.clone();
             let poll = {
                 let ctx = ctx.clone();

@@ -23,7 +23,7 @@ impl Daemon {
         }
         let config = tenant.config.clone();
         self.tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
+            let _permits = permits.prompt().await;
             let answer = lease::take(&ctx, &config, &holder, duration).await;
             let _ = events.send(Event::Lease(config.slug.clone(), answer));
         });

@@ -15,6 +15,7 @@ mod job;
 mod lease;
 mod lease_events;
 mod observe;
+mod permits;
 mod policy;
 mod registry;
 mod reload;
@@ -27,12 +28,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use crate::cli::GlobalArgs;
@@ -44,6 +44,7 @@ use crate::watch::ConfigWatcher;
 use event::Event;
 use first_pass::FirstPass;
 use job::Outcome;
+use permits::Permits;
 use registry::Reread;
 use schedule::Crons;
 use tenant::{Tenant, Work};
@@ -98,7 +99,7 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         }
     };
     let mut daemon = Daemon {
-        permits: Arc::new(Semaphore::new(global.concurrency.get())),
+        permits: Permits::new(global.concurrency.get()),
         global,
         ctx,
         events,
@@ -138,7 +139,7 @@ struct Daemon {
     /// stands in for it.
     watcher: Option<ConfigWatcher>,
     tasks: JoinSet<()>,
-    permits: Arc<Semaphore>,
+    permits: Permits,
     view: TenantsView,
     liveness: Liveness,
     first_pass: FirstPass,
@@ -288,7 +289,7 @@ impl Daemon {
         tenant.job_id = job_id;
         let (events, permits, name) = (self.events.clone(), self.permits.clone(), slug.to_string());
         let handle = self.tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
+            let _permits = permits.bulk().await;
             let outcome = job.run_guarded().await;
             let _ = events.send(Event::Done(name, job_id, outcome));
         });

@@ -444,6 +444,65 @@ async fn the_daemon_delivers_on_its_poll() {
     daemon.stop().await;
 }
 
+/// A database server that accepts connections and never answers: work on
+/// a tenant of it holds its `--concurrency` permit until the connect times out.
+struct Mute {
+    url_of: String,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Mute {
+    fn start() -> Mute {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        Mute { url_of: format!("postgres://crm@127.0.0.1:{port}/mute?connect_timeout=120"), accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_woken_pass_does_not_queue_behind_reconciles_holding_the_concurrency() {
+    let world = World::amocrm().await;
+    world.write(&world.file_with_code().table_key("leads", "poll", "\"1h\""));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = Running::start_with(&["--listen", &listen, "--concurrency", "4"], world.dir()).await;
+    let client = world.client().await;
+    let http = reqwest::Client::new();
+    let first_pass = "crm_connect_outbox_rows{tenant=\"acme\",state=\"pending\"} 0";
+    eventually("the first delivery pass ended", Duration::from_secs(10), || async {
+        let text = http.get(format!("http://{listen}/metrics")).send().await.unwrap().text().await.unwrap();
+        text.contains(first_pass)
+    })
+    .await;
+    // Five new tenants whose reconciles hang on their database: as many
+    // as `--concurrency` lets run at once take a permit each and keep it.
+    let mute = Mute::start();
+    for i in 0..5 {
+        world.write_as(&format!("mute{i}"), &TenantFile::new().database_url(&mute.url_of));
+    }
+    eventually("reconciles hang on the mute server", Duration::from_secs(10), || async { mute.accepted() >= 3 }).await;
+
+    insert(&client, "Woken while busy", None).await;
+    http.post(format!("http://{listen}/leads/wake?tenant=acme")).send().await.unwrap();
+
+    eventually("the woken pass delivered the lead", Duration::from_secs(15), || delivered(&client)).await;
+    assert_eq!(world.amo().leads().len(), 1);
+    drop(daemon);
+}
+
 fn status(status: u16, content_type: &'static str, body: &str) -> Fault {
     Fault::Status { status, content_type, body: body.to_string() }
 }
