@@ -418,9 +418,15 @@ async fn kill_mid_refresh(fault: Fault) -> Killed {
     client.execute("UPDATE config SET amocrm_token_expires_at = now()", &[]).await.unwrap();
     let before = TokensRow::read(&client).await;
 
+    // A late answer is handled at once: the kill waits until the CRM has it.
+    let handled_at_once = matches!(fault, Fault::LateAnswer(_));
     amo.faults().inject(TOKEN_PATH, fault, 1);
     let first = Binary::run(dir.path(), dir.path().join("first.log"));
     eventually("the refresh holds the row lock", Duration::from_secs(20), || row_lock_held_while_idle(&client)).await;
+    if handled_at_once {
+        let rotated = || async { amo.token_stats().refreshed > 0 };
+        eventually("the CRM rotated the pair", Duration::from_secs(20), rotated).await;
+    }
     let log = first.kill().await;
     // The lock died with the process: its connection is gone, nothing waits.
     eventually("the row lock is free", Duration::from_secs(10), || row_lock_free(&db.url)).await;
