@@ -496,6 +496,7 @@ pub async fn delivery(options: &Options, binary: &Path, databases: &Databases) -
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let window = Duration::from_secs(options.idle_secs);
+    past_resync(&daemon, count, window).await;
     log(&format!("lead delivery, {count} tenants: idle for {} s at poll {DEFAULT_POLL_SECS} s", window.as_secs()));
     let sessions_before = databases.sessions(&prefix).await?;
     let (idle_cpu_before, idle_pg_before, idle_from) =
@@ -604,6 +605,37 @@ async fn connection_cpu_ms(url: &str, samples: usize) -> anyhow::Result<f64> {
     let after = system::cpu_ticks(me);
     let ticks = after.zip(before).map_or(f64::NAN, |(a, b)| a.saturating_sub(b) as f64);
     Ok(ticks / system::clock_ticks_per_sec() as f64 * 1000.0 / samples as f64)
+}
+
+/// The tenants resync their stages on every quarter hour (the default
+/// schedule): an idle window that would hold that burst starts after it,
+/// once every tenant's stage sync is newer than the quarter hour (at most
+/// two minutes' wait for that).
+async fn past_resync(daemon: &Daemon, count: usize, window: Duration) {
+    const QUARTER: i64 = 15 * 60;
+    let now = chrono::Utc::now().timestamp();
+    let quarter = (now / QUARTER + 1) * QUARTER;
+    let window_end = now.saturating_add(i64::try_from(window.as_secs()).unwrap_or(i64::MAX)).saturating_add(5);
+    if window_end < quarter {
+        return;
+    }
+    log(&format!("lead delivery: waiting for the quarter-hour resync ({} s away) to pass", quarter - now));
+    tokio::time::sleep(Duration::from_secs(u64::try_from(quarter - now).unwrap_or(0))).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let synced = daemon
+            .metrics()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|(k, v)| k.starts_with("crm_connect_last_stage_sync_timestamp_seconds{") && **v >= quarter as f64)
+            .count();
+        if synced >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    log("lead delivery: the resync did not finish within two minutes; the idle window starts anyway");
 }
 
 /// Insert → delivered on the latency tenant: with a wake after each

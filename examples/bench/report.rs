@@ -769,7 +769,8 @@ pub fn markdown(r: &Results) -> String {
              `delivered_at` of each row; with a wake, each insert waits for the previous row's delivery and comes \
              {} ms after the previous wake (the daemon runs at most one extra pass per tenant per second); by the \
              poll, the tenant's `[leads].poll` is {} s and the inserts are about {} ms apart, spread over every phase \
-             of the poll. Idle: the latency tenant's file removed, daemon and PostgreSQL CPU over {} s, \
+             of the poll. Idle: the latency tenant's file removed, daemon and PostgreSQL CPU over {} s (a window \
+             that would hold the quarter-hour stage resync starts once every tenant has resynced), \
              connections per second from the tenant databases' `pg_stat_database.sessions`.",
             o.delivery_tenants,
             crate::delivery::LEADS_PER_TENANT,
