@@ -59,8 +59,7 @@ pub(super) async fn ready(
     db: &TenantDb,
 ) -> Result<Ready, Cause> {
     let amo = tenant.amocrm.as_ref().ok_or_else(|| Cause::new(FailureKind::Config, "the tenant has no [amocrm]"))?;
-    let owner = Owner::of(tenant, amo, db);
-    let access = ctx.tokens().refresh_if_due(owner, None).await?;
+    let mut access = ctx.tokens().refresh_if_due(Owner::of(tenant, amo, db), None).await?;
     let stages = db::amocrm_stages::read(&db.session().await?).await?;
     if stages.iter().all(|s| s.removed) {
         return Err(Cause::new(FailureKind::Config, "AmoCRM stages were never synced: leads wait"));
@@ -68,17 +67,24 @@ pub(super) async fn ready(
     let default = placement::amocrm_default(&leads.amocrm, &stages)
         .map_err(|e| Cause::new(FailureKind::Config, format!("[leads.amocrm]: {e}")))?;
     let memory = delivery.memory(&tenant.slug, Crm::AmoCrm);
-    let fields = match memory.amo_fields {
-        Some((at, fields)) if at.elapsed() < FIELDS_FOR => fields,
-        _ => {
-            let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
-            let listed = api.lead_fields(&access.access).await?;
-            let fields = key_field(&api, &access, db, &leads.amocrm.key_field_name, listed).await?;
-            let kept = fields.clone();
-            delivery.update(&tenant.slug, Crm::AmoCrm, |m| m.amo_fields = Some((Instant::now(), kept)));
-            fields
-        }
-    };
+    let fields =
+        match memory.amo_fields {
+            Some((at, fields)) if at.elapsed() < FIELDS_FOR => fields,
+            _ => {
+                let api = &AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
+                // A token refused here is refreshed as a send's would be.
+                let listed =
+                    ctx.tokens()
+                        .with_fresh_access(Owner::of(tenant, amo, db), &mut access, |t| async move {
+                            api.lead_fields(&t).await
+                        })
+                        .await?;
+                let fields = key_field(api, &access, db, &leads.amocrm.key_field_name, listed).await?;
+                let kept = fields.clone();
+                delivery.update(&tenant.slug, Crm::AmoCrm, |m| m.amo_fields = Some((Instant::now(), kept)));
+                fields
+            }
+        };
     Ok(Ready {
         delivery: delivery.clone(),
         key_field_name: leads.amocrm.key_field_name.clone(),

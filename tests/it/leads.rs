@@ -525,6 +525,30 @@ async fn an_amocrm_401_refreshes_the_token_and_sends_again_at_once_without_count
 }
 
 #[tokio::test]
+async fn an_amocrm_401_whose_refresh_is_rejected_leaves_the_row_pending_and_the_tenant_needs_authorization() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, world.file_with_code()).await;
+    insert(&client, "Order 401", None).await;
+    // The account's tokens are revoked: the send gets 401, the refresh 400.
+    world.amo().revoke_all_tokens();
+
+    let refused = leads::until_done(&world.ctx, &tenant, tenant.leads.as_ref().unwrap()).await;
+
+    let cause = refused.expect_err("the pass ends at the rejected refresh");
+    assert_eq!(cause.kind, crm_connect::model::FailureKind::NeedsAuthorization, "{cause:?}");
+    assert!(world.amo().leads().is_empty());
+    assert_eq!(world.amo().token_stats().refresh_rejected, 1);
+    let row = OutboxRow::one(&client).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 0), "{row:?}");
+    assert!(crate::faults::state_is(&world.db.url, "amocrm", "needs_authorization").await);
+    // Rows wait for the authorization: a later pass sends nothing.
+    let requests = world.amo().requests().len();
+    let later = deliver(&world, &tenant).await;
+    assert_eq!((later.sent, later.waiting.as_deref()), (0, Some("amocrm is not connected")), "{later:?}");
+    assert_eq!(world.amo().requests().len(), requests);
+}
+
+#[tokio::test]
 async fn an_account_refusal_leaves_the_row_pending_uncounted_and_pauses_delivery() {
     let world = World::amocrm().await;
     let (tenant, client) = connected(&world, world.file_with_code()).await;
