@@ -23,6 +23,9 @@ use crate::tokens::Owner;
 const STREAM: Stream = Stream::AmoLeadStatusChanged;
 /// Windows a poll drops because the server's clock was behind the estimate.
 const MAX_AHEAD: u32 = 3;
+/// How far two estimates of a server's clock differ by `Date`'s whole
+/// seconds and the answers' travel alone.
+const DATE_JITTER: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 
 /// One poll of the stream: windows until caught up, or until the budget
 /// cannot pay for the next page and what its window may still need.
@@ -38,7 +41,19 @@ pub(super) async fn poll(
     let owner = Owner::of(tenant, amo, db);
     let access = ctx.tokens().refresh_if_due(owner, None).await?;
     let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
-    let mut run = Run { ctx, polls, tenant, owner, api, access, budget, synced: false, progress: Progress::default() };
+    let mut run = Run {
+        ctx,
+        polls,
+        tenant,
+        owner,
+        api,
+        access,
+        budget,
+        started: Utc::now(),
+        horizon: None,
+        synced: false,
+        progress: Progress::default(),
+    };
     let mut window_end = match stored_window_end(db).await? {
         Some(end) => end,
         None => run.start(funnel).await?,
@@ -50,7 +65,10 @@ pub(super) async fn poll(
             Read::Whole(window, events) => run.commit(window, events).await?,
             // The clock is corrected by now; a server whose `Date` keeps
             // falling behind is left for the next poll.
-            Read::Ahead if ahead < MAX_AHEAD => ahead += 1,
+            Read::Ahead if ahead < MAX_AHEAD => {
+                ahead += 1;
+                run.horizon = None;
+            }
             Read::Ahead => break,
             Read::OutOfBudget => {
                 run.progress.more = true;
@@ -90,6 +108,13 @@ struct Run<'a> {
     api: AmoClient<'a>,
     access: Tokens,
     budget: Budget,
+    /// When the poll began, on the local clock.
+    started: DateTime<Utc>,
+    /// The server's time when the poll began: windows end there, so that a
+    /// poll whose own work takes past a second does not chase the clock
+    /// with one more window (an idle poll is one request). Moved only when
+    /// an answer corrects the clock by more than a `Date`'s jitter.
+    horizon: Option<DateTime<Utc>>,
     /// A stage sync ran in this poll (at most one).
     synced: bool,
     progress: Progress,
@@ -156,18 +181,29 @@ impl Run<'_> {
     /// left it. When this process never heard from the account and the
     /// local clock sees nothing to read, the account is asked for its time.
     async fn next_window(&mut self, window_end: DateTime<Utc>) -> Result<Option<EventWindow>, Cause> {
-        let mut window = plan::next_window(window_end, self.polls.server_time(self.slug(), Crm::AmoCrm));
+        let mut window = plan::next_window(window_end, self.horizon());
         if window.is_none() && self.polls.clock(self.slug(), Crm::AmoCrm).is_none() {
             if !self.budget.affords(1) {
                 self.progress.more = true;
                 return Ok(None);
             }
-            window = plan::next_window(window_end, self.server_time().await?);
+            self.server_time().await?;
+            window = plan::next_window(window_end, self.horizon());
         }
         Ok(window.map(|w| match self.polls.narrowed(self.slug(), window_end) {
             Some(to) if to < w.to => EventWindow { to, ..w },
             _ => w,
         }))
+    }
+
+    /// The poll's horizon on the clock as the latest answer corrected it.
+    fn horizon(&mut self) -> DateTime<Utc> {
+        let corrected = self.polls.server_time_at(&self.tenant.slug, Crm::AmoCrm, self.started);
+        let horizon = match self.horizon {
+            Some(horizon) if corrected <= horizon + DATE_JITTER => horizon,
+            _ => corrected,
+        };
+        *self.horizon.insert(horizon)
     }
 
     /// Every page of `window` (from 1, narrowed past 20 pages), or why not.

@@ -46,7 +46,12 @@ impl Polls {
 
     /// The server's time now: the local clock, corrected when the account answered before.
     pub(super) fn server_time(&self, slug: &str, crm: Crm) -> DateTime<Utc> {
-        let local = Utc::now();
+        self.server_time_at(slug, crm, Utc::now())
+    }
+
+    /// The server's time when the local clock read `local`, as the latest
+    /// answer has it.
+    pub(super) fn server_time_at(&self, slug: &str, crm: Crm, local: DateTime<Utc>) -> DateTime<Utc> {
         self.clock(slug, crm).map_or(local, |c| c.now(local))
     }
 

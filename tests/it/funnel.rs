@@ -464,6 +464,36 @@ async fn a_bitrix24_from_stage_comes_from_a_look_back_then_the_answer_then_the_t
 }
 
 #[tokio::test]
+async fn an_idle_amocrm_poll_reads_one_window_even_when_the_clock_moves_on_while_it_runs() {
+    let world = World::amocrm().await;
+    let (tenant, client) = connected(&world, amo_file(&world), &[]).await;
+    let (polls, funnel) = (Polls::default(), tenant.funnel.clone().unwrap());
+    funnel::poll(&world.ctx, &polls, &tenant, &funnel, Some(POLL_REQUESTS)).await.unwrap();
+    // A second on, so that the next poll has a window to read.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let before = windows(world.amo()).len();
+    // The poll's commit waits behind the funnel's insert lock for over a
+    // second: the settled past has grown by the time it is written.
+    let lock = "SELECT pg_advisory_lock($1)";
+    client.execute(lock, &[&crm_connect::db::stage_changes::INSERT_LOCK]).await.unwrap();
+    let idle = tokio::spawn({
+        let (ctx, tenant) = (world.ctx.clone(), tenant.clone());
+        async move { funnel::poll(&ctx, &polls, &tenant, &funnel, Some(POLL_REQUESTS)).await.unwrap() }
+    });
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    crate::support::daemon::eventually("the poll waits for the insert lock", Duration::from_secs(10), || async {
+        client.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    client.execute("SELECT pg_advisory_unlock($1)", &[&crm_connect::db::stage_changes::INSERT_LOCK]).await.unwrap();
+    let idle = idle.await.unwrap();
+
+    assert_eq!((idle.requests, windows(world.amo()).len() - before), (1, 1), "{idle:?}");
+    assert!(!idle.more, "{idle:?}");
+}
+
+#[tokio::test]
 async fn a_poll_capped_at_fifty_requests_leaves_the_backlog_to_the_next_poll() {
     let world = World::amocrm().await;
     let amo = world.amo();
