@@ -1,5 +1,7 @@
 //! Bitrix24's streams, one per `[funnel].entities`: rounds of one `batch`
-//! with a `crm.stagehistory.list` per stream not at its end, then the
+//! with a `crm.stagehistory.list` per stream not at its end — and, while a
+//! stream's pages come back full, twice as many pages chained to it by
+//! `$result` references (up to a whole batch) — then the
 //! look-backs and responsible users of the new records in shared batches of
 //! up to 50 commands, then the rows and every stream's cursor (moved over
 //! settled records only) in one transaction per round. No connection is
@@ -50,8 +52,8 @@ pub(super) async fn poll(
     // first record; what precedes that day is read, never stored.
     let stored_from = funnel.since.map(start_of);
     loop {
-        let active: Vec<(EntityType, i64)> =
-            reads.iter().filter_map(|(entity, read)| read.next_from.map(|from| (*entity, from))).collect();
+        let active: Vec<(EntityType, i64, usize)> =
+            reads.iter().filter_map(|(entity, read)| read.next_from.map(|from| (*entity, from, read.pages))).collect();
         if active.is_empty() {
             break;
         }
@@ -71,6 +73,33 @@ async fn stored_last_id(db: &TenantDb, entity: EntityType) -> Result<Option<i64>
         Position::LastId(_, id) => Some(id),
         Position::WindowEnd(_) => None,
     }))
+}
+
+/// A stream's records from its chained pages, in ID order, up to the
+/// first short page (its end: later pages ran on an empty reference) or
+/// the first page unread or not following the one before (read again next
+/// round); and whether it reached its end.
+fn chained_pages(entity: EntityType, pages: &[HistoryAnswer]) -> Result<(Vec<B24StageRecord>, bool), Cause> {
+    let mut records: Vec<B24StageRecord> = Vec::new();
+    for (k, page) in pages.iter().enumerate() {
+        let page = match page {
+            HistoryAnswer::Records(page) => page,
+            HistoryAnswer::Unread if k > 0 => return Ok((records, false)),
+            other => {
+                let message = format!("a {} stream read answered {other:?}", entity.as_str());
+                return Err(Cause::new(FailureKind::Crm, message));
+            }
+        };
+        let last = records.last().map(|r| r.id);
+        if k > 0 && page.first().is_some_and(|first| last.is_some_and(|last| first.id <= last)) {
+            return Ok((records, false));
+        }
+        records.extend(page.iter().cloned());
+        if page.len() < ITEMS_PER_COMMAND {
+            return Ok((records, true));
+        }
+    }
+    Ok((records, false))
 }
 
 /// One stream's new records of a round, with their from-stages.
@@ -144,22 +173,32 @@ impl Run<'_> {
     /// for what the records need (nothing of the round is kept).
     async fn round(
         &mut self,
-        active: &[(EntityType, i64)],
+        active: &[(EntityType, i64, usize)],
         reads: &mut [(EntityType, StreamRead)],
         stored_from: Option<DateTime<Utc>>,
     ) -> Result<bool, Cause> {
         self.budget.spend(1);
-        let queries: Vec<HistoryQuery> =
-            active.iter().map(|&(entity, after_id)| HistoryQuery::After { entity, after_id }).collect();
+        // Each stream's pages chained in one batch, sharing its 50 commands.
+        let share = (BATCH_LIMIT / active.len().max(1)).max(1);
+        let mut queries = Vec::new();
+        let mut chains = Vec::new();
+        for &(entity, after_id, pages) in active {
+            let first = queries.len();
+            queries.push(HistoryQuery::After { entity, after_id });
+            for page in 1..pages.clamp(1, share) {
+                queries.push(HistoryQuery::Continue { entity, after: first + page - 1 });
+            }
+            chains.push((entity, first..queries.len()));
+        }
         let batch = self.api.stage_history(&queries).await?;
         self.polls.observe(&self.tenant.slug, Crm::Bitrix24, batch.server_date);
         let server_time = self.polls.server_time(&self.tenant.slug, Crm::Bitrix24);
         let mut answers = Vec::new();
-        for (&(entity, _), answer) in active.iter().zip(batch.answers) {
-            match answer {
-                HistoryAnswer::Records(records) => answers.push((entity, records)),
-                other => return Err(Cause::new(FailureKind::Crm, format!("a stream read answered {other:?}"))),
-            }
+        let mut ends = Vec::new();
+        for (entity, range) in chains {
+            let (records, at_end) = chained_pages(entity, &batch.answers[range])?;
+            answers.push((entity, records));
+            ends.push((entity, at_end));
         }
         let fresh = self.fresh(&answers, stored_from).await?;
         let Some(looked) = self.look(&fresh).await? else { return Ok(false) };
@@ -170,7 +209,10 @@ impl Run<'_> {
         let advanced: Vec<(EntityType, StreamRead)> = reads
             .iter()
             .map(|&(entity, read)| match answers.iter().find(|(e, _)| *e == entity) {
-                Some((_, records)) => (entity, read.after(records, server_time)),
+                Some((_, records)) => {
+                    let at_end = ends.iter().any(|&(e, end)| e == entity && end);
+                    (entity, read.after_pages(records, at_end, server_time))
+                }
                 None => (entity, read),
             })
             .collect();

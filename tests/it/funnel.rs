@@ -393,6 +393,52 @@ async fn a_since_back_fill_walks_day_long_windows_from_that_midnight() {
 }
 
 #[tokio::test]
+async fn a_bitrix24_backlog_is_read_in_batches_of_chained_pages_each_record_once() {
+    let world = World::bitrix24().await;
+    let file = world.file().entity_type("deal").bitrix24_stages("qualified", [Stage::status("PREPARATION")]);
+    let (tenant, client) = connected(&world, file, &[]).await;
+    let portal = world.portal();
+    caught_up(&world, &tenant).await;
+    // 170 records: 17 deals created and moved nine times each.
+    for _ in 0..17 {
+        let deal = portal.create_deal(0, "NEW", 1).unwrap();
+        for stage in ["PREPARATION", "NEW"].iter().cycle().take(9) {
+            portal.move_deal(deal, stage).unwrap();
+        }
+    }
+    portal.advance_clock(3 * MINUTE);
+    let reads_before = stream_reads(portal).len();
+
+    let report = caught_up(&world, &tenant).await;
+
+    assert_eq!(report.ingested, 170, "{report:?}");
+    assert_eq!(StageChangeRow::all(&client).await.len(), 170);
+    // Pages chained 1, 2, then 4 to a batch: 50 + 100 + 20 records, the
+    // last batch's pages after its short one (run on an empty reference)
+    // left unread.
+    let reads: Vec<usize> = stream_reads(portal)[reads_before..].to_vec();
+    assert_eq!(reads, [1, 2, 4], "commands of each batch reading the stream");
+    assert_eq!(CursorRow::of(&client, "bitrix24", "deal").await.unwrap().last_id, Some(portal_highest(portal)));
+}
+
+/// The `batch` requests that read a stage-history stream, by their count
+/// of stream-reading commands.
+fn stream_reads(portal: &crm_connect_sandbox::bitrix24::B24Sandbox) -> Vec<usize> {
+    let batch = portal.method_path("batch");
+    portal
+        .requests()
+        .iter()
+        .filter(|r| r.path == batch)
+        .map(|r| r.body.matches("filter%5B%3EID%5D").count())
+        .filter(|&n| n > 0)
+        .collect()
+}
+
+fn portal_highest(portal: &crm_connect_sandbox::bitrix24::B24Sandbox) -> i64 {
+    portal.stage_history(HistoryEntity::Deal).iter().map(|r| r.id).max().unwrap()
+}
+
+#[tokio::test]
 async fn a_stage_renamed_and_remapped_after_the_change_leaves_the_row_as_ingested() {
     let world = World::amocrm().await;
     let (tenant, client) = connected(&world, amo_file(&world), &[]).await;

@@ -17,6 +17,17 @@ impl B24Client<'_> {
     /// request. A failed command fails the batch (retried as a whole when
     /// the failure is transient).
     pub(super) async fn batch(&self, commands: &[(String, String)]) -> Result<BatchAnswer, CrmError> {
+        self.batch_with_optional(commands, &[]).await
+    }
+
+    /// The same, where a command keyed in `optional` may fail without
+    /// failing the batch: its answer is missing (its out-of-budget error
+    /// still pauses the method).
+    pub(super) async fn batch_with_optional(
+        &self,
+        commands: &[(String, String)],
+        optional: &[String],
+    ) -> Result<BatchAnswer, CrmError> {
         let cmd: serde_json::Map<String, Value> =
             commands.iter().map(|(key, command)| (key.clone(), Value::String(command.clone()))).collect();
         let params = json!({ "halt": 0, "cmd": cmd });
@@ -35,6 +46,10 @@ impl B24Client<'_> {
                 .map(|(key, _)| pause_length(answer.times.get(*key), envelope.time.as_ref()));
             if let Some(wait) = waits.max() {
                 self.http.pause_bitrix24_method(self.webhook().host(), "batch", wait);
+            }
+            failed.retain(|(key, _)| !optional.contains(key));
+            if failed.is_empty() {
+                return Ok(answer);
             }
             // A refusal is the batch's answer even when another command was
             // only out of budget: retrying cannot change it.

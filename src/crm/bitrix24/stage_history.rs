@@ -24,6 +24,11 @@ pub const ITEMS_PER_COMMAND: usize = 50;
 pub enum HistoryQuery {
     /// A stream's records after `after_id`, oldest first (at most 50).
     After { entity: EntityType, after_id: i64 },
+    /// The same stream's next records after those of the earlier query
+    /// `after` (its index in the batch), referenced as `$result[…]`: one
+    /// `batch` reads a backlog of up to 50 pages. Meaningful only when that
+    /// query's page was full.
+    Continue { entity: EntityType, after: usize },
     /// The entity's last record before `before_id`: where it stood then.
     Before { entity: EntityType, owner_id: i64, before_id: i64 },
     /// The responsible users of up to [`ITEMS_PER_COMMAND`] entities.
@@ -39,6 +44,9 @@ pub enum HistoryAnswer {
     Previous(Option<B24StageRecord>),
     /// `Responsible`: by entity id; an entity gone or unassigned is left out.
     Responsible(HashMap<i64, i64>),
+    /// `Continue`: no usable answer (the command failed, or ran on an
+    /// empty reference after a short page): the stream's read stops before it.
+    Unread,
 }
 
 /// A batch's answers, in the order of its queries, and the portal's clock.
@@ -59,15 +67,22 @@ impl B24Client<'_> {
             .enumerate()
             .map(|(i, q)| Ok((format!("q{i}"), command(q)?)))
             .collect::<Result<Vec<(String, String)>, CrmError>>()?;
-        let answer = self.batch(&commands).await?;
+        let optional: Vec<String> = queries
+            .iter()
+            .zip(&commands)
+            .filter(|(query, _)| matches!(query, HistoryQuery::Continue { .. }))
+            .map(|(_, (key, _))| key.clone())
+            .collect();
+        let answer = self.batch_with_optional(&commands, &optional).await?;
         let answers = queries
             .iter()
             .zip(&commands)
-            .map(|(query, (key, _))| {
-                let result = answer.result(key).ok_or_else(|| {
-                    CrmError::Incomplete(format!("the batch answered nothing for {}", describe(query)))
-                })?;
-                parse_answer(query, result)
+            .map(|(query, (key, _))| match (query, answer.result(key)) {
+                (HistoryQuery::Continue { .. }, result) => {
+                    Ok(result.and_then(|r| parse_answer(query, r).ok()).unwrap_or(HistoryAnswer::Unread))
+                }
+                (_, Some(result)) => parse_answer(query, result),
+                (_, None) => Err(CrmError::Incomplete(format!("the batch answered nothing for {}", describe(query)))),
             })
             .collect::<Result<_, _>>()?;
         Ok(HistoryBatch { answers, server_date: answer.date })
@@ -129,10 +144,16 @@ fn select(entity: EntityType) -> &'static [&'static str] {
 fn command(query: &HistoryQuery) -> Result<String, CrmError> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     let method = match query {
-        HistoryQuery::After { entity, after_id } => {
+        HistoryQuery::After { entity, .. } | HistoryQuery::Continue { entity, .. } => {
+            let after = match query {
+                HistoryQuery::Continue { after, .. } => {
+                    format!("$result[q{after}][items][{}][ID]", ITEMS_PER_COMMAND - 1)
+                }
+                _ => query_after_id(query).to_string(),
+            };
             pairs.push(("entityTypeId".into(), entity.type_id().to_string()));
             pairs.push(("order[ID]".into(), "ASC".into()));
-            pairs.push(("filter[>ID]".into(), after_id.to_string()));
+            pairs.push(("filter[>ID]".into(), after));
             pairs.extend(select(*entity).iter().enumerate().map(|(i, f)| (format!("select[{i}]"), f.to_string())));
             pairs.push(("start".into(), "-1".into()));
             HISTORY
@@ -167,9 +188,21 @@ fn command(query: &HistoryQuery) -> Result<String, CrmError> {
     Ok(format!("{method}?{}", encoded.finish()))
 }
 
+/// `>ID` of a stream read; 0 for a continuation, whose records are checked
+/// against the page before them by the caller.
+fn query_after_id(query: &HistoryQuery) -> i64 {
+    match query {
+        HistoryQuery::After { after_id, .. } => *after_id,
+        _ => 0,
+    }
+}
+
 fn describe(query: &HistoryQuery) -> String {
     match query {
         HistoryQuery::After { entity, after_id } => format!("the {} stage history after {after_id}", entity.as_str()),
+        HistoryQuery::Continue { entity, after } => {
+            format!("the {} stage history after the page of command {after}", entity.as_str())
+        }
         HistoryQuery::Before { entity, owner_id, before_id } => {
             format!("the stage history of {} {owner_id} before {before_id}", entity.as_str())
         }
@@ -180,9 +213,9 @@ fn describe(query: &HistoryQuery) -> String {
 fn parse_answer(query: &HistoryQuery, result: &Value) -> Result<HistoryAnswer, CrmError> {
     let what = describe(query);
     match query {
-        HistoryQuery::After { entity, after_id } => {
+        HistoryQuery::After { entity, .. } | HistoryQuery::Continue { entity, .. } => {
             let records = records(*entity, result, &what)?;
-            let mut previous = *after_id;
+            let mut previous = query_after_id(query);
             for record in &records {
                 if record.id <= previous {
                     return Err(CrmError::Incomplete(format!(

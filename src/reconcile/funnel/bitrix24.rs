@@ -16,6 +16,8 @@ use crate::model::{B24StageRecord, ChangeKind, Crm, EntityType, StageAt, StageCh
 pub const SETTLE_LAG: Duration = Duration::from_secs(120);
 /// Records per answer: a stream that returned this many continues.
 pub const PAGE_SIZE: usize = 50;
+/// Pages one read may chain: a whole `batch`.
+pub const MAX_PAGES: usize = 50;
 /// `TYPE_ID` of a creation record.
 const CREATED: i64 = 1;
 /// `TYPE_ID` of a move to another pipeline (deal category).
@@ -43,12 +45,16 @@ pub struct StreamRead {
     /// A record younger than the settle lag was met: the cursor stays
     /// before it for the rest of the poll.
     pub held: bool,
+    /// Pages (commands, chained in one `batch`) the next read asks for:
+    /// one at first, doubling while every page comes back full, so an idle
+    /// stream costs one command and a backlog soon fills whole batches.
+    pub pages: usize,
 }
 
 impl StreamRead {
     /// A poll's start, from the stored cursor.
     pub fn start(last_id: i64) -> StreamRead {
-        StreamRead { next_from: Some(last_id), last_id, complete_to: None, held: false }
+        StreamRead { next_from: Some(last_id), last_id, complete_to: None, held: false, pages: 1 }
     }
 
     /// After one answer for this stream (its records in ID order) at
@@ -58,6 +64,13 @@ impl StreamRead {
     /// the highest ID, fewer the end. At the end and settled, complete up
     /// to server time − 2 minutes; else up to the `last_id` record's time.
     pub fn after(self, records: &[B24StageRecord], server_time: DateTime<Utc>) -> StreamRead {
+        self.after_pages(records, records.len() < PAGE_SIZE, server_time)
+    }
+
+    /// The same after the pages of one read, `records` in ID order: `at_end`
+    /// when its last page was short (not when it was full, or a chained page
+    /// went unread).
+    pub fn after_pages(self, records: &[B24StageRecord], at_end: bool, server_time: DateTime<Utc>) -> StreamRead {
         let settled = before(server_time, SETTLE_LAG);
         let mut read = self;
         let mut last_time = None;
@@ -69,8 +82,8 @@ impl StreamRead {
                 last_time = Some(record.created_time);
             }
         }
-        let at_end = records.len() < PAGE_SIZE;
         let highest = records.iter().map(|r| r.id).max();
+        read.pages = if at_end { 1 } else { self.pages.saturating_mul(2).min(MAX_PAGES) };
         read.next_from = if at_end { None } else { highest.or(self.next_from) };
         read.complete_to = match (at_end && !read.held, last_time) {
             (true, _) => Some(settled),
@@ -245,7 +258,8 @@ mod tests {
     }
 
     fn read(next_from: Option<i64>, last_id: i64, complete_to: Option<i64>, held: bool) -> StreamRead {
-        StreamRead { next_from, last_id, complete_to: complete_to.map(t), held }
+        let pages = if next_from.is_some() { 2 } else { 1 };
+        StreamRead { next_from, last_id, complete_to: complete_to.map(t), held, pages }
     }
 
     #[test]
@@ -274,7 +288,26 @@ mod tests {
         young[10] = (111, 10);
         check(100, &[&young, &[(151, 500)]], read(None, 110, Some(NOW - 1000), true));
         let late: Vec<(i64, i64)> = (151..=200).map(|id| (id, 1000)).collect();
-        check(100, &[&young, &late], read(Some(200), 110, Some(NOW - 1000), true));
+        check(100, &[&young, &late], StreamRead { pages: 4, ..read(Some(200), 110, Some(NOW - 1000), true) });
+    }
+
+    #[test]
+    fn a_read_chains_twice_the_pages_while_they_come_back_full_and_one_after_its_end() {
+        let page = |from: i64| -> Vec<B24StageRecord> { (from..from + 50).map(|id| aged(id, 1000)).collect() };
+        let mut read = StreamRead::start(0);
+        let mut asked = Vec::new();
+        for _ in 0..7 {
+            asked.push(read.pages);
+            let records: Vec<B24StageRecord> = (0..read.pages as i64).flat_map(|k| page(1 + k * 50)).collect();
+            read = read.after_pages(&records, false, t(NOW));
+        }
+        assert_eq!(asked, [1, 2, 4, 8, 16, 32, 50]);
+        assert_eq!(read.pages, MAX_PAGES);
+        // A chained page unread: not the end, the next read goes on from the highest ID.
+        let read = read.after_pages(&page(10_001), false, t(NOW));
+        assert_eq!((read.next_from, read.pages), (Some(10_050), MAX_PAGES));
+        let done = read.after_pages(&page(10_051)[..7], true, t(NOW));
+        assert_eq!((done.next_from, done.pages, done.complete_to), (None, 1, Some(t(NOW - 120))));
     }
 
     #[test]
