@@ -26,19 +26,31 @@
 //!   deals), 10 leads each inserted at once with a wake per tenant, until
 //!   all are delivered (requests per lead, duplicates, rate limits); insert
 //!   → delivered latency with a wake and by the poll alone; the idle cost
-//!   of the delivering tenants at the default poll.
+//!   of the delivering tenants at the default poll;
+//! - funnel history: 500 tenants with `[funnel]` (half AmoCRM, half
+//!   Bitrix24 deals) at the shortest poll (10 s), once every stream has
+//!   started: requests per CRM per tenant per poll, counted by the
+//!   sandboxes, daemon and PostgreSQL CPU; then the catch-up of one AmoCRM
+//!   and one Bitrix24 tenant with a `since` back-fill of 10,000 stage
+//!   changes each (`crm-connect funnel --tenant SLUG`): changes per second,
+//!   requests against the APIs' ceilings, every change stored once.
 //!
 //! A quick run (not the documented measurement), for instance:
 //! `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 BENCH_IDLE_TIMEOUT_SECS=5
 //! BENCH_EDITS=20 BENCH_OUT=/tmp/bench cargo run --release --example bench`;
 //! the delivery phase alone, small: `BENCH_PHASES=delivery BENCH_TENANTS=20
 //! BENCH_DELIVERY_TENANTS=20 BENCH_DELIVERY_LATENCY_LEADS=30 BENCH_IDLE_SECS=20
-//! BENCH_OUT=/tmp/bench cargo run --release --example bench`.
+//! BENCH_OUT=/tmp/bench cargo run --release --example bench`; the funnel
+//! phase alone, small: `BENCH_PHASES=funnel BENCH_FUNNEL_TENANTS=20
+//! BENCH_FUNNEL_CHANGES=1000 BENCH_IDLE_SECS=30 BENCH_OUT=/tmp/bench cargo run
+//! --release --example bench`.
 
 #[path = "bench/delivery.rs"]
 mod delivery;
 #[path = "bench/fixture.rs"]
 mod fixture;
+#[path = "bench/funnel.rs"]
+mod funnel;
 #[path = "bench/phases.rs"]
 mod phases;
 #[path = "bench/report.rs"]
@@ -65,7 +77,7 @@ pub struct Options {
     pub tenants: Vec<usize>,
 
     /// Seconds of idle CPU measured after each cold start, and of the
-    /// delivering tenants' idle cost
+    /// delivering and the funnel tenants' idle cost
     #[arg(long, env = "BENCH_IDLE_SECS", default_value_t = 60)]
     pub idle_secs: u64,
 
@@ -110,6 +122,18 @@ pub struct Options {
     #[arg(long, env = "BENCH_DELIVERY_POLL_SECS", default_value_t = 5)]
     pub delivery_poll_secs: u64,
 
+    /// Tenants with `[funnel]` in the idle run (half AmoCRM, half Bitrix24 deals)
+    #[arg(long, env = "BENCH_FUNNEL_TENANTS", default_value_t = 500)]
+    pub funnel_tenants: usize,
+
+    /// `[funnel].poll` of those tenants, in seconds (the shortest allowed is 10)
+    #[arg(long, env = "BENCH_FUNNEL_POLL_SECS", default_value_t = 10)]
+    pub funnel_poll_secs: u64,
+
+    /// Stage changes back-filled on each of the two catch-up tenants
+    #[arg(long, env = "BENCH_FUNNEL_CHANGES", default_value_t = 10_000)]
+    pub funnel_changes: usize,
+
     /// Before starting, wait (up to 15 minutes) for the 1-minute load average to drop below this
     #[arg(long, env = "BENCH_MAX_LOAD")]
     pub max_load: Option<f64>,
@@ -120,7 +144,7 @@ pub struct Options {
         env = "BENCH_PHASES",
         value_enum,
         value_delimiter = ',',
-        default_value = "cold,edits,resync,runbook,ceiling,one-server,soak,delivery"
+        default_value = "cold,edits,resync,runbook,ceiling,one-server,soak,delivery,funnel"
     )]
     pub phases: Vec<Phase>,
 
@@ -150,6 +174,7 @@ pub enum Phase {
     OneServer,
     Soak,
     Delivery,
+    Funnel,
 }
 
 impl Options {
@@ -177,6 +202,9 @@ impl Options {
             && self.delivery_tenants == defaults.delivery_tenants
             && self.delivery_latency_leads == defaults.delivery_latency_leads
             && self.delivery_poll_secs == defaults.delivery_poll_secs
+            && self.funnel_tenants == defaults.funnel_tenants
+            && self.funnel_poll_secs == defaults.funnel_poll_secs
+            && self.funnel_changes == defaults.funnel_changes
             && self.phases == defaults.phases
             && self.concurrency.is_none()
     }
@@ -220,11 +248,15 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let mut machine = system::machine();
 
     let largest = options.tenants.iter().copied().max().unwrap_or(2);
-    // The delivery run keeps a connection of its own open to each tenant.
-    let most = match options.runs(Phase::Delivery) {
-        true => largest.max(options.delivery_tenants + 1),
-        false => largest,
-    };
+    // The delivery run keeps a connection of its own open to each tenant;
+    // the funnel run adds its two catch-up tenants.
+    let mut most = largest;
+    if options.runs(Phase::Delivery) {
+        most = most.max(options.delivery_tenants + 1);
+    }
+    if options.runs(Phase::Funnel) {
+        most = most.max(options.funnel_tenants + 2);
+    }
     let databases = fixture::Databases::start(fixture::clusters_for(most)).await?;
     machine.postgres = databases.server_version().await?;
     system::log(&format!("{} PostgreSQL cluster(s) up ({})", databases.len(), machine.postgres));
@@ -277,6 +309,12 @@ async fn run(options: Options) -> anyhow::Result<()> {
         false => None,
     };
 
+    // Funnel history: the idle cost of many streams, the catch-up of two.
+    let funnel = match options.runs(Phase::Funnel) {
+        true => Some(funnel::funnel(&options, &binary, &databases).await?),
+        false => None,
+    };
+
     let results = report::Results {
         full_run: options.is_full_run(),
         options: options.clone(),
@@ -295,6 +333,7 @@ async fn run(options: Options) -> anyhow::Result<()> {
         one_server,
         soak,
         delivery,
+        funnel,
     };
     drop(databases);
     std::fs::create_dir_all(&out)?;

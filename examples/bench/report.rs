@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::Options;
 use crate::delivery::Delivery;
+use crate::funnel::{CatchUp, Funnel};
 use crate::phases::{Ceiling, ColdStart, Edits, Floor, Resync, Runbook, Soak};
 use crate::system::Machine;
 
@@ -39,6 +40,8 @@ pub struct Results {
     pub soak: Option<Soak>,
     /// Leads inserted, woken, polled, delivered; then the idle cost.
     pub delivery: Option<Delivery>,
+    /// Funnel history: the idle cost of many streams, the catch-up of two.
+    pub funnel: Option<Funnel>,
 }
 
 /// The one-server run's targets: connections come from `--db-connections`
@@ -254,6 +257,7 @@ pub fn rows(r: &Results) -> Vec<Row> {
         None => rows.push(not_measured("Memory after 1,000,000 jobs vs after 10,000", "within 10 %")),
     }
     delivery_rows(r.delivery.as_ref(), &mut rows);
+    funnel_rows(r.funnel.as_ref(), &mut rows);
     let elsewhere: usize =
         r.cold_starts.iter().chain(r.one_server.as_ref().map(|(c, _)| c)).map(|c| c.violations).sum::<usize>()
             + r.resync.as_ref().map_or(0, |s| s.violations)
@@ -365,6 +369,144 @@ fn delivery_rows(d: Option<&Delivery>, rows: &mut Vec<Row>) {
     ));
 }
 
+/// The client's sustained request rate per AmoCRM account (one every 334
+/// ms after a burst of 3, under the account's 7 a second) and per Bitrix24
+/// portal (2 a second after a burst of 10).
+fn rate_limit(crm: &str) -> f64 {
+    if crm == "amocrm" { 3.0 } else { 2.0 }
+}
+
+fn crm_name(crm: &str) -> &'static str {
+    if crm == "amocrm" { "AmoCRM" } else { "Bitrix24" }
+}
+
+fn funnel_rows(f: Option<&Funnel>, rows: &mut Vec<Row>) {
+    let Some(f) = f else {
+        rows.push(not_measured("Funnel idle: requests per CRM per tenant per poll", "exactly 1"));
+        rows.push(not_measured("Funnel idle: daemon CPU", "< 1 % of one core"));
+        rows.push(not_measured("Funnel catch-up: every back-filled change stored once", "0 duplicates, 0 missing"));
+        return;
+    };
+    let i = &f.idle;
+    let (a, b) = (&i.amocrm, &i.bitrix24);
+    let missing =
+        if i.tenants_not_polled > 0 { format!("; {} tenants not polled", i.tenants_not_polled) } else { String::new() };
+    rows.push(row(
+        format!(
+            "Funnel idle, {} tenants at poll {} s: requests per CRM per tenant per poll, AmoCRM / Bitrix24 \
+             (min–max over {} / {} polls)",
+            i.tenants, i.poll_secs, a.polls, b.polls
+        ),
+        format!(
+            "{:.2} ({}–{}) / {:.2} ({}–{}){missing}",
+            a.requests_per_poll, a.min_per_poll, a.max_per_poll, b.requests_per_poll, b.min_per_poll, b.max_per_poll
+        ),
+        "exactly 1",
+        Some(
+            [a, b].iter().all(|c| c.polls > 0 && c.min_per_poll == 1 && c.max_per_poll == 1)
+                && i.tenants_not_polled == 0,
+        ),
+    ));
+    rows.push(row(
+        format!(
+            "Funnel idle: daemon CPU, {} tenants at poll {} s, over {:.0} s",
+            i.tenants, i.poll_secs, i.window_secs
+        ),
+        format!("{:.2} % ({:.2} ms a poll)", i.daemon_cpu_percent, i.cpu_ms_per_poll),
+        "< 1 % of one core",
+        Some(i.daemon_cpu_percent < 1.0),
+    ));
+    rows.push(row(
+        format!(
+            "Funnel idle: daemon CPU at the default poll ({} s), from the CPU a poll (derived)",
+            crate::funnel::DEFAULT_POLL_SECS
+        ),
+        format!("{:.2} %", i.default_poll_cpu_percent),
+        "—",
+        None,
+    ));
+    rows.push(row(
+        "Funnel idle: PostgreSQL CPU, connections per second (per poll)",
+        format!(
+            "{:.2} % of one core, {:.1} sessions/s ({:.2} a poll)",
+            i.postgres_cpu_percent, i.sessions_per_sec, i.sessions_per_poll
+        ),
+        "—",
+        None,
+    ));
+    for c in &f.catch_up {
+        catch_up_rows(c, rows);
+    }
+    let violations = i.violations + f.catch_up.iter().map(|c| c.violations).sum::<usize>();
+    rows.push(row("Rate-limit violations during the funnel runs", violations.to_string(), "0", Some(violations == 0)));
+}
+
+fn catch_up_rows(c: &CatchUp, rows: &mut Vec<Row>) {
+    let name = crm_name(&c.crm);
+    rows.push(row(
+        format!("Funnel catch-up, {name}, {} changes back-filled (`since`): `crm-connect funnel` wall time", c.changes),
+        format!(
+            "{:.2} s, {:.0} changes/s; {} requests at {:.2}/s",
+            c.secs, c.changes_per_sec, c.requests, c.requests_per_sec
+        ),
+        &format!("near the client's rate ({:.0} requests/s)", rate_limit(&c.crm)),
+        Some(c.exit_code == 0 && c.requests_per_sec >= 0.8 * rate_limit(&c.crm)),
+    ));
+    if c.crm == "amocrm" {
+        rows.push(row(
+            "Funnel catch-up, AmoCRM: events pages (`GET /api/v4/events`), and responsible-user reads",
+            format!(
+                "{} pages over {} windows ({:.1} events a page) + {} reads of `GET /api/v4/leads`",
+                c.reads,
+                c.windows,
+                c.changes as f64 / c.reads.max(1) as f64,
+                c.responsible
+            ),
+            &format!(
+                "≤ {} pages: {} of 100 events, one partial page a window",
+                c.reads_ceiling + c.windows,
+                c.reads_ceiling
+            ),
+            Some(c.reads > 0 && c.reads <= c.reads_ceiling + c.windows),
+        ));
+    } else {
+        rows.push(row(
+            "Funnel catch-up, Bitrix24: stream-read commands (`crm.stagehistory.list`, `>ID`)",
+            format!("{} ({:.1} records a command)", c.reads, c.changes as f64 / c.reads.max(1) as f64),
+            &format!("near {} (50 records a command; ≥ 45)", c.reads_ceiling),
+            Some(c.reads > 0 && c.changes as f64 / c.reads as f64 >= 45.0),
+        ));
+        let ceiling = c.reads_ceiling.div_ceil(crate::funnel::B24_COMMANDS_PER_BATCH);
+        rows.push(row(
+            "Funnel catch-up, Bitrix24: `batch` requests, and commands a batch",
+            format!(
+                "{} ({} reading the stream, {} of responsible users and look-backs); {:.2} commands a batch",
+                c.batches,
+                c.read_batches,
+                c.batches - c.read_batches,
+                c.commands as f64 / c.batches.max(1) as f64
+            ),
+            &format!("near {ceiling} stream-read batches (50 commands a batch)"),
+            Some(c.read_batches <= 2 * ceiling),
+        ));
+    }
+    rows.push(row(
+        format!("Funnel catch-up, {name}: rows in `crm_stage_changes` for the {} changes", c.changes),
+        format!(
+            "{} ({} distinct; {} missing, {} strays; {} moves without a from-stage)",
+            c.rows, c.distinct_sources, c.missing, c.strays, c.moves_without_from
+        ),
+        &format!("{}, 0 duplicates", c.changes),
+        Some(
+            c.rows == c.changes
+                && c.distinct_sources == c.rows
+                && c.missing == 0
+                && c.strays == 0
+                && c.moves_without_from == 0,
+        ),
+    ));
+}
+
 fn met(m: Option<bool>) -> &'static str {
     match m {
         Some(true) => "met",
@@ -394,7 +536,7 @@ pub fn markdown(r: &Results) -> String {
             md,
             "> **Not the documented full run**: phases {:?}, tenants {:?}, idle {} s, idle timeout {} s, {} edits, \
              latency {} ms, {} runbook runs, {} tenants on one portal, {} delivery tenants, {} latency leads at \
-             poll {} s, concurrency {concurrency}.\n",
+             poll {} s, {} funnel tenants at poll {} s, {} changes a catch-up, concurrency {concurrency}.\n",
             o.phases,
             o.tenants,
             o.idle_secs,
@@ -405,7 +547,10 @@ pub fn markdown(r: &Results) -> String {
             o.portal_tenants,
             o.delivery_tenants,
             o.delivery_latency_leads,
-            o.delivery_poll_secs
+            o.delivery_poll_secs,
+            o.funnel_tenants,
+            o.funnel_poll_secs,
+            o.funnel_changes
         );
     }
 
@@ -705,6 +850,14 @@ pub fn markdown(r: &Results) -> String {
         }
     }
 
+    let _ = writeln!(md, "\n### Funnel history\n");
+    match &r.funnel {
+        Some(f) => funnel_details(&mut md, f),
+        None => {
+            let _ = writeln!(md, "Not measured in this run.");
+        }
+    }
+
     let _ = writeln!(md, "\n## Method\n");
     let method = [
         format!(
@@ -779,6 +932,34 @@ pub fn markdown(r: &Results) -> String {
             r.delivery.as_ref().map_or(500, |d| d.latency.poll_insert_gap_ms),
             o.idle_secs
         ),
+        format!(
+            "Funnel history, idle: {} tenants with `[funnel]` at `poll = \"{}s\"` (the shortest the configuration \
+             accepts; the default is 1 m), half AmoCRM (each its own account), half Bitrix24 deals (each its own \
+             portal, one stream), under `crm-connect run --listen …`, nothing changing in the CRMs. The window of {} s \
+             opens once `/metrics` shows a lag series for every tenant (each stream's first poll has ended, its \
+             cursor stored). Requests are the sandboxes' records within the window that are the funnel's (AmoCRM \
+             `GET /api/v4/events` and `GET /api/v4/leads` by id; Bitrix24 `crm.stagehistory.list` and `batch`es of \
+             only stage-history and `crm.item.list` commands); token refreshes and stage syncs are counted apart. A \
+             tenant's requests less than half a poll apart are one poll. Daemon and PostgreSQL CPU from `/proc`, \
+             connections from `pg_stat_database.sessions`; afterwards each tenant database is checked for its \
+             cursor row.",
+            o.funnel_tenants, o.funnel_poll_secs, o.idle_secs
+        ),
+        format!(
+            "Funnel history, catch-up: one AmoCRM and one Bitrix24 tenant (deals), each its own sandbox. AmoCRM: {} \
+             leads created, the sandbox clock moved on by the back-fill's days (at most {} changes a day, so that a \
+             day's window stays under the 20 pages past which it is narrowed), then {} `lead_status_changed` events \
+             dated evenly over those days, each lead's in order. Bitrix24 likewise: deals created (a creation record \
+             each), the clock moved on, moves dated over the days, {} records in all. Both tenant files have \
+             `since` = the day the deals were created; `crm-connect sync` connects them first (token, stages, \
+             tables), then `crm-connect funnel --tenant SLUG` runs for each, timed from spawn to exit. Requests are \
+             the sandbox's records of that run; rows are checked in `crm_stage_changes` against the sandbox's own \
+             list of changes.",
+            o.funnel_changes / crate::funnel::CHANGES_PER_ENTITY,
+            1000,
+            o.funnel_changes,
+            o.funnel_changes
+        ),
     ];
     for line in method {
         let _ = writeln!(md, "- {line}");
@@ -793,8 +974,9 @@ pub fn markdown(r: &Results) -> String {
          (10,100,500), `BENCH_IDLE_SECS` (60), `BENCH_IDLE_TIMEOUT_SECS` (30), `BENCH_EDITS` (100), \
          `BENCH_RUNBOOK_RUNS` (5), `BENCH_PORTAL_TENANTS` (20), `BENCH_ONE_SERVER_TENANTS` (1000), \
          `BENCH_SOAK_TENANTS` (5000), `BENCH_SOAK_JOBS` (1000000), `BENCH_DELIVERY_TENANTS` (500), \
-         `BENCH_DELIVERY_LATENCY_LEADS` (100), `BENCH_DELIVERY_POLL_SECS` (5), \
-         `BENCH_PHASES` (cold,edits,resync,runbook,ceiling,one-server,soak,delivery), \
+         `BENCH_DELIVERY_LATENCY_LEADS` (100), `BENCH_DELIVERY_POLL_SECS` (5), `BENCH_FUNNEL_TENANTS` (500), \
+         `BENCH_FUNNEL_POLL_SECS` (10), `BENCH_FUNNEL_CHANGES` (10000), \
+         `BENCH_PHASES` (cold,edits,resync,runbook,ceiling,one-server,soak,delivery,funnel), \
          `BENCH_CONCURRENCY` (the daemon's own), `BENCH_MAX_LOAD` (wait for a lower load average first), \
          `BENCH_LOGS` (keep the daemons' logs there), `BENCH_OUT` (where the two files go). A quick run: `BENCH_TENANTS=10,100 BENCH_IDLE_SECS=5 \
          BENCH_IDLE_TIMEOUT_SECS=5 BENCH_EDITS=20 BENCH_OUT=/tmp/bench {COMMAND}`."
@@ -908,6 +1090,141 @@ fn delivery_details(md: &mut String, d: &Delivery, nproc: usize) {
         i.connection_floor_percent,
         i.sessions_per_sec
     );
+}
+
+fn funnel_details(md: &mut String, f: &Funnel) {
+    let calls = |map: &std::collections::BTreeMap<String, usize>| {
+        if map.is_empty() {
+            "none".to_owned()
+        } else {
+            map.iter().map(|(name, n)| format!("{name} × {n}")).collect::<Vec<_>>().join(", ")
+        }
+    };
+    let spread = |map: &std::collections::BTreeMap<usize, usize>| {
+        map.iter().map(|(requests, polls)| format!("{polls} with {requests}")).collect::<Vec<_>>().join(", ")
+    };
+    let i = &f.idle;
+    let _ = writeln!(
+        md,
+        "{} tenants ({} AmoCRM + {} Bitrix24 deals) at `poll = \"{}s\"`: every stream had been polled once {:.2} s \
+         after the spawn; then {:.0} s without changes. {} of {} tenant databases hold their cursor row; {} tenants \
+         made no funnel request in the window.\n",
+        i.tenants,
+        i.amocrm.tenants,
+        i.bitrix24.tenants,
+        i.poll_secs,
+        i.all_polled_secs,
+        i.window_secs,
+        i.cursors,
+        i.tenants,
+        i.tenants_not_polled
+    );
+    let _ = writeln!(md, "| Idle, per tenant-poll | AmoCRM | Bitrix24 |\n| --- | --- | --- |");
+    let (a, b) = (&i.amocrm, &i.bitrix24);
+    let _ = writeln!(md, "| Polls seen | {} | {} |", a.polls, b.polls);
+    let _ = writeln!(
+        md,
+        "| Funnel requests | {} ({}) | {} ({}) |",
+        a.requests,
+        calls(&a.calls),
+        b.requests,
+        calls(&b.calls)
+    );
+    let _ = writeln!(
+        md,
+        "| Requests a poll: mean (min–max) | {:.2} ({}–{}) | {:.2} ({}–{}) |",
+        a.requests_per_poll, a.min_per_poll, a.max_per_poll, b.requests_per_poll, b.min_per_poll, b.max_per_poll
+    );
+    let _ = writeln!(md, "| Polls by requests | {} | {} |", spread(&a.per_poll), spread(&b.per_poll));
+    let _ = writeln!(
+        md,
+        "| Polls a tenant (min–max) | {}–{} | {}–{} |",
+        a.min_polls_per_tenant, a.max_polls_per_tenant, b.min_polls_per_tenant, b.max_polls_per_tenant
+    );
+    let _ = writeln!(
+        md,
+        "| Poll to poll: min / p50 / max | {:.2} / {:.2} / {:.2} s | {:.2} / {:.2} / {:.2} s |",
+        a.interval_min_secs,
+        a.interval_p50_secs,
+        a.interval_max_secs,
+        b.interval_min_secs,
+        b.interval_p50_secs,
+        b.interval_max_secs
+    );
+    for (crm, counts) in [("AmoCRM", a), ("Bitrix24", b)] {
+        for sample in &counts.samples {
+            let _ = writeln!(md, "\n{crm} poll of {} requests: `{}`", sample.len(), sample.join("`, `"));
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nOther requests in the window, left out above: {}. Daemon CPU {:.2} % of one core ({:.2} ms a poll; at the \
+         default poll of {} s that is {:.2} %), RSS {:.1} MB; PostgreSQL CPU {:.2} s ({:.2} % of one core); {} \
+         sessions opened to the tenant databases ({:.1} per second, {:.2} a poll); {} of the daemon's connections open \
+         at the end. {} rate-limit violations.\n",
+        calls(&i.other_calls),
+        i.daemon_cpu_percent,
+        i.cpu_ms_per_poll,
+        crate::funnel::DEFAULT_POLL_SECS,
+        i.default_poll_cpu_percent,
+        i.rss_mb,
+        i.postgres_cpu_secs,
+        i.postgres_cpu_percent,
+        i.sessions,
+        i.sessions_per_sec,
+        i.sessions_per_poll,
+        i.connections_at_end,
+        i.violations
+    );
+    if f.catch_up.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "| Catch-up (`crm-connect funnel --tenant SLUG`) | {} |\n| --- |{}",
+        f.catch_up.iter().map(|c| crm_name(&c.crm)).collect::<Vec<_>>().join(" | "),
+        " --- |".repeat(f.catch_up.len())
+    );
+    let line = |md: &mut String, label: &str, value: &dyn Fn(&CatchUp) -> String| {
+        let values: Vec<String> = f.catch_up.iter().map(value).collect();
+        let _ = writeln!(md, "| {label} | {} |", values.join(" | "));
+    };
+    line(md, "Changes, entities, days, `since`", &|c| {
+        format!("{} on {} entities over {} days from {}", c.changes, c.entities, c.days, c.since)
+    });
+    line(md, "Exit code, ingested as printed", &|c| {
+        format!("{}, {}", c.exit_code, c.reported.map_or("—".to_owned(), |n| n.to_string()))
+    });
+    line(md, "Wall time, changes per second", &|c| format!("{:.2} s, {:.0} /s", c.secs, c.changes_per_sec));
+    line(md, "Requests, rate (the client's limit)", &|c| {
+        format!("{} at {:.2}/s ({:.0}/s)", c.requests, c.requests_per_sec, rate_limit(&c.crm))
+    });
+    line(md, "Requests by call", &|c| calls(&c.calls));
+    line(md, "Stream reads (ceiling at the page size)", &|c| {
+        format!(
+            "{} ({:.1} changes a read; ceiling {})",
+            c.reads,
+            c.changes as f64 / c.reads.max(1) as f64,
+            c.reads_ceiling
+        )
+    });
+    line(md, "Responsible-user reads, look-backs, stream starts", &|c| {
+        format!("{}, {}, {}", c.responsible, c.look_backs, c.starts)
+    });
+    line(md, "Batches: all, reading the stream; commands a batch", &|c| match c.batches {
+        0 => "—".to_owned(),
+        n => format!("{n}, {}; {:.2}", c.read_batches, c.commands as f64 / n as f64),
+    });
+    line(md, "Rows: all, distinct sources, missing, strays", &|c| {
+        format!("{}, {}, {}, {}", c.rows, c.distinct_sources, c.missing, c.strays)
+    });
+    line(md, "Moves without a from-stage, rows without a responsible user", &|c| {
+        format!("{}, {}", c.moves_without_from, c.rows_without_responsible)
+    });
+    line(md, "AmoCRM windows read", &|c| if c.crm == "amocrm" { c.windows.to_string() } else { "—".to_owned() });
+    line(md, "Refused (429), rate-limit violations in the run / with the connecting sync", &|c| {
+        format!("{}, {} / {}", c.refused, c.violations, c.violations_in_all)
+    });
 }
 
 pub fn json(r: &Results) -> Value {
