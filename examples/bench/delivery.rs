@@ -611,7 +611,7 @@ async fn connection_cpu_ms(url: &str, samples: usize) -> anyhow::Result<f64> {
 /// schedule): an idle window that would hold that burst starts after it,
 /// once every tenant's stage sync is newer than the quarter hour (at most
 /// two minutes' wait for that).
-async fn past_resync(daemon: &Daemon, count: usize, window: Duration) {
+pub async fn past_resync(daemon: &Daemon, count: usize, window: Duration) {
     const QUARTER: i64 = 15 * 60;
     let now = chrono::Utc::now().timestamp();
     let quarter = (now / QUARTER + 1) * QUARTER;
@@ -619,7 +619,7 @@ async fn past_resync(daemon: &Daemon, count: usize, window: Duration) {
     if window_end < quarter {
         return;
     }
-    log(&format!("lead delivery: waiting for the quarter-hour resync ({} s away) to pass", quarter - now));
+    log(&format!("idle: waiting for the quarter-hour resync ({} s away) to pass", quarter - now));
     tokio::time::sleep(Duration::from_secs(u64::try_from(quarter - now).unwrap_or(0))).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
@@ -635,7 +635,7 @@ async fn past_resync(daemon: &Daemon, count: usize, window: Duration) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    log("lead delivery: the resync did not finish within two minutes; the idle window starts anyway");
+    log("idle: the resync did not finish within two minutes; the idle window starts anyway");
 }
 
 /// Insert → delivered on the latency tenant: with a wake after each

@@ -375,7 +375,8 @@ async fn idle(options: &Options, binary: &Path, databases: &Databases) -> anyhow
     };
     log(&format!("funnel, {count} tenants: every stream polled once after {:.2} s", all_polled.as_secs_f64()));
 
-    let window = Duration::from_secs(options.idle_secs);
+    let window = Duration::from_secs(options.idle_secs.max(2 * poll_secs));
+    crate::delivery::past_resync(&daemon, count, window).await;
     log(&format!("funnel, {count} tenants: idle for {} s at poll {poll_secs} s", window.as_secs()));
     let postmasters = databases.postmasters();
     let pid = daemon.pid;

@@ -933,17 +933,19 @@ pub fn markdown(r: &Results) -> String {
             o.idle_secs
         ),
         format!(
-            "Funnel history, idle: {} tenants with `[funnel]` at `poll = \"{}s\"` (the shortest the configuration \
-             accepts; the default is 1 m), half AmoCRM (each its own account), half Bitrix24 deals (each its own \
-             portal, one stream), under `crm-connect run --listen …`, nothing changing in the CRMs. The window of {} s \
+            "Funnel history, idle: {} tenants with `[funnel]` at `poll = \"{}s\"` (the configuration's default is \
+             1 m), half AmoCRM (each its own account), half Bitrix24 deals (each its own portal, one stream), under \
+             `crm-connect run --listen …`, nothing changing in the CRMs. The window of {} s (at least two polls) \
              opens once `/metrics` shows a lag series for every tenant (each stream's first poll has ended, its \
-             cursor stored). Requests are the sandboxes' records within the window that are the funnel's (AmoCRM \
+             cursor stored), after the quarter-hour stage resync when the window would hold it. Requests are the sandboxes' records within the window that are the funnel's (AmoCRM \
              `GET /api/v4/events` and `GET /api/v4/leads` by id; Bitrix24 `crm.stagehistory.list` and `batch`es of \
              only stage-history and `crm.item.list` commands); token refreshes and stage syncs are counted apart. A \
              tenant's requests less than half a poll apart are one poll. Daemon and PostgreSQL CPU from `/proc`, \
              connections from `pg_stat_database.sessions`; afterwards each tenant database is checked for its \
              cursor row.",
-            o.funnel_tenants, o.funnel_poll_secs, o.idle_secs
+            o.funnel_tenants,
+            o.funnel_poll_secs,
+            o.idle_secs.max(2 * o.funnel_poll_secs)
         ),
         format!(
             "Funnel history, catch-up: one AmoCRM and one Bitrix24 tenant (deals), each its own sandbox. AmoCRM: {} \
