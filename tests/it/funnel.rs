@@ -399,8 +399,8 @@ async fn a_bitrix24_backlog_is_read_in_batches_of_chained_pages_each_record_once
     let (tenant, client) = connected(&world, file, &[]).await;
     let portal = world.portal();
     caught_up(&world, &tenant).await;
-    // 170 records: 17 deals created and moved nine times each.
-    for _ in 0..17 {
+    // 3,000 records: 300 deals created and moved nine times each.
+    for _ in 0..300 {
         let deal = portal.create_deal(0, "NEW", 1).unwrap();
         for stage in ["PREPARATION", "NEW"].iter().cycle().take(9) {
             portal.move_deal(deal, stage).unwrap();
@@ -411,13 +411,13 @@ async fn a_bitrix24_backlog_is_read_in_batches_of_chained_pages_each_record_once
 
     let report = caught_up(&world, &tenant).await;
 
-    assert_eq!(report.ingested, 170, "{report:?}");
-    assert_eq!(StageChangeRow::all(&client).await.len(), 170);
-    // Pages chained 1, 2, then 4 to a batch: 50 + 100 + 20 records, the
-    // last batch's pages after its short one (run on an empty reference)
-    // left unread.
+    assert_eq!(report.ingested, 3_000, "{report:?}");
+    assert_eq!(StageChangeRow::all(&client).await.len(), 3_000);
+    // Pages chained 1, 2, 4, 8, 16 then 32 to a batch: 50 + 100 + 200 +
+    // 400 + 800 + 1,450 records, the last batch's pages after its short
+    // one (run on an empty reference) left unread.
     let reads: Vec<usize> = stream_reads(portal)[reads_before..].to_vec();
-    assert_eq!(reads, [1, 2, 4], "commands of each batch reading the stream");
+    assert_eq!(reads, [1, 2, 4, 8, 16, 32], "commands of each batch reading the stream");
     assert_eq!(CursorRow::of(&client, "bitrix24", "deal").await.unwrap().last_id, Some(portal_highest(portal)));
 }
 

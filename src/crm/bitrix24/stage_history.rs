@@ -65,7 +65,7 @@ impl B24Client<'_> {
         let commands = queries
             .iter()
             .enumerate()
-            .map(|(i, q)| Ok((format!("q{i}"), command(q)?)))
+            .map(|(i, q)| Ok((key(i), command(q)?)))
             .collect::<Result<Vec<(String, String)>, CrmError>>()?;
         let optional: Vec<String> = queries
             .iter()
@@ -147,7 +147,7 @@ fn command(query: &HistoryQuery) -> Result<String, CrmError> {
         HistoryQuery::After { entity, .. } | HistoryQuery::Continue { entity, .. } => {
             let after = match query {
                 HistoryQuery::Continue { after, .. } => {
-                    format!("$result[q{after}][items][{}][ID]", ITEMS_PER_COMMAND - 1)
+                    format!("$result[{}][items][{}][ID]", key(*after), ITEMS_PER_COMMAND - 1)
                 }
                 _ => query_after_id(query).to_string(),
             };
@@ -186,6 +186,13 @@ fn command(query: &HistoryQuery) -> Result<String, CrmError> {
         encoded.append_pair(key, value);
     }
     Ok(format!("{method}?{}", encoded.finish()))
+}
+
+/// The batch key of the `i`-th command. Zero-padded: a `cmd` object may
+/// reach the portal with its keys sorted as text, and a chained command
+/// must run after the one it references (`q10` would sort before `q2`).
+fn key(i: usize) -> String {
+    format!("q{i:02}")
 }
 
 /// `>ID` of a stream read; 0 for a continuation, whose records are checked
