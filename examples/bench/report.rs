@@ -477,6 +477,8 @@ fn catch_up_rows(c: &CatchUp, rows: &mut Vec<Row>) {
             Some(c.reads > 0 && c.changes as f64 / c.reads as f64 >= 45.0),
         ));
         let ceiling = c.reads_ceiling.div_ceil(crate::funnel::B24_COMMANDS_PER_BATCH);
+        // Batches a backlog's reads take before they chain a whole batch.
+        const RAMP: usize = 6;
         rows.push(row(
             "Funnel catch-up, Bitrix24: `batch` requests, and commands a batch",
             format!(
@@ -486,8 +488,11 @@ fn catch_up_rows(c: &CatchUp, rows: &mut Vec<Row>) {
                 c.batches - c.read_batches,
                 c.commands as f64 / c.batches.max(1) as f64
             ),
-            &format!("near {ceiling} stream-read batches (50 commands a batch)"),
-            Some(c.read_batches <= 2 * ceiling),
+            &format!(
+                "near {ceiling} stream-read batches at 50 commands, after the ramp of {RAMP} (1, 2, 4, … 32 \
+                 chained pages while they come back full; an idle poll is one command)"
+            ),
+            Some(c.read_batches <= ceiling + RAMP),
         ));
     }
     rows.push(row(
