@@ -144,19 +144,10 @@ fn select(entity: EntityType) -> &'static [&'static str] {
 fn command(query: &HistoryQuery) -> Result<String, CrmError> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     let method = match query {
-        HistoryQuery::After { entity, .. } | HistoryQuery::Continue { entity, .. } => {
-            let after = match query {
-                HistoryQuery::Continue { after, .. } => {
-                    format!("$result[{}][items][{}][ID]", key(*after), ITEMS_PER_COMMAND - 1)
-                }
-                _ => query_after_id(query).to_string(),
-            };
-            pairs.push(("entityTypeId".into(), entity.type_id().to_string()));
-            pairs.push(("order[ID]".into(), "ASC".into()));
-            pairs.push(("filter[>ID]".into(), after));
-            pairs.extend(select(*entity).iter().enumerate().map(|(i, f)| (format!("select[{i}]"), f.to_string())));
-            pairs.push(("start".into(), "-1".into()));
-            HISTORY
+        HistoryQuery::After { entity, after_id } => stream_read(&mut pairs, *entity, after_id.to_string()),
+        HistoryQuery::Continue { entity, after } => {
+            let last_of_page = format!("$result[{}][items][{}][ID]", key(*after), ITEMS_PER_COMMAND - 1);
+            stream_read(&mut pairs, *entity, last_of_page)
         }
         HistoryQuery::Before { entity, owner_id, before_id } => {
             pairs.push(("entityTypeId".into(), entity.type_id().to_string()));
@@ -186,6 +177,16 @@ fn command(query: &HistoryQuery) -> Result<String, CrmError> {
         encoded.append_pair(key, value);
     }
     Ok(format!("{method}?{}", encoded.finish()))
+}
+
+/// A stream's records after `after` (an ID, or a reference to one), oldest first.
+fn stream_read(pairs: &mut Vec<(String, String)>, entity: EntityType, after: String) -> &'static str {
+    pairs.push(("entityTypeId".into(), entity.type_id().to_string()));
+    pairs.push(("order[ID]".into(), "ASC".into()));
+    pairs.push(("filter[>ID]".into(), after));
+    pairs.extend(select(entity).iter().enumerate().map(|(i, f)| (format!("select[{i}]"), f.to_string())));
+    pairs.push(("start".into(), "-1".into()));
+    HISTORY
 }
 
 /// The batch key of the `i`-th command. Zero-padded: a `cmd` object may
