@@ -56,7 +56,10 @@ impl ConfigWatcher {
                 .any(|e| matches!(e.kind, EventKind::Create(_) | EventKind::Remove(_)) && e.paths.contains(&watched));
             let _ = changed.send(rewatch);
         };
-        let debouncer = new_debouncer(DEBOUNCE, None, handler)?;
+        // Checked once per debounce period, not four times: an idle daemon
+        // wakes for it 5 times a second, and a change is applied within
+        // two periods.
+        let debouncer = new_debouncer(DEBOUNCE, Some(DEBOUNCE), handler)?;
         let mut watcher = ConfigWatcher { debouncer, dir };
         // The parent shows the directory itself being deleted and recreated.
         if let Some(parent) = watcher.dir.parent().filter(|p| !p.as_os_str().is_empty())

@@ -260,8 +260,9 @@ impl Pools {
         let target: Arc<str> = describe(&config).into();
         let budget = self.budget(&config);
         let connect = BudgetedConnect { connector, budget: budget.clone(), busy_retries: self.busy_retries.clone() };
-        let manager =
-            Manager::from_connect(config, connect, ManagerConfig { recycling_method: RecyclingMethod::Verified });
+        // A connection lives for one unit of work, so one taken again is
+        // seconds old: checked for a closed socket, not with a round trip.
+        let manager = Manager::from_connect(config, connect, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         // No create timeout: creating includes the FIFO wait for the
         // server's budget, which may rightly be long; the connect itself
         // has `connect_timeout`.
