@@ -77,7 +77,8 @@ const TOKEN_COLUMNS: &str = "amocrm_access_token, amocrm_refresh_token, \
      amocrm_auth_code_sha256, amocrm_subdomain, amocrm_domain, amocrm_client_id";
 
 async fn tokens(client: &impl GenericClient, lock: &str) -> Result<StoredTokens, QueryError> {
-    let row = client.query_one(&format!("SELECT {TOKEN_COLUMNS} FROM config WHERE id = 1{lock}"), &[]).await?;
+    // Unprepared: one round trip, on the connection a poll opens for little else.
+    let row = client.query_typed_one(&format!("SELECT {TOKEN_COLUMNS} FROM config WHERE id = 1{lock}"), &[]).await?;
     Ok(StoredTokens {
         access: col::<Option<String>>(&row, 0, "config")?.map(Secret::new),
         refresh: col::<Option<String>>(&row, 1, "config")?.map(Secret::new),

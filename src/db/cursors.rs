@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
 
 use super::error::{DbError, QueryError};
 use super::session::{Conn, Tx, col, step};
@@ -58,7 +59,7 @@ pub async fn read_all(conn: &impl Conn) -> Result<Vec<Cursor>, DbError> {
     step(conn, "reading the funnel cursors", async {
         let rows = conn
             .pg()
-            .query(
+            .query_typed(
                 "SELECT last_id, window_end, complete_to, updated_at, crm, stream FROM crm_connect_cursors
                  ORDER BY crm, stream",
                 &[],
@@ -112,22 +113,62 @@ pub async fn advance(tx: &Tx<'_>, position: Position, complete_to: Option<DateTi
     let stream = position.stream();
     let (last_id, window_end) = split(position);
     step(tx, "advancing a funnel cursor", async {
-        // GREATEST ignores NULLs: a NULL argument leaves its column as it is.
         let moved = tx
             .pg()
-            .execute(
-                "UPDATE crm_connect_cursors
-                 SET last_id = GREATEST(last_id, $3), window_end = GREATEST(window_end, $4),
-                     complete_to = GREATEST(complete_to, $5), updated_at = now()
-                 WHERE crm = $1 AND stream = $2
-                   AND (last_id < $3 OR window_end < $4 OR complete_to < $5
-                        OR (last_id IS NULL AND $3::bigint IS NOT NULL)
-                        OR (window_end IS NULL AND $4::timestamptz IS NOT NULL)
-                        OR (complete_to IS NULL AND $5::timestamptz IS NOT NULL))",
-                &[&stream.crm().as_str(), &stream.name(), &last_id, &window_end, &complete_to],
-            )
+            .execute(ADVANCE, &[&stream.crm().as_str(), &stream.name(), &last_id, &window_end, &complete_to])
             .await?;
         Ok(moved == 1)
     })
     .await
 }
+
+/// [`advance`] when no rows go with the move (a read that found nothing
+/// new, as every idle poll's does): one statement, outside a transaction
+/// and without the insert lock — it assigns no id, so the order in which
+/// rows commit is not at stake. The cursor as stored after it: this one,
+/// or the one before when that is ahead; `None` when there is none.
+pub async fn advance_alone(
+    conn: &impl Conn,
+    position: Position,
+    complete_to: Option<DateTime<Utc>>,
+) -> Result<Option<Cursor>, DbError> {
+    let stream = position.stream();
+    let (last_id, window_end) = split(position);
+    let (crm, name) = (stream.crm().as_str(), stream.name());
+    step(conn, "advancing a funnel cursor", async {
+        // Unprepared: one round trip.
+        let row = conn
+            .pg()
+            .query_typed_opt(
+                &format!(
+                    "WITH moved AS ({ADVANCE} RETURNING last_id, window_end, complete_to, updated_at)
+                     SELECT last_id, window_end, complete_to, updated_at FROM moved
+                     UNION ALL
+                     SELECT last_id, window_end, complete_to, updated_at FROM crm_connect_cursors
+                     WHERE crm = $1 AND stream = $2 AND NOT EXISTS (SELECT 1 FROM moved)"
+                ),
+                &[
+                    (&crm, Type::TEXT),
+                    (&name, Type::TEXT),
+                    (&last_id, Type::INT8),
+                    (&window_end, Type::TIMESTAMPTZ),
+                    (&complete_to, Type::TIMESTAMPTZ),
+                ],
+            )
+            .await?;
+        row.map(|r| cursor(stream, &r)).transpose()
+    })
+    .await
+}
+
+/// Moves `$1`/`$2`'s cursor to `$3`/`$4` and `$5`, each only forward, and
+/// only when one of them moves. GREATEST ignores NULLs: a NULL argument
+/// leaves its column as it is.
+const ADVANCE: &str = "UPDATE crm_connect_cursors
+     SET last_id = GREATEST(last_id, $3), window_end = GREATEST(window_end, $4),
+         complete_to = GREATEST(complete_to, $5), updated_at = now()
+     WHERE crm = $1 AND stream = $2
+       AND (last_id < $3 OR window_end < $4 OR complete_to < $5
+            OR (last_id IS NULL AND $3::bigint IS NOT NULL)
+            OR (window_end IS NULL AND $4::timestamptz IS NOT NULL)
+            OR (complete_to IS NULL AND $5::timestamptz IS NOT NULL))";

@@ -9,14 +9,14 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::{Budget, Polls, Progress, sync_requests, sync_stages};
+use super::{Budget, Polls, Progress, Start, cursor_of, sync_requests, sync_stages};
 use crate::config::{AmoCrmConfig, FunnelConfig, TenantConfig};
 use crate::context::Context;
 use crate::crm::amocrm::AmoClient;
 use crate::crm::amocrm_events::{EventsPage, LEADS_LIMIT};
 use crate::db::{TenantDb, amocrm_stages, cursors, lead_outbox, stage_changes};
 use crate::failure::{Cause, FailureKind};
-use crate::model::{AmoStatusEvent, Crm, EntityType, EventWindow, Position, StageFlags, Stream, Tokens};
+use crate::model::{AmoStatusEvent, Crm, Cursor, EntityType, EventWindow, Position, StageFlags, Stream, Tokens};
 use crate::reconcile::funnel::{Found, amocrm as plan};
 use crate::tokens::Owner;
 
@@ -35,9 +35,9 @@ pub(super) async fn poll(
     tenant: &TenantConfig,
     amo: &AmoCrmConfig,
     funnel: &FunnelConfig,
-    db: &TenantDb,
-    budget: Budget,
+    start: Start<'_>,
 ) -> Result<Progress, Cause> {
+    let Start { db, cursors: stored, budget } = start;
     let owner = Owner::of(tenant, amo, db);
     let access = ctx.tokens().refresh_if_due(owner, None).await?;
     let api = AmoClient::new(&ctx.http, &amo.account).with_retry(ctx.retry);
@@ -54,7 +54,7 @@ pub(super) async fn poll(
         synced: false,
         progress: Progress::default(),
     };
-    let mut window_end = match stored_window_end(db).await? {
+    let mut window_end = match cursor_of(stored, STREAM).and_then(window_end_of) {
         Some(end) => end,
         None => run.start(funnel).await?,
     };
@@ -62,7 +62,8 @@ pub(super) async fn poll(
     loop {
         let Some(window) = run.next_window(window_end).await? else { break };
         match run.read(window, window_end).await? {
-            Read::Whole(window, events) => run.commit(window, events).await?,
+            // Another process may have moved it further meanwhile.
+            Read::Whole(window, events) => window_end = run.commit(window, events).await?.unwrap_or(window_end),
             // The clock is corrected by now; a server whose `Date` keeps
             // falling behind is left for the next poll.
             Read::Ahead if ahead < MAX_AHEAD => {
@@ -75,19 +76,24 @@ pub(super) async fn poll(
                 break;
             }
         }
-        // Another process may have moved it further meanwhile.
-        window_end = stored_window_end(db).await?.unwrap_or(window_end);
     }
     run.progress.requests = run.budget.used;
     Ok(run.progress)
 }
 
-async fn stored_window_end(db: &TenantDb) -> Result<Option<DateTime<Utc>>, Cause> {
-    let cursor = cursors::read(&db.session().await?, STREAM).await?;
-    Ok(cursor.and_then(|c| match c.position {
+fn window_end_of(cursor: &Cursor) -> Option<DateTime<Utc>> {
+    match cursor.position {
         Position::WindowEnd(end) => Some(end),
         Position::LastId(..) => None,
-    }))
+    }
+}
+
+/// The stream's cursor as stored now, noted in `progress`.
+async fn stored_window_end(db: &TenantDb, progress: &mut Progress) -> Result<Option<DateTime<Utc>>, Cause> {
+    let Some(cursor) = cursors::read(&db.session().await?, STREAM).await? else { return Ok(None) };
+    let end = window_end_of(&cursor);
+    progress.stored(cursor);
+    Ok(end)
 }
 
 /// What reading a window came to.
@@ -172,7 +178,7 @@ impl Run<'_> {
                 tracing::info!(tenant = %self.tenant.slug, crm = "amocrm", window_end = %start.window_end, "funnel stream started");
             }
         }
-        stored_window_end(db)
+        stored_window_end(db, &mut self.progress)
             .await?
             .ok_or_else(|| Cause::new(FailureKind::Database, "the funnel cursor was started but is not there"))
     }
@@ -251,14 +257,27 @@ impl Run<'_> {
     }
 
     /// The window's new events as rows, and the cursor at its end, in one
-    /// transaction.
-    async fn commit(&mut self, window: EventWindow, events: Vec<AmoStatusEvent>) -> Result<(), Cause> {
+    /// transaction; the cursor's window end as stored after it.
+    async fn commit(
+        &mut self,
+        window: EventWindow,
+        events: Vec<AmoStatusEvent>,
+    ) -> Result<Option<DateTime<Utc>>, Cause> {
         let db = self.owner.db;
         // Ids follow time: a reader sees each lead's changes in order.
         let mut events = plan::in_order(events);
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let stored = stage_changes::stored_sources(&db.session().await?, Crm::AmoCrm, &ids).await?;
         events.retain(|e| !stored.contains(&e.id));
+        if events.is_empty() {
+            let position = Position::WindowEnd(window.to);
+            let Some(cursor) = cursors::advance_alone(&db.session().await?, position, Some(window.to)).await? else {
+                return Ok(None);
+            };
+            let end = window_end_of(&cursor);
+            self.progress.stored(cursor);
+            return Ok(end);
+        }
         let keys: Vec<(i64, i64)> = events.iter().map(plan::stage_key).collect::<HashSet<_>>().into_iter().collect();
         let flags = self.flags(&keys).await?;
         let leads: Vec<i64> = events.iter().map(|e| e.lead_id).collect::<HashSet<_>>().into_iter().collect();
@@ -273,7 +292,7 @@ impl Run<'_> {
         cursors::advance(&tx, Position::WindowEnd(window.to), Some(window.to)).await?;
         tx.commit().await?;
         self.progress.ingested(STREAM, inserted);
-        Ok(())
+        stored_window_end(db, &mut self.progress).await
     }
 
     /// The flags of these stages from the table; one stage sync first when

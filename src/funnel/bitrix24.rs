@@ -11,13 +11,13 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::{Budget, Polls, Progress, sync_requests, sync_stages};
+use super::{Budget, Polls, Progress, Start, cursor_of, sync_requests, sync_stages};
 use crate::config::{Bitrix24Config, FunnelConfig, TenantConfig};
 use crate::context::Context;
 use crate::crm::bitrix24::{B24Client, BATCH_LIMIT, HistoryAnswer, HistoryQuery, ITEMS_PER_COMMAND};
 use crate::db::{TenantDb, bitrix24_stages, cursors, lead_outbox, stage_changes};
 use crate::failure::{Cause, FailureKind};
-use crate::model::{B24StageRecord, Crm, EntityType, Position, StageAt, StageChange, StageFlags, Stream};
+use crate::model::{B24StageRecord, Crm, Cursor, EntityType, Position, StageAt, StageChange, StageFlags, Stream};
 use crate::reconcile::funnel::bitrix24::{self as plan, FromStage, StreamRead};
 use crate::reconcile::funnel::{Found, start_of};
 
@@ -32,14 +32,14 @@ pub(super) async fn poll(
     tenant: &TenantConfig,
     b24: &Bitrix24Config,
     funnel: &FunnelConfig,
-    db: &TenantDb,
-    budget: Budget,
+    start: Start<'_>,
 ) -> Result<Progress, Cause> {
+    let Start { db, cursors: stored, budget } = start;
     let api = B24Client::new(&ctx.http, &b24.webhook).with_retry(ctx.retry);
     let mut run = Run { ctx, polls, tenant, db, api, budget, synced: false, progress: Progress::default() };
     let mut reads = Vec::new();
     for &entity in &funnel.entities {
-        let last_id = match stored_last_id(db, entity).await? {
+        let last_id = match cursor_of(stored, Stream::Bitrix24(entity)).and_then(last_id_of) {
             Some(id) => Some(id),
             None => run.start(entity, funnel).await?,
         };
@@ -67,12 +67,19 @@ pub(super) async fn poll(
     Ok(run.progress)
 }
 
-async fn stored_last_id(db: &TenantDb, entity: EntityType) -> Result<Option<i64>, Cause> {
-    let cursor = cursors::read(&db.session().await?, Stream::Bitrix24(entity)).await?;
-    Ok(cursor.and_then(|c| match c.position {
+fn last_id_of(cursor: &Cursor) -> Option<i64> {
+    match cursor.position {
         Position::LastId(_, id) => Some(id),
         Position::WindowEnd(_) => None,
-    }))
+    }
+}
+
+/// The stream's cursor as stored now, noted in `progress`.
+async fn stored_last_id(db: &TenantDb, entity: EntityType, progress: &mut Progress) -> Result<Option<i64>, Cause> {
+    let Some(cursor) = cursors::read(&db.session().await?, Stream::Bitrix24(entity)).await? else { return Ok(None) };
+    let last_id = last_id_of(&cursor);
+    progress.stored(cursor);
+    Ok(last_id)
 }
 
 /// A stream's records from its chained pages, in ID order, up to the
@@ -162,7 +169,7 @@ impl Run<'_> {
                 tracing::info!(tenant = %self.tenant.slug, crm = "bitrix24", entity = entity.as_str(), last_id, "funnel stream started");
             }
         }
-        let stored = stored_last_id(self.db, entity).await?;
+        let stored = stored_last_id(self.db, entity, &mut self.progress).await?;
         stored
             .map(Some)
             .ok_or_else(|| Cause::new(FailureKind::Database, "the funnel cursor was started but is not there"))
@@ -216,20 +223,34 @@ impl Run<'_> {
                 None => (entity, read),
             })
             .collect();
-        let mut session = self.db.session().await?;
-        let tx = session.transaction().await?;
-        let mut inserted = Vec::new();
-        for (entity, rows) in &rows {
-            inserted.push((Stream::Bitrix24(*entity), stage_changes::insert(&tx, rows).await?));
-        }
-        for (entity, read) in &advanced {
-            if answers.iter().any(|(e, _)| e == entity) {
+        let moved = advanced.iter().filter(|(entity, _)| answers.iter().any(|(e, _)| e == entity));
+        if rows.iter().all(|(_, rows)| rows.is_empty()) {
+            let session = self.db.session().await?;
+            for (entity, read) in moved {
+                let position = Position::LastId(*entity, read.last_id);
+                if let Some(cursor) = cursors::advance_alone(&session, position, read.complete_to).await? {
+                    self.progress.stored(cursor);
+                }
+            }
+        } else {
+            let mut session = self.db.session().await?;
+            let tx = session.transaction().await?;
+            let mut inserted = Vec::new();
+            for (entity, rows) in &rows {
+                inserted.push((Stream::Bitrix24(*entity), stage_changes::insert(&tx, rows).await?));
+            }
+            for (entity, read) in moved {
                 cursors::advance(&tx, Position::LastId(*entity, read.last_id), read.complete_to).await?;
             }
-        }
-        tx.commit().await?;
-        for (stream, n) in inserted {
-            self.progress.ingested(stream, n);
+            tx.commit().await?;
+            for (stream, n) in inserted {
+                self.progress.ingested(stream, n);
+            }
+            for cursor in cursors::read_all(&session).await? {
+                if cursor.position.stream().crm() == Crm::Bitrix24 {
+                    self.progress.stored(cursor);
+                }
+            }
         }
         reads.copy_from_slice(&advanced);
         Ok(true)

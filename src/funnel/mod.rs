@@ -17,7 +17,7 @@ use crate::config::{FunnelConfig, TenantConfig};
 use crate::context::Context;
 use crate::db::{TenantDb, cursors};
 use crate::failure::Cause;
-use crate::model::{Crm, Stream};
+use crate::model::{Crm, Cursor, Stream};
 
 /// CRM requests a daemon poll makes at most, to each CRM; the rest of a
 /// backlog waits for the next poll.
@@ -73,10 +73,21 @@ impl Budget {
     }
 }
 
+/// What one CRM's part of a poll starts from: the tenant's database, its
+/// cursors as read at the poll's start, and the requests it may make.
+struct Start<'a> {
+    db: &'a TenantDb,
+    cursors: &'a [Cursor],
+    budget: Budget,
+}
+
 /// What one CRM's part of a poll did.
 #[derive(Debug, Default)]
 struct Progress {
     ingested: Vec<(Stream, u64)>,
+    /// The cursors as the poll's own writes found them stored, the latest
+    /// of each stream.
+    cursors: Vec<Cursor>,
     started: Vec<Stream>,
     requests: usize,
     stage_syncs: usize,
@@ -84,6 +95,11 @@ struct Progress {
 }
 
 impl Progress {
+    fn stored(&mut self, cursor: Cursor) {
+        self.cursors.retain(|c| c.position.stream() != cursor.position.stream());
+        self.cursors.push(cursor);
+    }
+
     fn ingested(&mut self, stream: Stream, rows: u64) {
         match self.ingested.iter_mut().find(|(s, _)| *s == stream) {
             Some((_, n)) => *n += rows,
@@ -108,7 +124,7 @@ pub async fn poll(
 ) -> Result<PollReport, Cause> {
     let db = ctx.pools.get(&tenant.slug, &tenant.database_url)?;
     let streams = tenant.funnel_streams();
-    match cursors::read_all(&db.session().await?).await {
+    let stored = match cursors::read_all(&db.session().await?).await {
         // Not migrated yet: nothing can be stored, the next poll will tell.
         Err(e) if e.is_missing_schema() => return Ok(PollReport::default()),
         other => other?,
@@ -117,14 +133,16 @@ pub async fn poll(
     let mut failure = None;
     let mut progress = Vec::new();
     if let Some(amo) = &tenant.amocrm {
-        let run = amocrm::poll(ctx, polls, tenant, amo, funnel, &db, Budget::new(max_requests)).await;
+        let start = Start { db: &db, cursors: &stored, budget: Budget::new(max_requests) };
+        let run = amocrm::poll(ctx, polls, tenant, amo, funnel, start).await;
         match run {
             Ok(done) => progress.push(done),
             Err(cause) => failure = failure.or(Some(named(Crm::AmoCrm, cause))),
         }
     }
     if let Some(b24) = &tenant.bitrix24 {
-        let run = bitrix24::poll(ctx, polls, tenant, b24, funnel, &db, Budget::new(max_requests)).await;
+        let start = Start { db: &db, cursors: &stored, budget: Budget::new(max_requests) };
+        let run = bitrix24::poll(ctx, polls, tenant, b24, funnel, start).await;
         match run {
             Ok(done) => progress.push(done),
             Err(cause) => failure = failure.or(Some(named(Crm::Bitrix24, cause))),
@@ -138,23 +156,31 @@ pub async fn poll(
         report.stage_syncs += done.stage_syncs;
         report.more |= done.more;
     }
-    report.streams = stream_reports(&db, &streams, &progress).await?;
+    report.streams = stream_reports(&streams, &stored, &progress);
     report.ingested = report.streams.iter().map(|s| s.ingested).sum();
     Ok(report)
 }
 
-/// The streams with their stored cursors after the poll.
-async fn stream_reports(db: &TenantDb, streams: &[Stream], progress: &[Progress]) -> Result<Vec<StreamReport>, Cause> {
-    let stored = cursors::read_all(&db.session().await?).await?;
-    Ok(streams
+/// The streams with their cursors as last seen stored: by the poll's
+/// writes, else as read at its start.
+fn stream_reports(streams: &[Stream], stored: &[Cursor], progress: &[Progress]) -> Vec<StreamReport> {
+    streams
         .iter()
-        .map(|&stream| StreamReport {
-            stream,
-            ingested: progress.iter().flat_map(|p| &p.ingested).filter(|(s, _)| *s == stream).map(|(_, n)| n).sum(),
-            complete_to: stored.iter().find(|c| c.position.stream() == stream).and_then(|c| c.complete_to),
-            started: progress.iter().any(|p| p.started.contains(&stream)),
+        .map(|&stream| {
+            let written = progress.iter().flat_map(|p| &p.cursors).find(|c| c.position.stream() == stream);
+            let cursor = written.or_else(|| cursor_of(stored, stream));
+            StreamReport {
+                stream,
+                ingested: progress.iter().flat_map(|p| &p.ingested).filter(|(s, _)| *s == stream).map(|(_, n)| n).sum(),
+                complete_to: cursor.and_then(|c| c.complete_to),
+                started: progress.iter().any(|p| p.started.contains(&stream)),
+            }
         })
-        .collect())
+        .collect()
+}
+
+fn cursor_of(cursors: &[Cursor], stream: Stream) -> Option<&Cursor> {
+    cursors.iter().find(|c| c.position.stream() == stream)
 }
 
 /// A failure's message says which CRM's poll it ended.

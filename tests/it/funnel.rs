@@ -518,25 +518,64 @@ async fn an_idle_amocrm_poll_reads_one_window_even_when_the_clock_moves_on_while
     // A second on, so that the next poll has a window to read.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let before = windows(world.amo()).len();
-    // The poll's commit waits behind the funnel's insert lock for over a
+    // The poll's cursor write waits behind a lock on the cursor for over a
     // second: the settled past has grown by the time it is written.
-    let lock = "SELECT pg_advisory_lock($1)";
-    client.execute(lock, &[&crm_connect::db::stage_changes::INSERT_LOCK]).await.unwrap();
+    client.batch_execute("BEGIN; SELECT 1 FROM crm_connect_cursors FOR UPDATE").await.unwrap();
     let idle = tokio::spawn({
         let (ctx, tenant) = (world.ctx.clone(), tenant.clone());
         async move { funnel::poll(&ctx, &polls, &tenant, &funnel, Some(POLL_REQUESTS)).await.unwrap() }
     });
-    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
-    crate::support::daemon::eventually("the poll waits for the insert lock", Duration::from_secs(10), || async {
-        client.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 1
+    let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted";
+    crate::support::daemon::eventually("the poll waits for the cursor", Duration::from_secs(10), || async {
+        client.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) > 0
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    client.execute("SELECT pg_advisory_unlock($1)", &[&crm_connect::db::stage_changes::INSERT_LOCK]).await.unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
     let idle = idle.await.unwrap();
 
     assert_eq!((idle.requests, windows(world.amo()).len() - before), (1, 1), "{idle:?}");
     assert!(!idle.more, "{idle:?}");
+}
+
+#[tokio::test]
+async fn an_idle_poll_moves_its_cursors_while_another_process_holds_the_insert_lock() {
+    let (amo, b24) = (World::amocrm().await, World::bitrix24().await);
+    // From today: the AmoCRM cursor starts at the settled past, not at the
+    // first enable (which windows reach a minute later).
+    let today = DateTime::from_timestamp(amo.amo().now_unix(), 0).unwrap().date_naive();
+    let since = format!("\"{today}\"");
+    for (world, file, since) in [(&amo, amo_file(&amo), Some(since)), (&b24, b24.file().entity_type("deal"), None)] {
+        let since: Vec<(&str, &str)> = since.iter().map(|s| ("since", s.as_str())).collect();
+        let (tenant, client) = connected(world, file, &since).await;
+        let (polls, funnel) = (Polls::default(), tenant.funnel.clone().unwrap());
+        funnel::poll(&world.ctx, &polls, &tenant, &funnel, Some(POLL_REQUESTS)).await.unwrap();
+        let stream = if tenant.amocrm.is_some() { ("amocrm", "lead_status_changed") } else { ("bitrix24", "deal") };
+        let before = CursorRow::of(&client, stream.0, stream.1).await.unwrap().complete_to;
+        // Two seconds on, so that the settled past has moved by the
+        // server's `Date` (whole seconds) too; Bitrix24's settles over
+        // two minutes past the stream's start.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        if tenant.bitrix24.is_some() {
+            world.portal().advance_clock(3 * MINUTE);
+        }
+        // Another process inserting rows for longer than an idle poll takes.
+        client.execute("SELECT pg_advisory_lock($1)", &[&crm_connect::db::stage_changes::INSERT_LOCK]).await.unwrap();
+        let mut idle = tokio::spawn({
+            let (ctx, tenant, polls, funnel) = (world.ctx.clone(), tenant.clone(), polls.clone(), funnel.clone());
+            async move { funnel::poll(&ctx, &polls, &tenant, &funnel, Some(POLL_REQUESTS)).await }
+        });
+        let waited = tokio::time::timeout(Duration::from_secs(10), &mut idle).await;
+        client.execute("SELECT pg_advisory_unlock_all()", &[]).await.unwrap();
+
+        let idle = waited.unwrap_or_else(|_| panic!("{stream:?}: the idle poll waited for the insert lock"));
+        let idle = idle.unwrap().unwrap();
+        let after = CursorRow::of(&client, stream.0, stream.1).await.unwrap().complete_to;
+        assert_eq!((idle.ingested, idle.requests), (0, 1), "{idle:?}");
+        assert!(after > before, "{stream:?}: {before:?} -> {after:?}");
+        let reported = idle.streams.iter().find(|s| s.complete_to.is_some()).and_then(|s| s.complete_to);
+        assert_eq!(reported, after, "the report shows the cursor as stored: {idle:?}");
+    }
 }
 
 #[tokio::test]
