@@ -13,6 +13,7 @@ mod secret_source;
 mod stages;
 mod tenant;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -137,7 +138,7 @@ impl Default for LoadOptions {
 }
 
 /// The outcome for one file: its tenant if valid, and its problems.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct FileReport {
     pub path: PathBuf,
     pub slug: Option<String>,
@@ -183,6 +184,32 @@ impl Loaded {
 /// Loads `--config`: a file, or every `*.toml` directly inside a directory.
 /// Never fails as a whole: what cannot be read is reported as a problem.
 pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
+    load_reusing(path, options, &Known::default())
+}
+
+/// The valid files as a load found them, by path. A rescan every half
+/// minute of a thousand files that did not change then reads and hashes
+/// them, and parses none.
+#[derive(Debug, Default)]
+pub struct Known(HashMap<PathBuf, FileReport>);
+
+impl Known {
+    pub fn of(files: &[FileReport]) -> Known {
+        Known(files.iter().filter(|f| f.tenant.is_some()).map(|f| (f.path.clone(), f.clone())).collect())
+    }
+
+    /// The report of `path` when it was valid with this very text. An
+    /// invalid file is always parsed again: the secret it lacked may be
+    /// there now.
+    fn report(&self, path: &Path, text: &str) -> Option<FileReport> {
+        self.0.get(path).filter(|known| known.digest == Some(digest(text))).cloned()
+    }
+}
+
+/// [`load`], taking each valid file whose text is unchanged from `known`
+/// instead of parsing it: what its secret sources give is read again only
+/// by a load without it (at start and on SIGHUP).
+pub fn load_reusing(path: &Path, options: &LoadOptions, known: &Known) -> Loaded {
     let mut loaded = Loaded::default();
     let paths = match files::discover(path) {
         Ok(paths) => paths,
@@ -202,7 +229,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
     }
     for file in paths {
         let report = match files::read(&file) {
-            Ok(text) => parse_file(&file, &text, options),
+            Ok(text) => known.report(&file, &text).unwrap_or_else(|| parse_file(&file, &text, options)),
             Err(problem) => FileReport {
                 path: file,
                 slug: None,
@@ -237,21 +264,27 @@ pub fn parse_file(path: &Path, text: &str, options: &LoadOptions) -> FileReport 
     // In reading order; problems without a position (the file as a whole) last.
     problems.sort_by_key(|p| p.position.unwrap_or((usize::MAX, 0)));
     let slug_position = slug.as_ref().and_then(|(_, span)| span.as_ref()).map(|s| problem::position(text, s.start));
-    let digest = Some(sha2::Sha256::digest(text.as_bytes()).into());
+    let digest = Some(digest(text));
     FileReport { path: path.to_path_buf(), slug: slug.map(|(s, _)| s), slug_position, digest, tenant, problems }
 }
 
+fn digest(text: &str) -> [u8; 32] {
+    sha2::Sha256::digest(text.as_bytes()).into()
+}
+
 fn reject_duplicate_slugs(files: &mut [FileReport]) {
+    let mut by_slug: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, file) in files.iter().enumerate() {
+        if let Some(slug) = &file.slug {
+            by_slug.entry(slug.as_str()).or_default().push(i);
+        }
+    }
     let others: Vec<Vec<String>> = files
         .iter()
         .enumerate()
         .map(|(i, file)| {
-            files
-                .iter()
-                .enumerate()
-                .filter(|(j, other)| *j != i && file.slug.is_some() && other.slug == file.slug)
-                .map(|(_, other)| other.path.display().to_string())
-                .collect()
+            let same = file.slug.as_deref().and_then(|slug| by_slug.get(slug)).map_or(&[][..], |v| &v[..]);
+            same.iter().filter(|&&j| j != i).map(|&j| files[j].path.display().to_string()).collect()
         })
         .collect();
     for (file, others) in files.iter_mut().zip(others) {
@@ -270,5 +303,42 @@ fn reject_duplicate_slugs(files: &mut [FileReport]) {
                 others.join(", ")
             ),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant_file(slug: &str, url: &str) -> String {
+        format!("[tenant]\nslug = \"{slug}\"\ndatabase_url = \"{url}\"\n")
+    }
+
+    #[test]
+    fn a_rescan_takes_a_valid_unchanged_file_as_known_and_parses_the_others_again() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (same, changed, invalid) =
+            (dir.path().join("same.toml"), dir.path().join("changed.toml"), dir.path().join("invalid.toml"));
+        std::fs::write(&same, tenant_file("same", "postgresql://localhost/same")).expect("written");
+        std::fs::write(&changed, tenant_file("changed", "postgresql://localhost/changed")).expect("written");
+        std::fs::write(&invalid, "[tenant]\nslug = \"invalid\"\nnot_a_key = 1\n").expect("written");
+        let options = LoadOptions::default();
+        let first = load(dir.path(), &options);
+        assert_eq!(first.files.iter().filter(|f| f.tenant.is_some()).count(), 2, "{first:?}");
+
+        // What is known of `same` differs from its text's meaning, so that
+        // taking it rather than parsing shows.
+        let mut known = Known::of(&first.files);
+        for report in known.0.values_mut() {
+            if let Some(tenant) = report.tenant.as_mut() {
+                tenant.slug = format!("{}-as-known", tenant.slug);
+            }
+        }
+        std::fs::write(&changed, tenant_file("changed", "postgresql://localhost/other")).expect("written");
+        std::fs::write(&invalid, tenant_file("invalid", "postgresql://localhost/invalid")).expect("written");
+        let again = load_reusing(dir.path(), &options, &known);
+
+        let slugs: Vec<&str> = again.files.iter().filter_map(|f| f.tenant.as_ref()).map(|t| t.slug.as_str()).collect();
+        assert_eq!(slugs, ["changed", "invalid", "same-as-known"]);
     }
 }

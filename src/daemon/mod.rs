@@ -117,6 +117,7 @@ pub async fn run(global: GlobalArgs, hooks: Hooks, shutdown: impl Future<Output 
         next_job: 0,
         delivery: crate::leads::Delivery::default(),
         polls: crate::funnel::Polls::default(),
+        known: Default::default(),
     };
     if let Err(e) = daemon.serve_http().await {
         tracing::error!(error = %e, "cannot listen");
@@ -153,6 +154,8 @@ struct Daemon {
     /// What lead delivery remembers between passes.
     delivery: crate::leads::Delivery,
     polls: crate::funnel::Polls,
+    /// The valid files as the last read found them.
+    known: std::sync::Arc<crate::config::Known>,
 }
 
 impl Daemon {

@@ -5,6 +5,7 @@
 //! about which tenant changed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::job;
@@ -24,7 +25,11 @@ impl Daemon {
     pub(super) async fn rescan(&mut self, reread: Reread) {
         let dir = self.global.config.clone();
         let options = LoadOptions::new(self.global.database_url_template.clone());
-        let reading = tokio::task::spawn_blocking(move || config::load(&dir, &options));
+        let known = match reread {
+            Reread::Changed => Arc::clone(&self.known),
+            Reread::All => Arc::default(),
+        };
+        let reading = tokio::task::spawn_blocking(move || config::load_reusing(&dir, &options, &known));
         let loaded = match tokio::time::timeout(RESCAN_WITHIN, reading).await {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(e)) => {
@@ -36,6 +41,7 @@ impl Daemon {
                 return;
             }
         };
+        self.known = Arc::new(config::Known::of(&loaded.files));
         for problem in loaded.problems.iter() {
             tracing::warn!(problem = %problem, "configuration");
         }
