@@ -589,22 +589,30 @@ pub const CONNECTION_SAMPLES: usize = 1000;
 
 /// CPU milliseconds of this process per fresh connection that reads the
 /// outbox summary and closes, as an idle poll does — one after the other,
-/// through the daemon's own pool and connector (`sslmode` as the URL says).
+/// through the daemon's own pool and connector (`sslmode` as the URL says),
+/// on a one-thread runtime of its own as the daemon's.
 async fn connection_cpu_ms(url: &str, samples: usize) -> anyhow::Result<f64> {
-    use crm_connect::db::{PoolSettings, Pools, lead_outbox};
-    let pools = Pools::new(PoolSettings::default());
-    let db = pools.get("connection-floor", &crm_connect::secret::Secret::new(url))?;
-    let me = std::process::id();
-    let before = system::cpu_ticks(me);
-    for _ in 0..samples {
-        let session = db.session().await?;
-        lead_outbox::summary(&session).await?;
-        drop(session);
-        db.close_idle();
-    }
-    let after = system::cpu_ticks(me);
-    let ticks = after.zip(before).map_or(f64::NAN, |(a, b)| a.saturating_sub(b) as f64);
-    Ok(ticks / system::clock_ticks_per_sec() as f64 * 1000.0 / samples as f64)
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            use crm_connect::db::{PoolSettings, Pools, lead_outbox};
+            let pools = Pools::new(PoolSettings::default());
+            let db = pools.get("connection-floor", &crm_connect::secret::Secret::new(url))?;
+            let me = std::process::id();
+            let before = system::cpu_ticks(me);
+            for _ in 0..samples {
+                let session = db.session().await?;
+                lead_outbox::summary(&session).await?;
+                drop(session);
+                db.close_idle();
+            }
+            let after = system::cpu_ticks(me);
+            let ticks = after.zip(before).map_or(f64::NAN, |(a, b)| a.saturating_sub(b) as f64);
+            Ok(ticks / system::clock_ticks_per_sec() as f64 * 1000.0 / samples as f64)
+        })
+    })
+    .await?
 }
 
 /// The tenants resync their stages on every quarter hour (the default
