@@ -194,8 +194,8 @@ pub fn load(path: &Path, options: &LoadOptions) -> Loaded {
 pub struct Known(HashMap<PathBuf, FileReport>);
 
 impl Known {
-    pub fn of(files: &[FileReport]) -> Known {
-        Known(files.iter().filter(|f| f.tenant.is_some()).map(|f| (f.path.clone(), f.clone())).collect())
+    pub fn of(files: Vec<FileReport>) -> Known {
+        Known(files.into_iter().filter(|f| f.tenant.is_some()).map(|f| (f.path.clone(), f)).collect())
     }
 
     /// The report of `path` when it was valid with this very text. An
@@ -328,7 +328,7 @@ mod tests {
 
         // What is known of `same` differs from its text's meaning, so that
         // taking it rather than parsing shows.
-        let mut known = Known::of(&first.files);
+        let mut known = Known::of(first.files);
         for report in known.0.values_mut() {
             if let Some(tenant) = report.tenant.as_mut() {
                 tenant.slug = format!("{}-as-known", tenant.slug);

@@ -41,7 +41,6 @@ impl Daemon {
                 return;
             }
         };
-        self.known = Arc::new(config::Known::of(&loaded.files));
         for problem in loaded.problems.iter() {
             tracing::warn!(problem = %problem, "configuration");
         }
@@ -70,6 +69,7 @@ impl Daemon {
                 TenantChange::Removed(slug) => self.remove(&slug).await,
             }
         }
+        self.known = Arc::new(config::Known::of(loaded.files));
         self.first_pass.end_if_none_left(self.tenants.len());
     }
 

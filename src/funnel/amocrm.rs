@@ -90,10 +90,15 @@ fn window_end_of(cursor: &Cursor) -> Option<DateTime<Utc>> {
 
 /// The stream's cursor as stored now, noted in `progress`.
 async fn stored_window_end(db: &TenantDb, progress: &mut Progress) -> Result<Option<DateTime<Utc>>, Cause> {
-    let Some(cursor) = cursors::read(&db.session().await?, STREAM).await? else { return Ok(None) };
+    let cursor = cursors::read(&db.session().await?, STREAM).await?;
+    Ok(cursor.and_then(|cursor| noted(progress, cursor)))
+}
+
+/// `cursor`'s window end, the cursor noted in `progress` as stored.
+fn noted(progress: &mut Progress, cursor: Cursor) -> Option<DateTime<Utc>> {
     let end = window_end_of(&cursor);
     progress.stored(cursor);
-    Ok(end)
+    end
 }
 
 /// What reading a window came to.
@@ -271,12 +276,8 @@ impl Run<'_> {
         events.retain(|e| !stored.contains(&e.id));
         if events.is_empty() {
             let position = Position::WindowEnd(window.to);
-            let Some(cursor) = cursors::advance_alone(&db.session().await?, position, Some(window.to)).await? else {
-                return Ok(None);
-            };
-            let end = window_end_of(&cursor);
-            self.progress.stored(cursor);
-            return Ok(end);
+            let cursor = cursors::advance_alone(&db.session().await?, position, Some(window.to)).await?;
+            return Ok(cursor.and_then(|cursor| noted(&mut self.progress, cursor)));
         }
         let keys: Vec<(i64, i64)> = events.iter().map(plan::stage_key).collect::<HashSet<_>>().into_iter().collect();
         let flags = self.flags(&keys).await?;
