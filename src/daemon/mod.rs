@@ -155,7 +155,7 @@ struct Daemon {
     delivery: crate::leads::Delivery,
     polls: crate::funnel::Polls,
     /// The valid files as the last read found them.
-    known: std::sync::Arc<crate::config::Known>,
+    known: crate::config::Known,
 }
 
 impl Daemon {
@@ -250,15 +250,18 @@ impl Daemon {
     async fn cron_fired(&mut self, expr: &str) {
         let (now, next) = (Utc::now(), self.crons.next_run(expr).await);
         let mut due = Vec::new();
+        // An expression's runs need not be evenly spaced (weekdays only,
+        // say): its interval as of now, worked out once for its tenants.
+        let mut interval = None;
         for tenant in self.tenants.values_mut().filter(|t| t.cron_expr.as_deref() == Some(expr)) {
             tenant.last_resync = Some(now);
             tenant.next_resync = next;
             self.ctx.metrics.schedule(&tenant.config.slug, Some(now), next);
-            due.push(tenant.config.slug.clone());
+            let interval = *interval.get_or_insert_with(|| tenant.config.schedule.stage_resync.interval_at(now));
+            due.push((tenant.config.slug.clone(), interval));
         }
-        for slug in due {
-            // An expression's runs need not be evenly spaced (weekdays only, say).
-            self.publish_schedule(&slug, now);
+        for (slug, interval) in due {
+            self.publish_interval(&slug, interval);
             self.request(&slug, Work::Resync);
         }
     }
@@ -322,7 +325,7 @@ impl Daemon {
         let queued = tenant.queued.take();
         // Recorded (states published) before the first pass can be declared
         // done: whoever waits for READY reads the metrics next.
-        self.record(slug, &outcome);
+        self.record(slug, &outcome, was);
         self.first_pass.done_with(slug, self.tenants.len());
         self.start_delivery(slug);
         self.start_funnel(slug);

@@ -14,7 +14,9 @@ use super::tenant::{Tenant, Work};
 use crate::metrics::TenantState;
 
 impl Daemon {
-    pub(super) fn record(&self, slug: &str, outcome: &Outcome) {
+    /// `was` is the tenant's state before the outcome: the count of tenants
+    /// per state (a pass over every tenant) is published when it changed.
+    pub(super) fn record(&self, slug: &str, outcome: &Outcome, was: TenantState) {
         let metrics = &self.ctx.metrics;
         metrics.job_done(outcome.work.as_str());
         if let (Work::Reconcile, Some(elapsed)) = (outcome.work, outcome.elapsed) {
@@ -33,13 +35,14 @@ impl Daemon {
         for (crm, at) in &outcome.stages_synced_at {
             metrics.stage_synced(slug, *crm, *at);
         }
-        if let Some(tenant) = self.tenants.get(slug) {
-            metrics.tenant_state(slug, tenant.state);
-            if let Some(horizon) = token_horizon(tenant, outcome) {
-                metrics.token_horizon(slug, horizon);
-            }
+        let Some(tenant) = self.tenants.get(slug) else { return };
+        metrics.tenant_state(slug, tenant.state);
+        if let Some(horizon) = token_horizon(tenant, outcome) {
+            metrics.token_horizon(slug, horizon);
         }
-        self.publish_states();
+        if tenant.state != was {
+            self.publish_states();
+        }
     }
 
     pub(super) fn publish_states(&self) {
@@ -55,6 +58,13 @@ impl Daemon {
     pub(super) fn publish_schedule(&self, slug: &str, now: DateTime<Utc>) {
         let Some(tenant) = self.tenants.get(slug) else { return };
         let interval = tenant.config.schedule.stage_resync.interval_at(now);
+        self.publish_interval(slug, interval);
+    }
+
+    /// A stage-resync interval worked out already (once for all the
+    /// tenants of one cron expression).
+    pub(super) fn publish_interval(&self, slug: &str, interval: Option<Duration>) {
+        let Some(tenant) = self.tenants.get(slug) else { return };
         self.ctx.metrics.stage_schedule(slug, &tenant.config.crms(), interval);
     }
 

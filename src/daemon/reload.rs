@@ -5,7 +5,6 @@
 //! about which tenant changed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::job;
@@ -25,11 +24,16 @@ impl Daemon {
     pub(super) async fn rescan(&mut self, reread: Reread) {
         let dir = self.global.config.clone();
         let options = LoadOptions::new(self.global.database_url_template.clone());
+        // Handed over, not shared: a rescan that fails or times out leaves
+        // none, and the next one parses every file.
         let known = match reread {
-            Reread::Changed => Arc::clone(&self.known),
-            Reread::All => Arc::default(),
+            Reread::Changed => std::mem::take(&mut self.known),
+            Reread::All => {
+                self.known = config::Known::default();
+                config::Known::default()
+            }
         };
-        let reading = tokio::task::spawn_blocking(move || config::load_reusing(&dir, &options, &known));
+        let reading = tokio::task::spawn_blocking(move || config::load_reusing(&dir, &options, known));
         let loaded = match tokio::time::timeout(RESCAN_WITHIN, reading).await {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(e)) => {
@@ -69,7 +73,7 @@ impl Daemon {
                 TenantChange::Removed(slug) => self.remove(&slug).await,
             }
         }
-        self.known = Arc::new(config::Known::of(loaded.files));
+        self.known = config::Known::of(loaded.files);
         self.first_pass.end_if_none_left(self.tenants.len());
     }
 

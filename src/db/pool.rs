@@ -333,7 +333,9 @@ const IDLE_WHILE_WANTED: Duration = Duration::from_millis(50);
 /// Closes connections idle for `idle_timeout`, and, while tasks wait for a
 /// server's budget, that server's connections idle for
 /// [`IDLE_WHILE_WANTED`] (looking again every few milliseconds until no one
-/// waits).
+/// waits). A look goes over every tenant's pool, so while someone waits the
+/// next look is the timed one: a look per new waiter cost a thousand
+/// tenants' pools per connection asked for.
 async fn close_idle_connections(pools: Weak<TenantPools>, wanted: Arc<Notify>, idle_timeout: Duration) {
     let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -342,20 +344,15 @@ async fn close_idle_connections(pools: Weak<TenantPools>, wanted: Arc<Notify>, i
         let soon = tokio::time::sleep(if someone_waits { IDLE_WHILE_WANTED / 2 } else { Duration::from_secs(3600) });
         let waiters_only = tokio::select! {
             _ = tick.tick() => false,
-            () = wanted.notified() => true,
+            () = wanted.notified(), if !someone_waits => true,
             () = soon => true,
         };
-        let Some(pools) = pools.upgrade() else { return };
-        let dbs: Vec<(TenantDb, bool)> = pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|(_, db, budget)| (db.clone(), budget.waiting.load(Ordering::SeqCst) > 0))
-            .collect();
-        drop(pools);
-        someone_waits = dbs.iter().any(|(_, wanted)| *wanted);
-        for (db, wanted) in dbs {
-            if wanted {
+        let Some(strong) = pools.upgrade() else { return };
+        let all = strong.lock().unwrap_or_else(|p| p.into_inner());
+        someone_waits = false;
+        for (_, db, budget) in all.values() {
+            if budget.waiting.load(Ordering::SeqCst) > 0 {
+                someone_waits = true;
                 db.pool.retain(|_, metrics| metrics.last_used() < IDLE_WHILE_WANTED);
             } else if !waiters_only {
                 db.pool.retain(|_, metrics| metrics.last_used() < idle_timeout);
