@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::Daemon;
 use super::event::Event;
-use super::schedule::timer;
+use super::schedule::{poll_timer, timer};
 use crate::failure::{Cause, FailureKind};
 use crate::leads::{self, PassReport};
 
@@ -91,12 +91,14 @@ impl Daemon {
                 tracing::warn!(tenant = slug, kind = cause.kind.as_str(), error = %cause.message, "delivery pass failed")
             }
         }
-        let delay = match &report {
-            Ok(r) if r.more => Duration::ZERO,
-            _ if tenant.deliver_again => (started + WAKE_SPACING).saturating_duration_since(Instant::now()),
-            _ => leads.poll,
-        };
+        let due = Event::LeadsDue(slug.to_string());
+        tenant.leads_timer = Some(match &report {
+            Ok(r) if r.more => timer(Duration::ZERO, events, due),
+            _ if tenant.deliver_again => {
+                timer((started + WAKE_SPACING).saturating_duration_since(Instant::now()), events, due)
+            }
+            _ => poll_timer(leads.poll, events, due),
+        });
         tenant.deliver_again = false;
-        tenant.leads_timer = Some(timer(delay, events, Event::LeadsDue(slug.to_string())));
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::Daemon;
 use super::event::Event;
-use super::schedule::timer;
+use super::schedule::{poll_timer, timer};
 use crate::failure::{Cause, FailureKind};
 use crate::funnel::{self, PollReport};
 
@@ -79,10 +79,10 @@ impl Daemon {
                 tracing::warn!(tenant = slug, kind = cause.kind.as_str(), error = %cause.message, "funnel poll failed")
             }
         }
-        let delay = match &report {
-            Ok(r) if r.more => Duration::ZERO,
-            _ => config.poll,
-        };
-        tenant.funnel_timer = Some(timer(delay, events, Event::FunnelDue(slug.to_string())));
+        let due = Event::FunnelDue(slug.to_string());
+        tenant.funnel_timer = Some(match &report {
+            Ok(r) if r.more => timer(Duration::ZERO, events, due),
+            _ => poll_timer(config.poll, events, due),
+        });
     }
 }

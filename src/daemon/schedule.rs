@@ -86,6 +86,39 @@ pub(crate) fn timer(delay: Duration, events: UnboundedSender<Event>, event: Even
     .abort_handle()
 }
 
+/// The grid polls are put on: a `[leads]` or `[funnel]` poll runs on the
+/// last grid point before it is due, so the polls of many tenants due in
+/// the same second start together — the runtime wakes once for all of them
+/// and their connections' answers come in batches, instead of one wakeup
+/// per poll and per answer. Never later than due: a poll's interval stays
+/// an upper bound.
+pub(crate) const POLL_GRID: Duration = Duration::from_secs(1);
+
+/// Sends `event` at the last [`POLL_GRID`] point within `delay` (counted
+/// from the process's first poll timer), or after `delay` when none is
+/// ahead of now.
+pub(crate) fn poll_timer(delay: Duration, events: UnboundedSender<Event>, event: Event) -> AbortHandle {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let now = tokio::time::Instant::now();
+    let epoch = *EPOCH.get_or_init(|| now);
+    let at = on_grid(now.duration_since(epoch), delay, POLL_GRID);
+    tokio::spawn(async move {
+        tokio::time::sleep_until(epoch + at).await;
+        let _ = events.send(event);
+    })
+    .abort_handle()
+}
+
+/// The time (since the epoch) a poll due `delay` after `now` runs at: the
+/// last multiple of `grid` not after it, if that is still ahead of `now`.
+fn on_grid(now: Duration, delay: Duration, grid: Duration) -> Duration {
+    let due = now.saturating_add(delay);
+    let past_point =
+        u64::try_from(due.as_nanos() % grid.as_nanos().max(1)).map_or(Duration::ZERO, Duration::from_nanos);
+    let below = due.saturating_sub(past_point);
+    if below > now { below } else { due }
+}
+
 /// How long until `at`: at least a second (no busy loop, whatever the
 /// clock says) and at most a month (a refresh token unused for three months
 /// dies; the month also bounds a long-lived token's wait).
@@ -98,6 +131,21 @@ pub(crate) fn delay_until(at: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_poll_runs_on_the_last_grid_point_before_it_is_due_never_later() {
+        let (ms, grid) = (Duration::from_millis, Duration::from_secs(1));
+        // Due at 31.4 s: runs at 31 s.
+        assert_eq!(on_grid(ms(1_400), Duration::from_secs(30), grid), ms(31_000));
+        // Tenants due within the same second run together.
+        assert_eq!(on_grid(ms(1_900), Duration::from_secs(30), grid), ms(31_000));
+        // No grid point ahead of now before it is due: when due.
+        assert_eq!(on_grid(ms(1_400), ms(500), grid), ms(1_900));
+        assert_eq!(on_grid(ms(1_400), Duration::ZERO, grid), ms(1_400));
+        // Due exactly on a point.
+        assert_eq!(on_grid(ms(1_000), Duration::from_secs(1), grid), ms(2_000));
+        assert_eq!(on_grid(Duration::MAX, Duration::from_secs(1), grid), Duration::MAX);
+    }
 
     #[test]
     fn timers_wait_at_least_a_second_and_at_most_a_month() {
