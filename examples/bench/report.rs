@@ -356,7 +356,7 @@ fn delivery_rows(d: Option<&Delivery>, rows: &mut Vec<Row>) {
         Some(i.daemon_cpu_percent < 1.0),
     ));
     rows.push(row(
-        "Of which one fresh connection per idle poll costs by itself (the contract's floor)",
+        "One fresh connection per idle poll, opened one after another in the harness (the contract's floor)",
         format!("{:.2} % ({:.3} ms CPU a connection)", i.connection_floor_percent, i.connection_cpu_ms),
         "—",
         None,
@@ -1091,7 +1091,9 @@ fn delivery_details(md: &mut String, d: &Delivery, nproc: usize) {
          it when its one statement is done (a daemon with nothing to do holds no connection). One such \
          connection — opened through the daemon's pool and connector, the outbox summary, closed — costs {:.3} ms \
          of CPU here ({} in a row, measured in the harness after the window), {:.2} % of one core at {:.1} per \
-         second; the rest is the daemon's timers, tasks and wake-ups around it.",
+         second. Opened one after another like this, each connection wakes its thread for every answer; the \
+         daemon starts the polls due in the same second together (its one-second poll grid), so their answers \
+         share wake-ups and a connection costs it less than here.",
         i.connection_cpu_ms,
         crate::delivery::CONNECTION_SAMPLES,
         i.connection_floor_percent,
