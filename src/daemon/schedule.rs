@@ -101,9 +101,10 @@ pub(crate) fn poll_timer(delay: Duration, events: UnboundedSender<Event>, event:
     static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
     let now = tokio::time::Instant::now();
     let epoch = *EPOCH.get_or_init(|| now);
-    let at = on_grid(now.duration_since(epoch), delay, POLL_GRID);
+    // A clock behind the epoch (time paused in another runtime) polls when due.
+    let at = now.checked_duration_since(epoch).map_or(now + delay, |since| epoch + on_grid(since, delay, POLL_GRID));
     tokio::spawn(async move {
-        tokio::time::sleep_until(epoch + at).await;
+        tokio::time::sleep_until(at).await;
         let _ = events.send(event);
     })
     .abort_handle()
