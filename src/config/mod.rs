@@ -138,7 +138,7 @@ impl Default for LoadOptions {
 }
 
 /// The outcome for one file: its tenant if valid, and its problems.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct FileReport {
     pub path: PathBuf,
     pub slug: Option<String>,

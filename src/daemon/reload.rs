@@ -26,12 +26,9 @@ impl Daemon {
         let options = LoadOptions::new(self.global.database_url_template.clone());
         // Handed over, not shared: a rescan that fails or times out leaves
         // none, and the next one parses every file.
-        let known = match reread {
-            Reread::Changed => std::mem::take(&mut self.known),
-            Reread::All => {
-                self.known = config::Known::default();
-                config::Known::default()
-            }
+        let known = match std::mem::take(&mut self.known) {
+            known if reread == Reread::Changed => known,
+            _ => config::Known::default(),
         };
         let reading = tokio::task::spawn_blocking(move || config::load_reusing(&dir, &options, known));
         let loaded = match tokio::time::timeout(RESCAN_WITHIN, reading).await {

@@ -91,14 +91,7 @@ fn window_end_of(cursor: &Cursor) -> Option<DateTime<Utc>> {
 /// The stream's cursor as stored now, noted in `progress`.
 async fn stored_window_end(db: &TenantDb, progress: &mut Progress) -> Result<Option<DateTime<Utc>>, Cause> {
     let cursor = cursors::read(&db.session().await?, STREAM).await?;
-    Ok(cursor.and_then(|cursor| noted(progress, cursor)))
-}
-
-/// `cursor`'s window end, the cursor noted in `progress` as stored.
-fn noted(progress: &mut Progress, cursor: Cursor) -> Option<DateTime<Utc>> {
-    let end = window_end_of(&cursor);
-    progress.stored(cursor);
-    end
+    Ok(cursor.and_then(|cursor| progress.noted(cursor, window_end_of)))
 }
 
 /// What reading a window came to.
@@ -277,7 +270,7 @@ impl Run<'_> {
         if events.is_empty() {
             let position = Position::WindowEnd(window.to);
             let cursor = cursors::advance_alone(&db.session().await?, position, Some(window.to)).await?;
-            return Ok(cursor.and_then(|cursor| noted(&mut self.progress, cursor)));
+            return Ok(cursor.and_then(|cursor| self.progress.noted(cursor, window_end_of)));
         }
         let keys: Vec<(i64, i64)> = events.iter().map(plan::stage_key).collect::<HashSet<_>>().into_iter().collect();
         let flags = self.flags(&keys).await?;

@@ -76,10 +76,8 @@ fn last_id_of(cursor: &Cursor) -> Option<i64> {
 
 /// The stream's cursor as stored now, noted in `progress`.
 async fn stored_last_id(db: &TenantDb, entity: EntityType, progress: &mut Progress) -> Result<Option<i64>, Cause> {
-    let Some(cursor) = cursors::read(&db.session().await?, Stream::Bitrix24(entity)).await? else { return Ok(None) };
-    let last_id = last_id_of(&cursor);
-    progress.stored(cursor);
-    Ok(last_id)
+    let cursor = cursors::read(&db.session().await?, Stream::Bitrix24(entity)).await?;
+    Ok(cursor.and_then(|cursor| progress.noted(cursor, last_id_of)))
 }
 
 /// A stream's records from its chained pages, in ID order, up to the

@@ -100,6 +100,14 @@ impl Progress {
         self.cursors.push(cursor);
     }
 
+    /// What `of` reads from `cursor` (its stream's position), the cursor
+    /// noted as stored.
+    fn noted<T>(&mut self, cursor: Cursor, of: impl FnOnce(&Cursor) -> Option<T>) -> Option<T> {
+        let position = of(&cursor);
+        self.stored(cursor);
+        position
+    }
+
     fn ingested(&mut self, stream: Stream, rows: u64) {
         match self.ingested.iter_mut().find(|(s, _)| *s == stream) {
             Some((_, n)) => *n += rows,
